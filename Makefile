@@ -1,0 +1,106 @@
+# Knowledge distillation (Q1) and continual learning (Q2), end to end.
+#   make all       everything the assignment asks for, into out/ (a GPU box; downloads CIFAR-10,
+#                  ImageNet weights and 100 DigiFace-1M identities on first use)
+#   make demo      the same pipeline offline on synthetic data, CPU, ~3 min, into out/demo/
+#   make test      the test suite (CPU, no network)
+# Steps: teacher -> kd / kd-table / kd-sweep, teacher -> fe / ft / lwf (continual) -> report.
+# Each step resumes an interrupted run and skips a finished one (the scripts check out/<run>/).
+#
+# Variables left empty use the script's own default (python q1a_teacher.py --help, ...), and a set
+# variable applies to every step this make command runs: `make kd EPOCHS=5` with no teacher yet
+# trains the teacher with 5 epochs too.
+PYTHON ?= python3
+DATA   ?= data#           CIFAR-10 (downloaded here) and DigiFace-1M's cache
+OUT    ?= out#            results
+DEMO   ?= out/demo#       make demo's OUT
+DEVICE ?=#                cpu, cuda, cuda:N (default: cuda if present)
+EPOCHS ?=#                teacher 30, students 30, continual 20
+LR     ?=#                teacher 0.1, students 0.05; Q2's "original learning rate" (default: the teacher's)
+BATCH  ?=#                teacher 512, students 512, faces 128
+WARMUP ?=#                teacher 2, students 1 (epochs of linear lr warm-up)
+SEED   ?=#                0
+PRETRAINED ?=#            teacher: 1 = ImageNet weights, 0 = random
+T      ?= 20#             make kd: temperature
+LAMBDA ?= 0.1#            make kd: weight of the soft targets
+BN     ?=#                student BatchNorm: 1 (default) or 0
+DROPOUT ?=#               student dropout before the last FC: 0
+AUGMENT ?=#               student crop + flip: 1
+SWEEP_T ?=#               kd-sweep temperatures: 1 2 4 8 16 32
+SWEEP_LAM ?=#             kd-sweep lambdas: 0.1 0.3 0.5 0.7 0.9
+GROUP  ?=#                students per lock-step group in the sweep: 10
+FACES  ?=#                face folder <subject>/<image> or train/ + test/ (default: DigiFace-1M)
+FACES_URL ?=#             DigiFace-1M zip URL
+SUBJECTS ?=#              100
+PER_SUBJECT ?=#           50
+TRAIN_PER_SUBJECT ?=#     40
+FACE_SIZE ?=#             64
+FT_LAYERS ?=#             "conv5_x:10" = layer4 at 10% of the original lr
+LWF_LR ?=#                10 (% of the original lr, backbone + old head)
+LWF_WARMUP ?=#            5 epochs of new head alone
+LWF_T  ?=#                2
+LWF_LAMBDA ?=#            1
+ADAPT_BN ?=#              0: BatchNorm statistics frozen in fine-tuning and LwF
+
+opt  = $(if $(strip $($(1))),--$(2) $(strip $($(1))))
+qopt = $(if $(strip $($(1))),--$(2) "$(strip $($(1)))")
+RUN_ARGS = --data $(strip $(DATA)) --out $(strip $(OUT)) $(call opt,DEVICE,device) $(call opt,EPOCHS,epochs) \
+           $(call opt,LR,lr) $(call opt,BATCH,batch) $(call opt,SEED,seed)
+TEACHER_ARGS = $(RUN_ARGS) $(call opt,WARMUP,warmup) $(call opt,PRETRAINED,pretrained)
+KD_ARGS = $(RUN_ARGS) $(call opt,WARMUP,warmup) $(call opt,BN,bn) $(call opt,DROPOUT,dropout) $(call opt,AUGMENT,augment)
+CL_ARGS = $(RUN_ARGS) $(call qopt,FACES,faces) $(call opt,FACES_URL,faces-url) $(call opt,SUBJECTS,subjects) \
+          $(call opt,PER_SUBJECT,per-subject) $(call opt,TRAIN_PER_SUBJECT,train-per-subject) \
+          $(call opt,FACE_SIZE,face-size) $(call qopt,FT_LAYERS,ft-layers) $(call opt,LWF_LR,lwf-lr) \
+          $(call opt,LWF_WARMUP,lwf-warmup) $(call opt,LWF_T,lwf-T) $(call opt,LWF_LAMBDA,lwf-lambda) \
+          $(call opt,ADAPT_BN,adapt-bn)
+TEACHER_DONE = $(strip $(OUT))/teacher/result.json
+STAMP = .deps-installed
+
+.PHONY: all teacher kd kd-table kd-sweep continual fe ft lwf report demo bench test deps clean help
+
+help:
+	@sed -n '1,/^PYTHON/p' Makefile | grep '^#' | sed 's/^# \{0,1\}//'
+
+deps: $(STAMP)
+$(STAMP): requirements.txt
+	$(PYTHON) -m pip install -q -r requirements.txt
+	@touch $@
+
+all: teacher kd-table kd-sweep continual report
+
+teacher: $(STAMP)
+	$(PYTHON) q1a_teacher.py $(TEACHER_ARGS)
+$(TEACHER_DONE): | $(STAMP)
+	$(PYTHON) q1a_teacher.py $(TEACHER_ARGS)
+
+kd: $(TEACHER_DONE)
+	$(PYTHON) q1b_kd.py $(KD_ARGS) --T $(T) --lam $(LAMBDA)
+kd-table: $(TEACHER_DONE)
+	$(PYTHON) q1b_kd.py $(KD_ARGS) --table
+kd-sweep: $(TEACHER_DONE)
+	$(PYTHON) q1b_kd.py $(KD_ARGS) --sweep $(call opt,SWEEP_T,sweep-T) $(call opt,SWEEP_LAM,sweep-lam) $(call opt,GROUP,group)
+
+continual: $(TEACHER_DONE)
+	$(PYTHON) q2_continual.py $(CL_ARGS)
+fe ft lwf: $(TEACHER_DONE)
+	$(PYTHON) q2_continual.py $(CL_ARGS) --methods $@
+
+report: $(STAMP)
+	$(PYTHON) report.py --out $(strip $(OUT))
+
+# The whole pipeline offline: synthetic CIFAR-10 (in the real cifar-10-batches-py format) and a
+# synthetic face folder, a teacher from random weights, small sizes, CPU.
+DEMO_VARS = OUT=$(strip $(DEMO)) DATA=$(strip $(DEMO))/data DEVICE=cpu PRETRAINED=0 EPOCHS=3 WARMUP=0
+demo: $(STAMP)
+	$(PYTHON) -c 'import common; common.write_demo_data("$(strip $(DEMO))/data")'
+	@$(MAKE) --no-print-directory teacher kd-table kd-sweep $(DEMO_VARS) BATCH=12 LR=0.01 SWEEP_T="2 8" SWEEP_LAM="0.5 0.9"
+	@$(MAKE) --no-print-directory continual report $(DEMO_VARS) BATCH=10 LR=0.01 FACES=$(strip $(DEMO))/data/faces \
+	  SUBJECTS=10 PER_SUBJECT=10 TRAIN_PER_SUBJECT=8 FACE_SIZE=32 LWF_WARMUP=1
+
+bench: $(STAMP)
+	$(PYTHON) bench.py --out $(strip $(OUT)) $(call opt,DEVICE,device)
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q tests
+
+clean:
+	rm -rf $(strip $(OUT))

@@ -1,0 +1,863 @@
+"""Shared pieces of q1a_teacher.py, q1b_kd.py and q2_continual.py, in the order data flows:
+set-up, data (CIFAR-10, faces, synthetic demo data), models, losses, the one training loop,
+checkpoints, plots and tables. Plain functions and tensors; no framework.
+"""
+import argparse
+import io
+import json
+import math
+import os
+import re
+import sys
+import time
+import urllib.request
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+# =============================================================================
+# Set-up: errors, arguments, device
+# =============================================================================
+
+
+def die(msg):
+    """Stop with one line on stderr and exit status 1 (no traceback)."""
+    raise SystemExit(f"error: {msg}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message):
+        die(f"{message} (see --help)")
+
+
+def _number(kind, ok, what):
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return x
+    return parse
+
+
+positive_int = _number(int, lambda x: x >= 1, "an integer >= 1")
+nonneg_int = _number(int, lambda x: x >= 0, "an integer >= 0")
+positive = _number(float, lambda x: x > 0 and math.isfinite(x), "a number > 0")
+nonneg = _number(float, lambda x: x >= 0 and math.isfinite(x), "a number >= 0")
+fraction = _number(float, lambda x: 0 <= x <= 1, "in [0, 1]")
+flag = _number(int, lambda x: x in (0, 1), "0 or 1")
+
+
+def get_device(name=""):
+    """The training device: `name` (cpu, cuda, cuda:N) or, when empty, CUDA if present else CPU."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        die(f"unknown DEVICE {name!r}: use cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        die(f"unsupported DEVICE {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            die(f"DEVICE={name} but no CUDA GPU is visible; use DEVICE=cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            die(f"DEVICE={name} but only {torch.cuda.device_count()} GPU(s) are visible")
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+    return device
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (tensor cores), plain fp32 on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def precision(device):
+    return "bf16 autocast, channels_last" if device.type == "cuda" else "fp32, channels_last"
+
+
+# =============================================================================
+# Data: CIFAR-10
+# =============================================================================
+
+# ImageNet statistics for every input: the teacher starts from ImageNet weights, and the face
+# task reuses the teacher's input pipeline (CIFAR-10's own statistics differ by < 0.03).
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+class CIFAR10(torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR-10 reader and downloader. The official archive is still checked against
+    its md5 on download; the batch files are only required to exist, so that data written in the
+    same format (tests, `make demo`) loads through the same code."""
+    train_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.test_list]
+    meta = {**torchvision.datasets.CIFAR10.meta, "md5": None}
+
+
+def load_cifar10(root, device):
+    """CIFAR-10 as {'train': (x, y), 'test': (x, y)}: uint8 NCHW images and int64 labels on `device`;
+    downloaded into `root` on first use."""
+    folder = os.path.join(root, CIFAR10.base_folder)
+    out = {}
+    for split in ("train", "test"):
+        try:
+            ds = CIFAR10(root, train=split == "train", download=True)
+        except OSError as e:  # URLError is an OSError
+            die(f"CIFAR-10 is not in {folder} and could not be downloaded ({e}); "
+                f"copy cifar-10-python.tar.gz into {root}/ or set DATA=")
+        except Exception as e:  # a truncated or foreign pickle
+            die(f"cannot read CIFAR-10 in {folder} ({type(e).__name__}: {e}); delete it to download again")
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        out[split] = (x.to(device), torch.tensor(ds.targets, dtype=torch.long, device=device))
+    return out
+
+
+def augment(x, pad, gen):
+    """Random crop with `pad` zero pixels each side, then a horizontal flip with p=0.5, for a whole
+    uint8 batch on its device (as torchvision's RandomCrop(size, pad) + RandomHorizontalFlip): two
+    gathers, rows then columns; reading a crop's columns backwards is the flip."""
+    n, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device, generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device, generator=gen)
+    rows = dy + torch.arange(h, device=x.device)
+    cols = dx + torch.arange(w, device=x.device)
+    flip = torch.rand(n, 1, device=x.device, generator=gen) < 0.5
+    cols = torch.where(flip, cols.flip(1), cols)
+    xp = xp.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w + 2 * pad))
+    return xp.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
+
+
+_NORM = {}  # device -> (scale, bias), made once: a new tensor per batch would be a host-to-GPU copy
+
+
+def normalize(x):
+    """uint8 images -> float (x/255 - mean)/std in one pass, channels_last (faster convolutions on GPU and CPU)."""
+    if x.device not in _NORM:
+        std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+        _NORM[x.device] = (1 / (255 * std), -torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) / std)
+    scale, bias = _NORM[x.device]
+    return torch.addcmul(bias, x.contiguous(memory_format=torch.channels_last), scale)
+
+
+class Batches:
+    """Minibatches of uint8 images held on the device (airbench-style): with `shuffle`, a randperm
+    order and no incomplete last batch; with `augment`, crop + flip batched on the device. Yields
+    (x, *targets) where targets are per-image tensors (labels, cached teacher logits, ...)."""
+
+    def __init__(self, x, *targets, batch_size, shuffle=False, augment=False, pad=4, gen=None):
+        self.x, self.targets, self.batch_size = x, targets, batch_size
+        self.shuffle, self.augment, self.pad, self.gen = shuffle, augment, pad, gen
+
+    def __len__(self):
+        n = len(self.x)
+        return max(1, n // self.batch_size) if self.shuffle else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n, bs = len(self.x), self.batch_size
+        order = torch.randperm(n, device=self.x.device, generator=self.gen) if self.shuffle else None
+        for i in range(len(self)):
+            idx = order[i * bs:(i + 1) * bs] if self.shuffle else slice(i * bs, (i + 1) * bs)
+            x = self.x[idx]
+            if self.augment:
+                x = augment(x, self.pad, self.gen)
+            yield (normalize(x), *(t[idx] for t in self.targets))
+
+
+def write_synthetic_cifar(root, n_train=500, n_test=100, seed=0):
+    """A small CIFAR-10 in the real `cifar-10-batches-py` format (five pickled train batches, the
+    test batch, batches.meta), for tests and the demo: images are class patterns plus noise."""
+    import pickle
+    folder = os.path.join(root, CIFAR10.base_folder)
+    os.makedirs(folder, exist_ok=True)
+    protos = _prototypes(10, 32, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    files = [(name, n_train // 5 + (i < n_train % 5)) for i, (name, _) in enumerate(CIFAR10.train_list)]
+    files.append((CIFAR10.test_list[0][0], n_test))
+    for name, n in files:
+        labels = torch.randperm(n, generator=g) % 10
+        x = _samples(protos, labels, g)
+        batch = {"batch_label": f"synthetic {name}", "labels": labels.tolist(),
+                 "data": x.reshape(n, -1).numpy(), "filenames": [f"synthetic_{i}.png" for i in range(n)]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+    with open(os.path.join(folder, CIFAR10.meta["filename"]), "wb") as f:
+        pickle.dump({"label_names": list(CIFAR_CLASSES), "num_cases_per_batch": n_train // 5, "num_vis": 3072}, f)
+
+
+def _prototypes(n_classes, size, seed):
+    """One smooth random colour field per class (a 4x4 grid upsampled): the class-dependent pattern."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.rand(n_classes, 3, 4, 4, generator=g)
+    return F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def _samples(protos, labels, g, noise=0.15, blend=0.3):
+    """Images of the given classes: the class pattern blended with another class's (up to `blend`),
+    shifted by up to size/8 pixels, plus Gaussian noise; uint8 NCHW. Learnable, not trivial."""
+    n, size = len(labels), protos.shape[-1]
+    other = torch.randint(0, len(protos), (n,), generator=g)
+    mix = blend * torch.rand(n, 1, 1, 1, generator=g)
+    x = (1 - mix) * protos[labels] + mix * protos[other]
+    shifts = torch.randint(-(size // 8), size // 8 + 1, (n, 2), generator=g)
+    x = torch.stack([torch.roll(img, (int(a), int(b)), dims=(1, 2)) for img, (a, b) in zip(x, shifts)])
+    x = x + noise * torch.randn(x.shape, generator=g)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+# =============================================================================
+# Data: faces (Q2)
+# =============================================================================
+
+DIGIFACE_URL = "https://facesyntheticspubwedata.blob.core.windows.net/wacv-2023/subjects_0-1999_72_imgs.zip"
+_DIGIFACE_MEMBER = re.compile(r"(?:[^/]+/)?(\d{1,7})/(\d{1,4})\.png")  # <identity>/<n>.png, nothing else
+
+
+def natural_key(name):
+    """Sort key that orders 'id2' before 'id10'."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def _read_image(path, size):
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+    except Exception as e:  # any file PIL cannot decode is skipped, whatever the reason
+        warn(f"skipped unreadable image {path} ({type(e).__name__})")
+        return None
+
+
+def _read_subject(folder, size, pool):
+    """(path, HxWx3 uint8) for every readable image file of one subject folder, in natural order."""
+    paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder), key=natural_key)
+             if not f.startswith(".") and os.path.isfile(os.path.join(folder, f))]
+    return [(p, im) for p, im in zip(paths, pool.map(lambda p: _read_image(p, size), paths)) if im is not None]
+
+
+def load_faces(folder, subjects=100, per_subject=50, train_per_subject=40, size=64, seed=0):
+    """The face task from an image folder `folder/<subject>/<image>` or a pre-split
+    `folder/train/<subject>/...` + `folder/test/<subject>/...`: the first `subjects` subjects (natural
+    order) with enough readable images, `per_subject` of them picked with `seed`, `train_per_subject`
+    for training and the rest for test. Returns {'train': (x, y), 'test': (x, y)} (uint8 NCHW, CPU),
+    'files' (the split's file lists) and 'subjects'."""
+    if not os.path.isdir(folder):
+        die(f"face folder {folder} does not exist")
+    test_per = per_subject - train_per_subject
+    presplit = all(os.path.isdir(os.path.join(folder, s)) for s in ("train", "test"))
+    top = os.path.join(folder, "train") if presplit else folder
+    names = sorted((d for d in os.listdir(top) if os.path.isdir(os.path.join(top, d))), key=natural_key)
+    if not names:
+        die(f"{top} holds no subject folders (expected {top}/<subject>/<image>)")
+    chosen, short = [], []
+    with ThreadPoolExecutor(8) as pool:  # PIL decodes outside the GIL
+        for name in names:
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # per subject: stable
+            if presplit:
+                tr = _read_subject(os.path.join(folder, "train", name), size, pool)
+                te_dir = os.path.join(folder, "test", name)
+                te = _read_subject(te_dir, size, pool) if os.path.isdir(te_dir) else []
+                if len(tr) < train_per_subject or len(te) < test_per:
+                    short.append(f"{name} ({len(tr)} train, {len(te)} test)")
+                    continue
+                tr = [tr[i] for i in rng.permutation(len(tr))[:train_per_subject]]
+                te = [te[i] for i in rng.permutation(len(te))[:test_per]]
+            else:
+                ims = _read_subject(os.path.join(folder, name), size, pool)
+                if len(ims) < per_subject:
+                    short.append(f"{name} ({len(ims)})")
+                    continue
+                ims = [ims[i] for i in rng.permutation(len(ims))[:per_subject]]
+                tr, te = ims[:train_per_subject], ims[train_per_subject:]
+            chosen.append((name, tr, te))
+            if len(chosen) == subjects:
+                break
+    need = f"{train_per_subject} train + {test_per} test" if presplit else f"{per_subject}"
+    if short:
+        warn(f"skipped subjects with fewer than {need} readable images: {', '.join(short[:10])}"
+             + (f" and {len(short) - 10} more" if len(short) > 10 else ""))
+    if len(chosen) < subjects:
+        die(f"{folder}: only {len(chosen)} subjects have at least {need} readable images, "
+            f"{subjects} are needed (set SUBJECTS= or add images)")
+    out = {"subjects": [c[0] for c in chosen], "files": {}}
+    for k, split in ((1, "train"), (2, "test")):
+        items = [(p, im, label) for label, c in enumerate(chosen) for p, im in c[k]]
+        x = torch.from_numpy(np.stack([im for _, im, _ in items])).permute(0, 3, 1, 2).contiguous()
+        out[split] = (x, torch.tensor([label for *_, label in items]))
+        out["files"][split] = [p for p, _, _ in items]
+    return out
+
+
+class _HttpFile(io.RawIOBase):
+    """A remote file read through HTTP Range requests and seekable, so that zipfile reads only the
+    central directory and the members it is asked for; `prefetch` fetches a span of members at once."""
+
+    def __init__(self, url, timeout=60):
+        self.url, self.timeout, self.pos, self.requests, self.received = url, timeout, 0, 0, 0
+        start, data, self.size = self._get("bytes=-65536")  # the tail holds the zip's end records
+        self.buf = (start, data)
+
+    def _get(self, byte_range):
+        req = urllib.request.Request(self.url, headers={"Range": byte_range, "User-Agent": "kd-continual"})
+        with urllib.request.urlopen(req, timeout=self.timeout) as r:
+            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", r.headers.get("Content-Range", ""))
+            if r.status != 206 or not m:
+                raise OSError(f"the server does not answer byte-range requests (HTTP {r.status})")
+            data = r.read()
+        self.requests += 1
+        self.received += len(data)
+        return int(m[1]), data, int(m[3])
+
+    def prefetch(self, start, end):
+        self.buf = self._get(f"bytes={start}-{end - 1}")[:2]
+
+    def read(self, n=-1):
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        start, data = self.buf
+        if not start <= self.pos <= end <= start + len(data):
+            self.prefetch(self.pos, max(end, min(self.size, self.pos + 65536)))
+            start, data = self.buf
+        out = data[self.pos - start:end - start]
+        self.pos = end
+        return out
+
+    def seek(self, offset, whence=0):
+        self.pos = (offset, self.pos + offset, self.size + offset)[whence]
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+
+def fetch_digiface(root, url=DIGIFACE_URL, subjects=100, span=32 << 20):
+    """Download the first `subjects` identities of DigiFace-1M (all their images) from the zip at
+    `url` into root/<identity>/<n>.png, by HTTP range requests: only those members travel, in spans
+    of up to `span` bytes. Done once; an interrupted download resumes. Returns root."""
+    marker = os.path.join(root, ".complete")
+    if os.path.exists(marker) and int(open(marker).read() or 0) >= subjects:
+        return root
+    try:
+        remote = _HttpFile(url)
+        zf = zipfile.ZipFile(remote)
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        die(f"cannot download the face data from {url} ({e}); offline? give FACES=<folder> "
+            f"(see README) or put the images in {root}/<identity>/<n>.png")
+    members = {}
+    for info in zf.infolist():
+        m = _DIGIFACE_MEMBER.fullmatch(info.filename)
+        if m:  # any other name (folders, paths with '..', other files) is never written
+            members.setdefault(int(m[1]), []).append((int(m[2]), info))
+    ids = sorted(members)[:subjects]
+    if len(ids) < subjects:
+        die(f"{url} holds {len(ids)} identities, {subjects} are needed")
+    todo = sorted((info for i in ids for n, info in members[i]
+                   if not os.path.exists(os.path.join(root, str(i), f"{n}.png"))), key=lambda m: m.header_offset)
+    starts = sorted(m.header_offset for m in zf.infolist()) + [zf.start_dir]
+    end_of = {a: b for a, b in zip(starts, starts[1:])}  # a member ends where the next begins
+    spans = []  # runs of wanted members, contiguous in the archive, one request each
+    for info in todo:
+        a, b = info.header_offset, end_of[info.header_offset]
+        if spans and a - spans[-1][1] <= 65536 and b - spans[-1][0] <= span:
+            spans[-1][1] = b
+            spans[-1][2].append(info)
+        else:
+            spans.append([a, b, [info]])
+    with tqdm(total=sum(b - a for a, b, _ in spans), unit="B", unit_scale=True, desc="DigiFace-1M") as bar:
+        for a, b, infos in spans:
+            try:
+                remote.prefetch(a, b)
+                for info in infos:
+                    ident, n = _DIGIFACE_MEMBER.fullmatch(info.filename).groups()
+                    path = os.path.join(root, str(int(ident)), f"{int(n)}.png")  # built here, not taken from the archive
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path + ".part", "wb") as f:
+                        f.write(zf.read(info))
+                    os.replace(path + ".part", path)
+            except (OSError, zipfile.BadZipFile, zlib.error) as e:
+                die(f"download of the face data from {url} failed ({e}); run again to resume")
+            bar.update(b - a)
+    with open(marker, "w") as f:
+        f.write(str(subjects))
+    return root
+
+
+def write_synthetic_faces(root, subjects=10, per_subject=12, size=40, seed=0):
+    """A face-like image folder root/<subject>/<n>.png for tests and the demo: each subject is a
+    pattern of its own plus noise, so the task is learnable but not trivial."""
+    protos = _prototypes(subjects, size, seed + 100)
+    g = torch.Generator().manual_seed(seed + 101)
+    for s in range(subjects):
+        folder = os.path.join(root, f"person_{s:03d}")
+        os.makedirs(folder, exist_ok=True)
+        x = _samples(protos, torch.full((per_subject,), s), g)
+        for i, img in enumerate(x):
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i}.png"))
+
+
+def write_demo_data(root):
+    """The demo's data under root: a synthetic CIFAR-10 and a synthetic face folder (once)."""
+    if not os.path.exists(os.path.join(root, CIFAR10.base_folder, "test_batch")):
+        write_synthetic_cifar(root, n_train=120, n_test=60)
+    if not os.path.isdir(os.path.join(root, "faces")):
+        write_synthetic_faces(os.path.join(root, "faces"), subjects=10, per_subject=12)
+
+
+# =============================================================================
+# Models
+# =============================================================================
+
+RESNET18_FILE = os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)
+
+
+def imagenet_weights():
+    """ResNet18's ImageNet weights through torchvision's weights API (cached under $TORCH_HOME)."""
+    w = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", RESNET18_FILE)
+    try:
+        return w.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except OSError as e:
+        die(f"ImageNet weights are not in {path} and could not be downloaded ({e}); "
+            f"put {RESNET18_FILE} there, or set PRETRAINED=0")
+    except Exception as e:
+        die(f"cannot read ImageNet weights {path} ({type(e).__name__}); delete it to download again")
+
+
+def teacher_resnet18(num_classes=10, pretrained=True):
+    """torchvision's ResNet18 for 32x32 inputs: conv1, the max-pool and conv5_1 (3x3 conv and 1x1
+    shortcut) get stride 1, so stages run 32-32-32-16-8-8 and the last feature map is 8x8x512;
+    same 17 convolutions, kernel sizes, paddings and single max-pool. `fc` is a new 10-way layer."""
+    model = torchvision.models.resnet18()
+    if pretrained:
+        model.load_state_dict(imagenet_weights())
+    model.conv1.stride = (1, 1)
+    model.maxpool.stride = 1
+    model.layer4[0].conv1.stride = (1, 1)
+    model.layer4[0].downsample[0].stride = (1, 1)
+    model.fc = nn.Linear(512, num_classes)
+    return model
+
+
+def paper_name(module):
+    """ResNet-paper name of a torchvision resnet18 module path (conv1, conv2_x, conv5_1, ...)."""
+    if module in ("conv1", "bn1"):
+        return "conv1"
+    if module == "maxpool":
+        return "conv2_x max-pool"
+    m = re.match(r"layer(\d)(?:\.(\d))?(?:\.(conv\d|downsample))?", module)
+    stage = int(m[1]) + 1
+    if m[2] is None:
+        return f"conv{stage}_x"
+    name = f"conv{stage}_{int(m[2]) + 1}"
+    return name + {None: "", "conv1": " (1st 3x3)", "conv2": " (2nd 3x3)", "downsample": " shortcut 1x1"}[m[3]]
+
+
+def _outputs(model, names, size):
+    shapes = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda mod, inp, out, n=n: shapes.__setitem__(n, "x".join(map(str, (*out.shape[2:], out.shape[1])))))
+        for n in names]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def stride_changes(size=32):
+    """Table rows of what changed from torchvision's resnet18 for a size x size input: every conv or
+    pool whose stride/padding differs, then each stage's output (HxWxC), both measured by running them."""
+    orig, new = torchvision.models.resnet18(), teacher_resnet18(pretrained=False)
+    changed = [n for n, m in new.named_modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d))
+               and (m.stride, m.padding) != (orig.get_submodule(n).stride, orig.get_submodule(n).padding)]
+    stages = ["conv1", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    before, after = _outputs(orig, changed + stages, size), _outputs(new, changed + stages, size)
+
+    def sp(m):
+        k, s, p = (getattr(m, a) for a in ("kernel_size", "stride", "padding"))
+        k, s, p = (v if isinstance(v, tuple) else (v, v) for v in (k, s, p))
+        return f"{k[0]}x{k[1]}", f"stride {s[0]}, pad {p[0]}"
+    rows = []
+    for n in changed:
+        kernel, s_old = sp(orig.get_submodule(n))
+        rows.append([paper_name(n), n, kernel, s_old, sp(new.get_submodule(n))[1], before[n], after[n]])
+    for n in stages:
+        rows.append([paper_name(n) + " output", n, "", "", "", before[n], after[n]])
+    return rows
+
+
+def features(model, x):
+    """The teacher's last feature map (before average pooling)."""
+    m = model
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+
+
+def load_teacher(path, device=None):
+    """The trained teacher from its model.pt (weights only), in eval mode."""
+    if not os.path.exists(path):
+        die(f"missing teacher checkpoint {path}: run `make teacher` first")
+    state = load_checkpoint(path)
+    model = teacher_resnet18(pretrained=False)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        die(f"{path} is not a checkpoint of this ResNet18 teacher ({str(e).splitlines()[0]})")
+    return model.to(device or "cpu").eval()
+
+
+class StudentCNN(nn.Module):
+    """The assignment's student: conv 5x5/32, 3x3/64, 3x3/128 (stride 1, pad 1, ReLU), each followed by
+    a 2x2 max-pool with stride 1, then FC 500 (ReLU) and FC 10. The stride-1 pools keep 27x27x128 =
+    93,312 features, so the first FC holds 46.7M of the 46,756,294 weights. Options carried over from
+    the teacher: BatchNorm after each conv, dropout before the last FC."""
+
+    def __init__(self, bn=False, dropout=0.0):
+        super().__init__()
+        layers, cin = [], 3
+        for cout, k in ((32, 5), (64, 3), (128, 3)):
+            layers += [nn.Conv2d(cin, cout, k, stride=1, padding=1), *([nn.BatchNorm2d(cout)] if bn else []),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2, stride=1, padding=0)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Linear(27 * 27 * 128, 500), nn.ReLU(inplace=True),
+                                        nn.Dropout(dropout), nn.Linear(500, 10))
+
+    def forward(self, x):
+        # flattened in (h, w, c) order: the same 93,312 features, and a free view of a channels_last
+        # tensor (an NCHW flatten copies, and its gradient slows the pools' backward by 30% on the CPU)
+        return self.classifier(self.features(x).permute(0, 2, 3, 1).flatten(1))
+
+
+class Students(nn.ModuleList):
+    """Students trained in lock-step on the same batches: forward returns their logits stacked (K, B, 10)."""
+
+    def forward(self, x):
+        return torch.stack([m(x) for m in self])
+
+
+class ContinualNet(nn.Module):
+    """The teacher's backbone shared by two heads: `old` (its 10-way fc, CIFAR-10) and `new` (faces).
+    Returns (old logits, new logits). A BatchNorm layer updates its running statistics only when its
+    weights are trained and `adapt_bn` is set; frozen layers always run in eval mode."""
+
+    def __init__(self, teacher, new_classes, adapt_bn=False):
+        super().__init__()
+        self.old, self.adapt_bn = teacher.fc, adapt_bn
+        teacher.fc = nn.Identity()
+        self.backbone, self.new = teacher, nn.Linear(self.old.in_features, new_classes)
+
+    def forward(self, x):
+        f = self.backbone(x)
+        return self.old(f), self.new(f)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train(mode and self.adapt_bn and m.weight.requires_grad)
+        return self
+
+
+# =============================================================================
+# Losses
+# =============================================================================
+
+
+def soft_cross_entropy(logits, target_logits, T=1.0):
+    """Cross-entropy between softmax(target_logits/T) and softmax(logits/T), summed over classes and
+    averaged over the batch (no T^2 here)."""
+    p = F.softmax(target_logits.float() / T, dim=-1)
+    return -(p * F.log_softmax(logits.float() / T, dim=-1)).sum(-1).mean()
+
+
+def kd_loss(student_logits, teacher_logits, labels, T, lam):
+    """lam * T^2 * soft CE + (1 - lam) * hard CE (Hinton et al. 2015): lam weights the soft targets;
+    T^2 keeps the soft-target gradients comparable across T."""
+    if not T > 0 or not 0 <= lam <= 1:
+        raise ValueError(f"need T > 0 and 0 <= lam <= 1, got T={T}, lam={lam}")
+    hard = F.cross_entropy(student_logits.float(), labels)
+    return lam * T * T * soft_cross_entropy(student_logits, teacher_logits, T) + (1 - lam) * hard
+
+
+def cross_entropy(model, x, y, label_smoothing=0.0):
+    """The classification loss as a loss function of the training loop: (loss, logits)."""
+    logits = model(x)
+    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing), logits
+
+
+# =============================================================================
+# Training loop
+# =============================================================================
+
+
+def sgd(groups, lr, momentum=0.9, weight_decay=5e-4):
+    """SGD with Nesterov momentum over parameter groups (each may carry its own lr); the fused
+    kernel where this torch has it (one pass over the weights: 10x faster on the CPU)."""
+    groups, kw = list(groups), dict(lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
+    try:
+        return torch.optim.SGD(groups, fused=True, **kw)
+    except (TypeError, RuntimeError):
+        return torch.optim.SGD(groups, **kw)
+
+
+def warmup_cosine(opt, total_steps, warmup_steps):
+    """Per-step schedule: linear warm-up to each group's lr, then cosine decay to zero."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _num(t):
+    return t.tolist() if t.ndim else t.item()
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, data):
+    """Mean loss and accuracy (%) of `model` in eval mode over `data`; lists for a lock-step group."""
+    model.eval()
+    loss_sum = correct = n = 0
+    for x, y, *rest in data:
+        with autocast(x.device):
+            loss, logits = loss_fn(model, x, y, *rest)
+        loss_sum = loss_sum + loss.float() * len(y)
+        correct = correct + (logits.argmax(-1) == y).sum(-1)
+        n += len(y)
+    return _num(loss_sum / n), _num(100.0 * correct / n)
+
+
+@torch.no_grad()
+def predict(model, data):
+    """Logits (float32) of `model` in eval mode over `data`, in order."""
+    model.eval()
+    out = []
+    for x, *_ in data:
+        with autocast(x.device):
+            out.append(model(x).float())
+    return torch.cat(out)
+
+
+def train_epoch(model, loss_fn, opt, sched, data, desc=""):
+    """One pass of SGD steps over `data`; returns the first step whose loss was not finite (0 if none),
+    checked on the device so the loop never waits for the GPU."""
+    model.train()
+    bad = None
+    for step, (x, *ys) in enumerate(tqdm(data, desc=desc, leave=False, disable=None), 1):
+        with autocast(x.device):
+            loss, _ = loss_fn(model, x, *ys)
+        loss = loss.sum()  # a lock-step group: the sum's gradient is each student's own gradient
+        this = (~torch.isfinite(loss)).long() * step
+        bad = this if bad is None else torch.where(bad > 0, bad, this)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return 0 if bad is None else int(bad)
+
+
+def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, extra=None, on_epoch=None):
+    """Train for `epochs`, then after each epoch evaluate on `evals` ({'train': ..., 'test': ...}, the
+    same loss function, eval mode, un-augmented), add `extra(model)`'s metrics, print a row and write
+    an atomic checkpoint. Resumes from run_dir/checkpoint.pt (refusing a changed config); returns the
+    history, one dict per epoch. `on_epoch(epoch)` runs before each epoch (e.g. to unfreeze layers)."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "checkpoint.pt")
+    history = []
+    if os.path.exists(path):
+        ck = load_checkpoint(path)
+        check_config(ck.get("config"), config, run_dir)
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+            sched.load_state_dict(ck["sched"])
+            torch.set_rng_state(ck["rng"])
+            gen.set_state(ck["gen"])
+            if torch.cuda.is_available() and ck.get("cuda_rng"):
+                torch.cuda.set_rng_state_all(ck["cuda_rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            die(f"{path} does not match this run ({type(e).__name__}); delete it to start over")
+        history = ck["history"]
+        print(f"resuming {run_dir} after epoch {ck['epoch']}/{epochs}")
+    else:
+        write_json(os.path.join(run_dir, "config.json"), config)
+    for epoch in range(len(history) + 1, epochs + 1):
+        t0 = time.time()
+        if on_epoch:
+            on_epoch(epoch)
+        bad = train_epoch(model, loss_fn, opt, sched, train, desc=f"epoch {epoch}/{epochs}")
+        if bad:
+            die(f"loss is not finite at epoch {epoch}, step {bad} of {run_dir}; lower the learning rate "
+                f"(the checkpoint of epoch {epoch - 1} is kept)")
+        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
+        for split, data in evals.items():
+            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(model, loss_fn, data)
+        row.update(extra(model) if extra else {})
+        row["seconds"] = round(time.time() - t0, 2)
+        history.append(row)
+        state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                 "epoch": epoch, "history": history, "config": config,
+                 "rng": torch.get_rng_state(), "gen": gen.get_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        save_atomic(state, path)
+        write_json(os.path.join(run_dir, "history.json"), history)
+        print_row(row, epochs, history)
+    return history
+
+
+def print_row(row, epochs, history):
+    """One line per epoch (airbench-style) with the time left."""
+    def fmt(k, v):
+        if isinstance(v, list):
+            return f"{k} " + " ".join(f"{x:.4g}" for x in v)
+        return f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+    left = (epochs - row["epoch"]) * sum(r["seconds"] for r in history) / len(history)
+    cols = [fmt(k, v) for k, v in row.items() if k not in ("epoch", "seconds")]
+    print(f"epoch {row['epoch']:>3}/{epochs} | " + " | ".join(cols) + f" | {row['seconds']:.1f}s, eta {left / 60:.1f} min",
+          flush=True)
+
+
+# =============================================================================
+# Checkpoints and run folders
+# =============================================================================
+
+IGNORED = ("data", "out", "device")  # where and on what a run ran does not change what it is
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary name, then rename: a kill never leaves half a file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_checkpoint(path):
+    """A checkpoint read with weights_only=True (it can never run code); a clear error if unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        die(f"cannot read checkpoint {path} ({type(e).__name__}); delete it to start this run over")
+
+
+def check_config(saved, config, run_dir):
+    """Refuse to continue a run that was started with another configuration."""
+    saved = {k: v for k, v in (saved or {}).items() if k not in IGNORED}
+    config = {k: v for k, v in json.loads(json.dumps(config)).items() if k not in IGNORED}
+    diff = [f"{k}: {saved.get(k)} -> {config.get(k)}" for k in sorted(set(saved) | set(config))
+            if saved.get(k) != config.get(k)]
+    if diff:
+        die(f"{run_dir} holds a run with another config ({', '.join(diff)}); "
+            f"delete {run_dir} to start over, or choose another OUT=")
+
+
+def finished(run_dir, config):
+    """True if run_dir holds a finished run of this config (so it is not trained again)."""
+    if not os.path.exists(os.path.join(run_dir, "result.json")):
+        return False
+    try:
+        saved = read_json(os.path.join(run_dir, "config.json"))
+    except (OSError, ValueError):
+        saved = None
+    check_config(saved, config, run_dir)
+    return True
+
+
+def finish(run_dir, model, history, result, title):
+    """Write a finished run's final weights, curves and result.json (last: it marks the run done)."""
+    save_atomic(model.state_dict(), os.path.join(run_dir, "model.pt"))
+    plot_curves(history, "loss", os.path.join(run_dir, "loss.png"), f"{title}: loss")
+    plot_curves(history, "acc", os.path.join(run_dir, "accuracy.png"), f"{title}: accuracy")
+    write_json(os.path.join(run_dir, "result.json"), result)
+
+
+# =============================================================================
+# Plots and tables
+# =============================================================================
+
+
+def plot_curves(history, metric, path, title):
+    """`metric` ('loss' or 'acc') vs epoch on the training and test sets."""
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split in ("train", "test"):
+        ax.plot(epochs, [r[f"{split}_{metric}"] for r in history], marker="o", ms=3, label=split)
+    ax.set(xlabel="epoch", ylabel="accuracy (%)" if metric == "acc" else "loss", title=title)
+    _finish_plot(fig, ax, path)
+
+
+def plot_compare(series, path, title, ylabel, ref=None):
+    """Several runs' curves on one figure: series = {label: (epochs, values)}; ref = (label, y) line."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (x, y) in series.items():
+        ax.plot(x, y, marker="o", ms=3, label=label)
+    if ref:
+        ax.axhline(ref[1], color="k", ls="--", lw=1, label=ref[0])
+    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    _finish_plot(fig, ax, path)
+
+
+def _finish_plot(fig, ax, path):
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def md_table(header, rows):
+    """A Markdown table."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
+
+
+def write_table(path, title, header, rows, note=""):
+    """A titled Markdown table file under out/tables/."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(f"### {title}\n\n{md_table(header, rows)}" + (f"\n{note}\n" if note else ""))
+    os.replace(path + ".tmp", path)
+
+
+def pct(x):
+    return f"{x:.2f}"

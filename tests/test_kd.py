@@ -1,0 +1,72 @@
+import json
+import shutil
+
+import torch
+import torch.nn as nn
+
+import q1b_kd
+from common import Batches, StudentCNN, Students, kd_loss, sgd, teacher_resnet18, train_epoch, warmup_cosine
+
+
+def args(cifar_root, out, *extra):
+    return ["--data", cifar_root, "--out", str(out), "--device", "cpu", "--epochs", "2", "--batch", "20",
+            "--lr", "0.01", "--warmup", "0", *extra]
+
+
+def test_students_in_lock_step_match_students_trained_alone(tmp_path, cifar_root, teacher_out):
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    shutil.copytree(teacher_out, alone)
+    shutil.copytree(teacher_out, together)
+    q1b_kd.main(args(cifar_root, alone, "--T", "4", "--lam", "0.5"))
+    q1b_kd.main(args(cifar_root, together, "--sweep", "--sweep-T", "4", "8", "--sweep-lam", "0.5"))
+    a = json.load(open(alone / "kd" / "T4_lam0.5" / "history.json"))
+    b = json.load(open(together / "kd" / "T4_lam0.5" / "history.json"))
+    for ra, rb in zip(a, b):
+        for k in ("train_loss", "test_loss", "train_acc", "test_acc", "lr"):
+            assert abs(ra[k] - rb[k]) <= 1e-4 * max(1.0, abs(ra[k])), (k, ra[k], rb[k])
+    wa = torch.load(alone / "kd" / "T4_lam0.5" / "model.pt", weights_only=True)
+    wb = torch.load(together / "kd" / "T4_lam0.5" / "model.pt", weights_only=True)
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
+    assert json.load(open(together / "kd" / "T8_lam0.5" / "config.json"))["T"] == 8
+    assert (together / "tables" / "kd_sweep.md").exists() and (together / "kd" / "sweep_heatmap.png").exists()
+
+
+class Spy(nn.Module):
+    """Wraps a teacher and records what it was given and in which mode."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher, self.seen = teacher, []
+
+    def forward(self, x):
+        self.seen.append((x.clone(), self.teacher.training, torch.is_grad_enabled()))
+        return self.teacher(x)
+
+
+def test_soft_targets_come_from_the_teacher_in_eval_mode_without_grad_on_the_students_batch():
+    teacher = teacher_resnet18(pretrained=False).eval().requires_grad_(False)
+    spy = Spy(teacher)
+    students = Students([StudentCNN(bn=True)])
+    inputs = []
+    students.register_forward_pre_hook(lambda m, a: inputs.append(a[0].clone()))
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    data = Batches(x, torch.arange(8) % 10, batch_size=4, shuffle=True, augment=True,
+                   gen=torch.Generator().manual_seed(0))
+    opt = sgd(students.parameters(), 0.01)
+    train_epoch(students, q1b_kd.distill_loss(spy, [(4.0, 0.5)]), opt, warmup_cosine(opt, 10, 0), data)
+    assert len(spy.seen) == len(inputs) == 2
+    for (tx, training, grad), sx in zip(spy.seen, inputs):
+        assert torch.equal(tx, sx) and not training and not grad
+    assert not torch.equal(inputs[0], inputs[1])
+
+
+def test_the_group_loss_is_each_students_kd_loss():
+    teacher = teacher_resnet18(pretrained=False).eval()
+    students = Students([StudentCNN(), StudentCNN()]).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    pairs = [(2.0, 0.3), (8.0, 1.0)]
+    with torch.no_grad():
+        losses, logits = q1b_kd.distill_loss(teacher, pairs)(students, x, y)
+        t = teacher(x)
+        for k, (T, lam) in enumerate(pairs):
+            assert torch.allclose(losses[k], kd_loss(students[k](x), t, y, T, lam), rtol=1e-5)

@@ -1,0 +1,56 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import kd_loss, soft_cross_entropy
+
+
+def softmax(v, T=1.0):
+    e = [math.exp(a / T) for a in v]
+    return [a / sum(e) for a in e]
+
+
+def soft_ce_by_hand(s, t, T):
+    p, q = softmax(t, T), softmax(s, T)
+    return -sum(pi * math.log(qi) for pi, qi in zip(p, q))
+
+
+S = [[1.0, 2.0, 0.5], [-0.3, 0.0, 3.0]]
+TL = [[0.3, -1.0, 2.0], [1.5, 1.0, -2.0]]
+Y = [1, 2]
+
+
+def test_soft_cross_entropy_by_hand_summed_over_classes_and_averaged_over_the_batch():
+    for T in (1.0, 2.0, 7.5):
+        expected = sum(soft_ce_by_hand(s, t, T) for s, t in zip(S, TL)) / 2
+        assert soft_cross_entropy(torch.tensor(S), torch.tensor(TL), T).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kd_loss_by_hand():
+    T, lam = 4.0, 0.3
+    hard = sum(-math.log(softmax(s)[y]) for s, y in zip(S, Y)) / 2
+    soft = sum(soft_ce_by_hand(s, t, T) for s, t in zip(S, TL)) / 2
+    got = kd_loss(torch.tensor(S), torch.tensor(TL), torch.tensor(Y), T, lam).item()
+    assert got == pytest.approx(lam * T * T * soft + (1 - lam) * hard, rel=1e-6)
+
+
+def test_kd_loss_edges_lam0_is_cross_entropy_and_lam1_is_scaled_soft_ce():
+    s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    assert kd_loss(s, t, y, T=20, lam=0).item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
+    assert kd_loss(s, t, y, T=20, lam=1).item() == pytest.approx(400 * soft_cross_entropy(s, t, 20).item(), rel=1e-6)
+
+
+def test_kd_gradient_at_lam1_is_T_times_the_softmax_difference_over_the_batch():
+    s, t, y = torch.randn(5, 10, requires_grad=True), torch.randn(5, 10), torch.randint(0, 10, (5,))
+    T = 3.0
+    kd_loss(s, t, y, T, 1.0).backward()
+    expected = T * (F.softmax(s.detach() / T, -1) - F.softmax(t / T, -1)) / 5
+    assert torch.allclose(s.grad, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("T, lam", [(0, 0.1), (-1, 0.1), (2, 1.5), (2, -0.1)])
+def test_kd_loss_rejects_bad_T_and_lam(T, lam):
+    with pytest.raises(ValueError):
+        kd_loss(torch.randn(2, 10), torch.randn(2, 10), torch.tensor([0, 1]), T, lam)

@@ -1,0 +1,129 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from common import Batches, cross_entropy, fit, load_checkpoint, sgd, warmup_cosine
+from conftest import ROOT, one_line_error
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 10
+    x = (y.view(-1, 1, 1, 1) * 20 + torch.randint(0, 60, (200, 3, 16, 16), generator=g)).clamp(0, 255).to(torch.uint8)
+    return x, y
+
+
+def run(run_dir, epochs=3, config=None, loss_fn=cross_entropy, on_epoch=None, lr=0.05):
+    torch.manual_seed(0)
+    model = Tiny()
+    x, y = data()
+    gen = torch.Generator().manual_seed(0)
+    train = Batches(x, y, batch_size=20, shuffle=True, augment=True, pad=2, gen=gen)
+    evals = {"train": Batches(x, y, batch_size=64), "test": Batches(x[:50], y[:50], batch_size=64)}
+    opt = sgd(model.parameters(), lr)
+    sched = warmup_cosine(opt, epochs * len(train), len(train))
+    return fit(model, loss_fn, opt, sched, train, evals, epochs, str(run_dir), config or {"lr": lr}, gen,
+               extra=lambda m: {"extra": 1.0}, on_epoch=on_epoch)
+
+
+def without_time(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def test_fit_lowers_the_loss_and_records_every_field(tmp_path):
+    h = run(tmp_path / "run", epochs=4, lr=0.3)
+    assert [r["epoch"] for r in h] == [1, 2, 3, 4]
+    assert set(h[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "extra", "seconds"}
+    assert h[-1]["train_loss"] < h[0]["train_loss"] and h[-1]["train_acc"] > 30
+    assert json.load(open(tmp_path / "run" / "history.json")) == h
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["epoch"] == 4
+
+
+def test_an_interrupted_run_resumes_to_the_same_history(tmp_path):
+    full = run(tmp_path / "full")
+
+    def stop(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt  # as a kill after epoch 1's checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", on_epoch=stop)
+    assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["epoch"] == 1
+    resumed = run(tmp_path / "cut")
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    assert without_time(resumed) == without_time(full)  # same RNG streams: the same numbers, exactly
+
+
+def test_a_changed_config_is_refused_and_the_run_is_left_alone(tmp_path):
+    run(tmp_path / "run", epochs=1, config={"lr": 0.1, "epochs": 1})
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "run", epochs=1, config={"lr": 0.2, "epochs": 1})
+    one_line_error(e, "another config", "lr: 0.1 -> 0.2")
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_corrupt_checkpoint_is_refused_and_kept(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "run", epochs=1)
+    one_line_error(e, "cannot read checkpoint", "delete it")
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == b"garbage"
+
+
+def test_a_non_finite_loss_stops_the_run_naming_epoch_and_step(tmp_path):
+    calls = []
+
+    def explode(model, x, y, *rest):
+        loss, logits = cross_entropy(model, x, y)
+        if model.training:
+            calls.append(1)
+            if len(calls) == 13:  # 10 steps per epoch: epoch 2, step 3
+                loss = loss * float("nan")
+        return loss, logits
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "run", loss_fn=explode)
+    one_line_error(e, "not finite at epoch 2, step 3")
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["epoch"] == 1
+
+
+def teacher_cmd(cifar_root, out, epochs):
+    return [sys.executable, os.path.join(ROOT, "q1a_teacher.py"), "--data", cifar_root, "--out", str(out),
+            "--pretrained", "0", "--epochs", str(epochs), "--batch", "20", "--lr", "0.01", "--warmup", "0",
+            "--device", "cpu"]
+
+
+def test_the_teacher_script_killed_mid_run_resumes_and_then_skips(tmp_path, cifar_root):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(teacher_cmd(cifar_root, out, 3), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "teacher" / "checkpoint.pt"
+    while not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "teacher" / "result.json").exists(), "the run finished before it could be killed"
+    again = subprocess.run(teacher_cmd(cifar_root, out, 3), capture_output=True, text=True)
+    assert again.returncode == 0 and "resuming" in again.stdout, again.stderr
+    assert [r["epoch"] for r in json.load(open(out / "teacher" / "history.json"))] == [1, 2, 3]
+    model = (out / "teacher" / "model.pt").stat().st_mtime_ns
+    third = subprocess.run(teacher_cmd(cifar_root, out, 3), capture_output=True, text=True)
+    assert third.returncode == 0 and "is finished" in third.stdout
+    assert (out / "teacher" / "model.pt").stat().st_mtime_ns == model
