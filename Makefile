@@ -89,18 +89,19 @@ report: $(STAMP)
 
 # The whole pipeline offline: synthetic CIFAR-10 (in the real cifar-10-batches-py format) and a
 # synthetic face folder, a teacher from random weights, small sizes, CPU.
-DEMO_VARS = OUT=$(strip $(DEMO)) DATA=$(strip $(DEMO))/data DEVICE=cpu PRETRAINED=0 EPOCHS=3 WARMUP=0
+DEMO_VARS = OUT=$(strip $(DEMO)) DATA=$(strip $(DEMO))/data DEVICE=cpu PRETRAINED=0 WARMUP=0 LR=0.01
 demo: $(STAMP)
 	$(PYTHON) -c 'import common; common.write_demo_data("$(strip $(DEMO))/data")'
-	@$(MAKE) --no-print-directory teacher kd-table kd-sweep $(DEMO_VARS) BATCH=12 LR=0.01 SWEEP_T="2 8" SWEEP_LAM="0.5 0.9"
-	@$(MAKE) --no-print-directory continual report $(DEMO_VARS) BATCH=10 LR=0.01 FACES=$(strip $(DEMO))/data/faces \
+	@$(MAKE) --no-print-directory teacher kd-table $(DEMO_VARS) EPOCHS=3 BATCH=12
+	@$(MAKE) --no-print-directory kd-sweep $(DEMO_VARS) EPOCHS=2 BATCH=12 SWEEP_T="2 8" SWEEP_LAM="0.5 0.9"
+	@$(MAKE) --no-print-directory continual report $(DEMO_VARS) EPOCHS=3 BATCH=10 FACES=$(strip $(DEMO))/data/faces \
 	  SUBJECTS=10 PER_SUBJECT=10 TRAIN_PER_SUBJECT=8 FACE_SIZE=32 LWF_WARMUP=1
 
 bench: $(STAMP)
 	$(PYTHON) bench.py --out $(strip $(OUT)) $(call opt,DEVICE,device)
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -o tmp_path_retention_policy=failed tests  # the demo test writes ~5 GB
 
 clean:
 	rm -rf $(strip $(OUT))

@@ -125,7 +125,7 @@ def main(argv=None):
                     text = open(full).read()
                     md += [text, ""]
                     title, rows, notes = parse_table(text)
-                    pdf_text_page(pdf, title, text_table(rows) + [""] + [w for n in notes for w in textwrap.wrap(n, 150)])
+                    pdf_text_page(pdf, title, text_table(rows, width=160) + [""] + [w for n in notes for w in textwrap.wrap(n, 160)])
                 else:
                     cfg = run_config(out, path)
                     full_caption = f"{caption}. Run `{os.path.dirname(path)}`" + (f": {cfg}." if cfg else ".")
