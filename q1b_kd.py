@@ -131,10 +131,18 @@ def setup_rows(args, device):
     ]
 
 
+def teacher_result(args):
+    """The teacher's result.json, beside the weights the students learnt from."""
+    path = os.path.join(os.path.dirname(args.teacher), "result.json")
+    if not os.path.exists(path):
+        die(f"missing {path}: the teacher's run is not finished (make teacher)")
+    return read_json(path)
+
+
 def write_table_outputs(args, shared):
     """out/tables/kd_table.md (the assignment's six rows) and the figure of every student's test accuracy."""
     kd = os.path.join(args.out, "kd")
-    teacher = read_json(os.path.join(args.out, "teacher", "result.json"))
+    teacher = teacher_result(args)
     rows = [["Teacher Network (Part A)", "-", "-", pct(teacher["train_acc"]), pct(teacher["test_acc"])]]
     curves = {}
     for label, T, lam in TABLE:
@@ -152,7 +160,7 @@ def write_table_outputs(args, shared):
 def write_sweep_outputs(args):
     """out/tables/kd_sweep.md (test accuracy over T x lam, best marked) and a heat map."""
     kd = os.path.join(args.out, "kd")
-    teacher = read_json(os.path.join(args.out, "teacher", "result.json"))["test_acc"]
+    teacher = teacher_result(args)["test_acc"]
     grid = [[read_json(os.path.join(kd, name(T, lam), "result.json"))["test_acc"] for lam in args.sweep_lam]
             for T in args.sweep_T]
     best = max((acc, T, lam) for T, row in zip(args.sweep_T, grid) for lam, acc in zip(args.sweep_lam, row))
@@ -199,8 +207,9 @@ def main(argv=None):
             train_group(group, pairs, teacher, data, args, shared, device)
     else:
         print("every student asked for is finished (delete its folder under out/kd/ to train it again)")
-    write_table(os.path.join(args.out, "tables", "kd_setup.md"), "Student training setup", ["Item", "Setting"],
-                setup_rows(args, device))
+    if not args.sweep:  # the setup of the assignment's students; the sweep's table notes its own epochs
+        write_table(os.path.join(args.out, "tables", "kd_setup.md"), "Student training setup", ["Item", "Setting"],
+                    setup_rows(args, device))
     if args.table:
         write_table_outputs(args, shared)
     if args.sweep:

@@ -237,36 +237,38 @@ def write_outputs(args, lr, device):
         ["Old-task accuracy", "old head on CIFAR-10: test set after every epoch, training set at the end"],
         ["Precision", precision(device)],
     ])
-    layers = resnet_layers()
-    ft_rows = [[layer, ", ".join(layers[layer]), f"{rate:g}% of the original ({lr * rate / 100:g})",
-                "fine-tuned" + ("; BatchNorm statistics adapt" if args.adapt_bn else "; BatchNorm statistics frozen")]
-               for layer, rate in parse_layers(args.ft_layers)]
-    ft_rows.append([f"new FC + softmax ({args.subjects} outputs)", "new", f"100% of the original ({lr:g})",
+    # the fine-tuning and LwF tables describe the runs that made the results (their config.json)
+    cfg = {m: read_json(os.path.join(out, m, "config.json")) if m in results else method_config(m, args, lr)
+           for m in ("ft", "lwf")}
+    layers, ft, lw = resnet_layers(), cfg["ft"], cfg["lwf"]
+    ft_rows = [[layer, ", ".join(layers[layer]), f"{rate:g}% of the original ({ft['lr'] * rate / 100:g})",
+                "fine-tuned" + ("; BatchNorm statistics adapt" if ft["adapt_bn"] else "; BatchNorm statistics frozen")]
+               for layer, rate in ft["ft_layers"]]
+    ft_rows.append([f"new FC + softmax ({ft['subjects']} outputs)", "new", f"100% of the original ({ft['lr']:g})",
                     "trained from scratch"])
     ft_rows.append(["all other layers, old head", "", "0%", "frozen"])
     write_table(os.path.join(tables, "finetune_layers.md"), "Fine-tuning: layers and learning rates",
                 ["Conv layers that you choose to fine-tune", "torchvision modules", "Learning Rate", "Remark"], ft_rows,
                 note="Default conv5_x: faces share low-level features with CIFAR-10 objects, but the last stage holds "
                      "the most task-specific ones (Yosinski et al. 2014); a low rate limits forgetting.")
-    a = args.lwf_lr
+    a, w, e, lr = lw["lwf_lr"], lw["lwf_warmup"], lw["epochs"], lw["lr"]
     write_table(os.path.join(tables, "lwf_setup.md"), "Learning without Forgetting: parameters", ["Parameter", "Value"], [
         ["Learning rate, backbone + old head", f"{a:g}% of the original ({lr * a / 100:g})"],
         ["Learning rate, new head", f"100% of the original ({lr:g})"],
-        ["Temperature T", f"{args.lwf_T:g}"], ["λo (old-task loss weight)", f"{args.lwf_lambda:g}"],
-        ["L2 weight decay", f"{args.wd:g}"],
-        ["Epochs", f"{args.lwf_warmup} warm-up + {args.epochs - args.lwf_warmup} joint"],
-        ["Batch size", args.batch],
+        ["Temperature T", f"{lw['lwf_T']:g}"], ["λo (old-task loss weight)", f"{lw['lwf_lambda']:g}"],
+        ["L2 weight decay", f"{lw['wd']:g}"],
+        ["Epochs", f"{w} warm-up + {e - w} joint"],
+        ["Batch size", lw["batch"]],
     ], note="\n".join([
         "Steps:",
         "1. Keep the original network (teacher backbone + old head) as a frozen copy in eval mode.",
-        f"2. Add the new head ({args.subjects} outputs), freshly initialised.",
-        f"3. Warm-up, epochs 1-{args.lwf_warmup}: train the new head alone (backbone and old head frozen), "
-        "as in feature extraction.",
-        f"4. Joint training, epochs {args.lwf_warmup + 1}-{args.epochs}: every layer; for each augmented face batch "
+        f"2. Add the new head ({lw['subjects']} outputs), freshly initialised.",
+        f"3. Warm-up, epochs 1-{w}: train the new head alone (backbone and old head frozen), as in feature extraction.",
+        f"4. Joint training, epochs {w + 1}-{e}: every layer; for each augmented face batch "
         "the frozen original gives y_o, the old-task responses, on the same images.",
-        f"5. Loss: CE(new head, face label) + λo · CE(softmax(y_o/T), softmax(old head/T)), T = {args.lwf_T:g}, "
-        f"λo = {args.lwf_lambda:g}, plus L2 {args.wd:g} (weight decay); no T² factor, as in the paper.",
-        "6. BatchNorm: " + ("statistics adapt to faces." if args.adapt_bn else "running statistics frozen."),
+        f"5. Loss: CE(new head, face label) + λo · CE(softmax(y_o/T), softmax(old head/T)), T = {lw['lwf_T']:g}, "
+        f"λo = {lw['lwf_lambda']:g}, plus L2 {lw['wd']:g} (weight decay); no T² factor, as in the paper.",
+        "6. BatchNorm: " + ("statistics adapt to faces." if lw["adapt_bn"] else "running statistics frozen."),
         "7. Evaluate: new head on the face test set, old head on the CIFAR-10 test set, after every epoch."]))
 
 
