@@ -93,7 +93,7 @@ DEMO_VARS = OUT=$(strip $(DEMO)) DATA=$(strip $(DEMO))/data DEVICE=cpu PRETRAINE
 demo: $(STAMP)
 	$(PYTHON) -c 'import common; common.write_demo_data("$(strip $(DEMO))/data")'
 	@$(MAKE) --no-print-directory teacher kd-table $(DEMO_VARS) EPOCHS=3 BATCH=12
-	@$(MAKE) --no-print-directory kd-sweep $(DEMO_VARS) EPOCHS=2 BATCH=12 SWEEP_T="2 8" SWEEP_LAM="0.5 0.9"
+	@$(MAKE) --no-print-directory kd-sweep $(DEMO_VARS) EPOCHS=1 BATCH=12 SWEEP_T="2 8" SWEEP_LAM="0.5 0.9"
 	@$(MAKE) --no-print-directory continual report $(DEMO_VARS) EPOCHS=3 BATCH=10 FACES=$(strip $(DEMO))/data/faces \
 	  SUBJECTS=10 PER_SUBJECT=10 TRAIN_PER_SUBJECT=8 FACE_SIZE=32 LWF_WARMUP=1
 

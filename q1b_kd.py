@@ -169,7 +169,7 @@ def write_sweep_outputs(args):
     write_table(os.path.join(args.out, "tables", "kd_sweep.md"), "Bonus: student test accuracy (%) over T and λ",
                 ["T \\ λ"] + [f"{lam:g}" for lam in args.sweep_lam], rows,
                 note=f"Best: T = {best[1]:g}, λ = {best[2]:g}: {pct(best[0])}% against the teacher's {pct(teacher)}% "
-                     f"({best[0] - teacher:+.2f} points). {args.epochs} epochs per student.")
+                     f"({best[0] - teacher:+.2f} points). {args.epochs} epoch(s) per student.")
     fig, ax = plt.subplots(figsize=(1.2 * len(args.sweep_lam) + 2.5, 0.6 * len(args.sweep_T) + 2))
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
     ax.set(xticks=range(len(args.sweep_lam)), xticklabels=[f"{v:g}" for v in args.sweep_lam], xlabel="λ (soft-target weight)",
