@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from common import (CIFAR10, MEAN, STD, Batches, Parser, StudentCNN, Students, cross_entropy, get_device,
-                    load_cifar10, md_table, positive_int, precision, sgd, teacher_resnet18, train_epoch,
+                    load_cifar10, md_table, positive_int, precision, run, sgd, teacher_resnet18, train_epoch,
                     warmup_cosine, write_synthetic_cifar)
 from q1b_kd import distill_loss
 
@@ -114,4 +114,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -38,6 +38,14 @@ def die(msg):
     raise SystemExit(f"error: {msg}")
 
 
+def run(main):
+    """A script's entry point: Ctrl-C ends with one line, not a traceback (the last checkpoint resumes)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        die("interrupted; run the same command again to resume from the last finished epoch")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors."""
 

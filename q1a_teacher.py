@@ -12,7 +12,7 @@ import torch
 
 from common import (Batches, Parser, cross_entropy, die, features, finish, finished, fit, flag, get_device,
                     load_cifar10, nonneg, nonneg_int, pct, positive, positive_int, precision, read_json,
-                    sgd, stride_changes, teacher_resnet18, warmup_cosine, write_table)
+                    run, sgd, stride_changes, teacher_resnet18, warmup_cosine, write_table)
 
 
 def parse(argv=None):
@@ -106,4 +106,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

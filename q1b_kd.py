@@ -16,7 +16,7 @@ import torch
 
 from common import (Batches, Parser, StudentCNN, Students, die, finish, finished, fit, flag, fraction, get_device,
                     kd_loss, load_cifar10, load_teacher, nonneg, nonneg_int, pct, plot_compare, positive,
-                    positive_int, precision, predict, read_json, sgd, warmup_cosine, write_json, write_table)
+                    positive_int, precision, predict, read_json, run, sgd, warmup_cosine, write_json, write_table)
 
 # The assignment's table (Q1B (4)): label, T, lam. lam = 0 is plain cross-entropy, so its T is moot.
 TABLE = [("Student Network (λ = 0)", 1.0, 0.0), ("Student Network (λ = 1)", 20.0, 1.0),
@@ -221,4 +221,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

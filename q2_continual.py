@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from common import (DIGIFACE_URL, Batches, ContinualNet, Parser, die, evaluate, fetch_digiface, finish, finished,
                     fit, flag, get_device, load_cifar10, load_faces, load_teacher, nonneg,
-                    nonneg_int, pct, plot_compare, positive, positive_int, precision, predict, read_json, sgd,
-                    soft_cross_entropy, warmup_cosine, write_json, write_table)
+                    nonneg_int, pct, plot_compare, positive, positive_int, precision, predict, read_json, run,
+                    sgd, soft_cross_entropy, warmup_cosine, write_json, write_table)
 
 METHODS = {"fe": "Feature Extraction", "ft": "Fine Tuning", "lwf": "LwF"}
 
@@ -291,6 +291,8 @@ def main(argv=None):
         before = [evaluate(untouched, old_task, Batches(*cifar[s], batch_size=1024))[1] for s in ("train", "test")]
         for m in todo:
             run_method(m, teacher, cifar, faces, before, args, lr, device)
+    else:
+        print("every method asked for is finished (delete its folder under out/continual/ to train it again)")
     write_outputs(args, lr, device)
     for m in args.methods:
         r = read_json(os.path.join(args.out, "continual", m, "result.json"))
@@ -299,4 +301,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

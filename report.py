@@ -8,7 +8,7 @@ import textwrap
 import matplotlib.pyplot as plt
 from matplotlib.backends.backend_pdf import PdfPages
 
-from common import Parser, read_json
+from common import Parser, read_json, run
 from q1b_kd import TABLE, name
 from q2_continual import METHODS
 
@@ -146,4 +146,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

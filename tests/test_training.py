@@ -127,3 +127,16 @@ def test_the_teacher_script_killed_mid_run_resumes_and_then_skips(tmp_path, cifa
     third = subprocess.run(teacher_cmd(cifar_root, out, 3), capture_output=True, text=True)
     assert third.returncode == 0 and "is finished" in third.stdout
     assert (out / "teacher" / "model.pt").stat().st_mtime_ns == model
+
+
+def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path, cifar_root):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(teacher_cmd(cifar_root, out, 2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (out / "teacher" / "checkpoint.pt").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate()[1]
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "error: interrupted; run the same command again to resume from the last finished epoch"
+    again = subprocess.run(teacher_cmd(cifar_root, out, 2), capture_output=True, text=True)
+    assert again.returncode == 0 and "resuming" in again.stdout
