@@ -73,13 +73,13 @@ def distill_loss(teacher, pairs):
     return loss
 
 
-def train_group(group, pairs, teacher, data, args, shared, device):
+def train_group(group, pairs, teacher, data, t_logits, args, shared, device):
     """Train the students `pairs` = [(T, lam), ...] in lock-step into out/kd/<group>/ (checkpoint,
-    history) and out/kd/<student>/ (each student's curves, weights and result)."""
+    history) and out/kd/<student>/ (each student's curves, weights and result). `t_logits`: the
+    teacher's logits on the un-augmented train and test sets, for the evaluations."""
     kd = os.path.join(args.out, "kd")
     (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
-    # The teacher is fixed: its logits on the un-augmented train and test sets are computed once.
-    t_train, t_test = (predict(teacher, Batches(x, batch_size=1024)) for x in (x_train, x_test))
+    t_train, t_test = t_logits
     models = []
     for _ in pairs:
         torch.manual_seed(args.seed)  # every student starts from the same weights
@@ -203,8 +203,10 @@ def main(argv=None):
         teacher = load_teacher(args.teacher, device).to(memory_format=torch.channels_last)
         teacher.requires_grad_(False)
         data = load_cifar10(args.data, device)
+        # the teacher is fixed: its logits on the un-augmented sets are computed once, for every group
+        t_logits = [predict(teacher, Batches(data[s][0], batch_size=1024)) for s in ("train", "test")]
         for group, pairs in todo:
-            train_group(group, pairs, teacher, data, args, shared, device)
+            train_group(group, pairs, teacher, data, t_logits, args, shared, device)
     else:
         print("every student asked for is finished (delete its folder under out/kd/ to train it again)")
     if not args.sweep:  # the setup of the assignment's students; the sweep's table notes its own epochs

@@ -251,10 +251,10 @@ def write_outputs(args, lr, device):
                 ["Conv layers that you choose to fine-tune", "torchvision modules", "Learning Rate", "Remark"], ft_rows,
                 note="Default conv5_x: faces share low-level features with CIFAR-10 objects, but the last stage holds "
                      "the most task-specific ones (Yosinski et al. 2014); a low rate limits forgetting.")
-    a, w, e, lr = lw["lwf_lr"], lw["lwf_warmup"], lw["epochs"], lw["lr"]
+    a, w, e, base = lw["lwf_lr"], lw["lwf_warmup"], lw["epochs"], lw["lr"]
     write_table(os.path.join(tables, "lwf_setup.md"), "Learning without Forgetting: parameters", ["Parameter", "Value"], [
-        ["Learning rate, backbone + old head", f"{a:g}% of the original ({lr * a / 100:g})"],
-        ["Learning rate, new head", f"100% of the original ({lr:g})"],
+        ["Learning rate, backbone + old head", f"{a:g}% of the original ({base * a / 100:g})"],
+        ["Learning rate, new head", f"100% of the original ({base:g})"],
         ["Temperature T", f"{lw['lwf_T']:g}"], ["λo (old-task loss weight)", f"{lw['lwf_lambda']:g}"],
         ["L2 weight decay", f"{lw['wd']:g}"],
         ["Epochs", f"{w} warm-up + {e - w} joint"],
