@@ -9,7 +9,7 @@
 # Variables left empty use the script's own default (python q1a_teacher.py --help, ...), and a set
 # variable applies to every step this make command runs: `make kd EPOCHS=5` with no teacher yet
 # trains the teacher with 5 epochs too.
-PYTHON ?= python3
+PYTHON ?=#                an interpreter that has (or may pip-install) requirements.txt; empty: a project .venv
 DATA   ?= data#           CIFAR-10 (downloaded here) and DigiFace-1M's cache
 OUT    ?= out#            results
 DEMO   ?= out/demo#       make demo's OUT
@@ -53,19 +53,39 @@ CL_ARGS = $(RUN_ARGS) $(call qopt,FACES,faces) $(call opt,FACES_URL,faces-url) $
           $(call opt,LWF_WARMUP,lwf-warmup) $(call opt,LWF_T,lwf-T) $(call opt,LWF_LAMBDA,lwf-lambda) \
           $(call opt,ADAPT_BN,adapt-bn)
 TEACHER_DONE = $(strip $(OUT))/teacher/result.json
-STAMP = .deps-installed
 
 .PHONY: all teacher kd kd-table kd-sweep continual fe ft lwf report demo bench test deps clean help
+.NOTPARALLEL:  # one GPU, and steps that share run folders: `make -j` runs them one at a time
 
 help:
 	@sed -n '1,/^PYTHON/p' Makefile | grep '^#' | sed 's/^# \{0,1\}//'
 
-deps: $(STAMP)
+# Install. A fresh Ubuntu 24.04 / Debian 12 Python refuses `pip install` (PEP 668), so requirements.txt
+# goes into a project .venv made with --system-site-packages: a box's preinstalled CUDA torch is reused,
+# not downloaded again. PYTHON=/path/to/python skips the venv and installs into that interpreter.
+ifeq ($(strip $(PYTHON)),)
+PYTHON := .venv/bin/python
+STAMP  := .venv/.installed
+$(STAMP): requirements.txt
+	@python3 -c 'import venv, ensurepip' 2>/dev/null || { echo "error: python3 cannot make a virtual environment (no venv/ensurepip module); install it with 'sudo apt install python3-venv', or give PYTHON=" >&2; exit 1; }
+	python3 -m venv --system-site-packages .venv
+	$(PYTHON) -m pip install -q -r requirements.txt
+	@touch $@
+else
+STAMP  := .deps-installed
 $(STAMP): requirements.txt
 	$(PYTHON) -m pip install -q -r requirements.txt
 	@touch $@
+endif
+deps: $(STAMP)
 
-all: teacher kd-table kd-sweep continual report
+# The required parts first (teacher, kd-table, continual, report; -k: a failed part does not stop the
+# others), then the bonus sweep, then the report again: a bonus failure never costs the required parts.
+# The exit status is non-zero if any part failed.
+all: $(STAMP)
+	@s=0; $(MAKE) --no-print-directory -k kd-table continual report || s=1; \
+	$(MAKE) --no-print-directory kd-sweep || s=1; \
+	$(MAKE) --no-print-directory report || s=1; exit $$s
 
 teacher: $(STAMP)
 	$(PYTHON) q1a_teacher.py $(TEACHER_ARGS)
@@ -101,7 +121,7 @@ bench: $(STAMP)
 	$(PYTHON) bench.py --out $(strip $(OUT)) $(call opt,DEVICE,device)
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -o tmp_path_retention_policy=failed tests  # the demo test writes ~5 GB
+	$(PYTHON) -m pytest -q -o tmp_path_retention_policy=failed tests
 
 clean:
 	rm -rf $(strip $(OUT))

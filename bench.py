@@ -15,13 +15,27 @@ import tempfile
 import time
 
 import torch
-from torch.utils.data import DataLoader
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from common import (CIFAR10, MEAN, STD, Batches, Parser, StudentCNN, Students, cross_entropy, get_device,
+from common import (MEAN, STD, Batches, Parser, StudentCNN, Students, cross_entropy, get_device,
                     load_cifar10, md_table, positive_int, precision, run, sgd, teacher_resnet18, train_epoch,
                     warmup_cosine, write_synthetic_cifar)
 from q1b_kd import distill_loss
+
+
+class PilDataset(Dataset):
+    """What torchvision's CIFAR10 dataset does per image: HxWx3 uint8 -> PIL image -> transform."""
+
+    def __init__(self, x, y, transform):
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.x[i])), self.y[i]
 
 
 def timed(fn, device):
@@ -96,7 +110,8 @@ def main(argv=None):
         t_ours = timed(lambda: [b for b in ours], device)
         pil = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                                   transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-        loader = DataLoader(CIFAR10(root, train=True, transform=pil), batch_size=args.data_batch, shuffle=True, drop_last=True,
+        dataset = PilDataset(xs.permute(0, 2, 3, 1).cpu().numpy(), ys.tolist(), pil)  # as torchvision holds CIFAR-10
+        loader = DataLoader(dataset, batch_size=args.data_batch, shuffle=True, drop_last=True,
                             num_workers=args.workers, pin_memory=gpu, persistent_workers=False)
         t_pil = timed(lambda: [(a.to(device, non_blocking=True), b.to(device, non_blocking=True)) for a, b in loader],
                       device)

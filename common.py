@@ -3,14 +3,21 @@ set-up, data (CIFAR-10, faces, synthetic demo data), models, losses, the one tra
 checkpoints, plots and tables. Plain functions and tensors; no framework.
 """
 import argparse
+import contextlib
+import fcntl
+import hashlib
+import http.client
 import io
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import time
+import urllib.error
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +32,10 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _read_image refuses those itself, naming the file
 
 # =============================================================================
 # Set-up: errors, arguments, device
@@ -76,7 +85,7 @@ flag = _number(int, lambda x: x in (0, 1), "0 or 1")
 def get_device(name=""):
     """The training device: `name` (cpu, cuda, cuda:N) or, when empty, CUDA if present else CPU."""
     if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -112,30 +121,65 @@ STD = (0.229, 0.224, 0.225)
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-class CIFAR10(torchvision.datasets.CIFAR10):
-    """torchvision's CIFAR-10 reader and downloader. The official archive is still checked against
-    its md5 on download; the batch files are only required to exist, so that data written in the
-    same format (tests, `make demo`) loads through the same code."""
-    train_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.test_list]
-    meta = {**torchvision.datasets.CIFAR10.meta, "md5": None}
+CIFAR10 = torchvision.datasets.CIFAR10  # its file names, md5s and download URL; its reader is not used
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what a CIFAR-10 batch holds: dicts, lists, strings, bytes, ints and numpy uint8
+    arrays. Any other global (a function a planted pickle would call) is refused."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}")
+        if name == "dtype":
+            return _uint8_dtype
+        return super().find_class(module, name)
+
+
+def _uint8_dtype(name, *args):
+    if np.dtype(name) != np.uint8:
+        raise pickle.UnpicklingError(f"it holds an array of {name}, not uint8")
+    return np.dtype(name, *args)
+
+
+def _read_cifar_batch(path, md5):
+    """One batch file -> (N x 32 x 32 x 3 uint8, labels). The official file (its md5, checked as
+    torchvision does) is unpickled; any other file only through _CifarUnpickler, so it cannot run code."""
+    try:
+        with open(path, "rb") as f:
+            if torchvision.datasets.utils.check_integrity(path, md5):
+                entry = pickle.load(f, encoding="latin1")
+            else:
+                entry = _CifarUnpickler(f, encoding="latin1").load()
+        x, y = entry["data"], entry["labels"]
+        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3072
+                and isinstance(y, list) and len(y) == len(x) and all(isinstance(v, int) and 0 <= v < 10 for v in y)):
+            raise ValueError("no uint8 'data' of N x 3072 with N 'labels' in 0-9")
+    except Exception as e:  # a truncated, foreign or planted pickle
+        die(f"cannot read CIFAR-10 batch {path} ({type(e).__name__}: {e}); delete it to download again")
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y
 
 
 def load_cifar10(root, device):
     """CIFAR-10 as {'train': (x, y), 'test': (x, y)}: uint8 NCHW images and int64 labels on `device`;
-    downloaded into `root` on first use."""
+    downloaded into `root` on first use by torchvision (md5-checked archive)."""
     folder = os.path.join(root, CIFAR10.base_folder)
-    out = {}
-    for split in ("train", "test"):
+    if not all(os.path.exists(os.path.join(folder, n)) for n, _ in CIFAR10.train_list + CIFAR10.test_list):
         try:
-            ds = CIFAR10(root, train=split == "train", download=True)
-        except OSError as e:  # URLError is an OSError
-            die(f"CIFAR-10 is not in {folder} and could not be downloaded ({e}); "
+            torchvision.datasets.utils.download_and_extract_archive(CIFAR10.url, root, filename=CIFAR10.filename,
+                                                                    md5=CIFAR10.tgz_md5)
+        except Exception as e:  # URLError, a truncated or wrong archive
+            die(f"CIFAR-10 is not in {folder} and could not be downloaded ({type(e).__name__}: {e}); "
                 f"copy cifar-10-python.tar.gz into {root}/ or set DATA=")
-        except Exception as e:  # a truncated or foreign pickle
-            die(f"cannot read CIFAR-10 in {folder} ({type(e).__name__}: {e}); delete it to download again")
-        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        out[split] = (x.to(device), torch.tensor(ds.targets, dtype=torch.long, device=device))
+    out = {}
+    for split, files in (("train", CIFAR10.train_list), ("test", CIFAR10.test_list)):
+        parts = [_read_cifar_batch(os.path.join(folder, name), md5) for name, md5 in files]
+        x = torch.from_numpy(np.concatenate([p[0] for p in parts])).permute(0, 3, 1, 2).contiguous()
+        y = torch.tensor([v for p in parts for v in p[1]], dtype=torch.long)
+        out[split] = (x.to(device), y.to(device))
     return out
 
 
@@ -194,7 +238,6 @@ class Batches:
 def write_synthetic_cifar(root, n_train=500, n_test=100, seed=0):
     """A small CIFAR-10 in the real `cifar-10-batches-py` format (five pickled train batches, the
     test batch, batches.meta), for tests and the demo: images are class patterns plus noise."""
-    import pickle
     folder = os.path.join(root, CIFAR10.base_folder)
     os.makedirs(folder, exist_ok=True)
     protos = _prototypes(10, 32, seed)
@@ -236,7 +279,7 @@ def _samples(protos, labels, g, noise=0.15, blend=0.3):
 # Data: faces (Q2)
 # =============================================================================
 
-DIGIFACE_URL = "https://facesyntheticspubwedata.blob.core.windows.net/wacv-2023/subjects_0-1999_72_imgs.zip"
+DIGIFACE_URL = "https://facesyntheticspubwedata.z6.web.core.windows.net/wacv-2023/subjects_0-1999_72_imgs.zip"
 _DIGIFACE_MEMBER = re.compile(r"(?:[^/]+/)?(\d{1,7})/(\d{1,4})\.png")  # <identity>/<n>.png, nothing else
 
 
@@ -249,13 +292,36 @@ def warn(msg):
     print(f"warning: {msg}", file=sys.stderr)
 
 
+def _to_rgb(im):
+    """Any PIL image as 8-bit RGB: 16/32-bit greyscale scaled to 0-255 (not clipped to white), alpha
+    (also a palette's transparency) composited on black, CMYK/palette/greyscale converted."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257.0  # 16-bit range 0-65535 -> 0-255
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
+    if "A" in im.mode or "transparency" in im.info:
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im).convert("RGB")
+    return im.convert("RGB")
+
+
 def _read_image(path, size):
+    """One image file as size x size x 3 uint8, or None (skipped with a warning that names it): EXIF
+    orientation applied, any mode converted, images of over Image.MAX_IMAGE_PIXELS refused (decompression bombs)."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                warn(f"skipped {path}: {im.width}x{im.height} pixels is over the limit of "
+                     f"{Image.MAX_IMAGE_PIXELS:,} (a decompression bomb?)")
+                return None
+            im = _to_rgb(ImageOps.exif_transpose(im))
+            return np.asarray(im.resize((size, size), Image.BILINEAR))
+    except Image.DecompressionBombError:
+        warn(f"skipped {path}: a decompression bomb (over twice Image.MAX_IMAGE_PIXELS)")
     except Exception as e:  # any file PIL cannot decode is skipped, whatever the reason
         warn(f"skipped unreadable image {path} ({type(e).__name__})")
-        return None
+    return None
 
 
 def _read_subject(folder, size, pool):
@@ -318,28 +384,56 @@ def load_faces(folder, subjects=100, per_subject=50, train_per_subject=40, size=
     return out
 
 
+class DownloadError(Exception):
+    """A download that cannot go on: the message says why, in one line."""
+
+
 class _HttpFile(io.RawIOBase):
     """A remote file read through HTTP Range requests and seekable, so that zipfile reads only the
-    central directory and the members it is asked for; `prefetch` fetches a span of members at once."""
+    central directory and the members it is asked for; `prefetch` fetches a span of members at once.
+    Only the two Range forms Azure storage documents are sent, `bytes=a-b` and `bytes=a-` (never a
+    suffix `bytes=-n`): the size comes from `bytes=0-0`'s Content-Range. Timeouts, resets, truncated
+    bodies and 5xx answers are retried with backoff; every answer's Content-Range and length are checked."""
 
-    def __init__(self, url, timeout=60):
-        self.url, self.timeout, self.pos, self.requests, self.received = url, timeout, 0, 0, 0
-        start, data, self.size = self._get("bytes=-65536")  # the tail holds the zip's end records
-        self.buf = (start, data)
+    def __init__(self, url, timeout=60, tries=5, backoff=2.0):
+        self.url, self.timeout, self.tries, self.backoff = url, timeout, tries, backoff
+        self.pos, self.requests, self.received = 0, 0, 0
+        self.size = None
+        self.size = self._get(0, 0)[2]
+        self.prefetch(max(0, self.size - 65536), self.size)  # the tail holds the zip's end records
 
-    def _get(self, byte_range):
-        req = urllib.request.Request(self.url, headers={"Range": byte_range, "User-Agent": "kd-continual"})
-        with urllib.request.urlopen(req, timeout=self.timeout) as r:
-            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", r.headers.get("Content-Range", ""))
-            if r.status != 206 or not m:
-                raise OSError(f"the server does not answer byte-range requests (HTTP {r.status})")
-            data = r.read()
-        self.requests += 1
-        self.received += len(data)
-        return int(m[1]), data, int(m[3])
+    def _get(self, start, end):
+        """Bytes start..end (inclusive) -> (start, data, total size), retried; DownloadError when it cannot be had."""
+        req = urllib.request.Request(self.url, headers={"Range": f"bytes={start}-{end}", "User-Agent": "kd-continual"})
+        for attempt in range(1, self.tries + 1):
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", r.headers.get("Content-Range", ""))
+                    if r.status != 206 or not m:  # the whole file follows: stop before reading it
+                        raise DownloadError(f"{self.url} does not answer byte-range requests (HTTP {r.status}); "
+                                            "download the zip yourself and give FACES=<file.zip>")
+                    a, b, total = int(m[1]), int(m[2]), int(m[3])
+                    if a != start or b != min(end, total - 1) or (self.size is not None and total != self.size):
+                        raise _Retry(f"asked bytes {start}-{end}, got {m[0]}")
+                    data = r.read()
+                    if len(data) != b - a + 1:
+                        raise _Retry(f"{len(data)} of {b - a + 1} bytes")
+                self.requests += 1
+                self.received += len(data)
+                return a, data, total
+            except urllib.error.HTTPError as e:
+                if e.code < 500:
+                    raise DownloadError(f"{self.url} answered HTTP {e.code} {e.reason}") from None
+                why = f"HTTP {e.code}"
+            except (_Retry, OSError, http.client.HTTPException) as e:  # timeouts, resets, IncompleteRead
+                why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            if attempt < self.tries:
+                warn(f"range request {start}-{end} failed ({why}); retry {attempt}/{self.tries - 1}")
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+        raise DownloadError(f"{self.tries} tries to read bytes {start}-{end} of {self.url} failed (last: {why})")
 
     def prefetch(self, start, end):
-        self.buf = self._get(f"bytes={start}-{end - 1}")[:2]
+        self.buf = self._get(start, end - 1)[:2]
 
     def read(self, n=-1):
         end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
@@ -365,18 +459,29 @@ class _HttpFile(io.RawIOBase):
         return True
 
 
-def fetch_digiface(root, url=DIGIFACE_URL, subjects=100, span=32 << 20):
-    """Download the first `subjects` identities of DigiFace-1M (all their images) from the zip at
-    `url` into root/<identity>/<n>.png, by HTTP range requests: only those members travel, in spans
-    of up to `span` bytes. Done once; an interrupted download resumes. Returns root."""
+class _Retry(Exception):
+    """An answer that was not what was asked (wrong range, short body): ask again."""
+
+
+def fetch_digiface(root, source=DIGIFACE_URL, subjects=100, span=32 << 20, **http):
+    """The first `subjects` identities of DigiFace-1M (all their images) from its zip, into
+    root/<identity>/<n>.png. `source` is the zip's URL, read by HTTP range requests so that only those
+    members travel (in spans of up to `span` bytes), or a zip file already on disk, read by the same
+    code. Done once; an interrupted download resumes. Returns root."""
     marker = os.path.join(root, ".complete")
     if os.path.exists(marker) and int(open(marker).read() or 0) >= subjects:
         return root
+    remote = None
     try:
-        remote = _HttpFile(url)
+        if re.match(r"https?://", source):
+            remote = _HttpFile(source, **http)
+        elif os.path.isfile(source):
+            remote = open(source, "rb")
+        else:
+            die(f"face zip {source} does not exist")
         zf = zipfile.ZipFile(remote)
-    except (OSError, zipfile.BadZipFile, ValueError) as e:
-        die(f"cannot download the face data from {url} ({e}); offline? give FACES=<folder> "
+    except (DownloadError, OSError, zipfile.BadZipFile, ValueError) as e:
+        die(f"cannot read the face data from {source} ({e}); offline? give FACES=<folder or file.zip> "
             f"(see README) or put the images in {root}/<identity>/<n>.png")
     members = {}
     for info in zf.infolist():
@@ -385,7 +490,7 @@ def fetch_digiface(root, url=DIGIFACE_URL, subjects=100, span=32 << 20):
             members.setdefault(int(m[1]), []).append((int(m[2]), info))
     ids = sorted(members)[:subjects]
     if len(ids) < subjects:
-        die(f"{url} holds {len(ids)} identities, {subjects} are needed")
+        die(f"{source} holds {len(ids)} identities, {subjects} are needed")
     todo = sorted((info for i in ids for n, info in members[i]
                    if not os.path.exists(os.path.join(root, str(i), f"{n}.png"))), key=lambda m: m.header_offset)
     starts = sorted(m.header_offset for m in zf.infolist()) + [zf.start_dir]
@@ -401,7 +506,8 @@ def fetch_digiface(root, url=DIGIFACE_URL, subjects=100, span=32 << 20):
     with tqdm(total=sum(b - a for a, b, _ in spans), unit="B", unit_scale=True, desc="DigiFace-1M") as bar:
         for a, b, infos in spans:
             try:
-                remote.prefetch(a, b)
+                if isinstance(remote, _HttpFile):
+                    remote.prefetch(a, b)
                 for info in infos:
                     ident, n = _DIGIFACE_MEMBER.fullmatch(info.filename).groups()
                     path = os.path.join(root, str(int(ident)), f"{int(n)}.png")  # built here, not taken from the archive
@@ -409,12 +515,18 @@ def fetch_digiface(root, url=DIGIFACE_URL, subjects=100, span=32 << 20):
                     with open(path + ".part", "wb") as f:
                         f.write(zf.read(info))
                     os.replace(path + ".part", path)
-            except (OSError, zipfile.BadZipFile, zlib.error) as e:
-                die(f"download of the face data from {url} failed ({e}); run again to resume")
+            except (DownloadError, OSError, zipfile.BadZipFile, zlib.error) as e:
+                die(f"reading the face data from {source} failed ({e}); run the same command again to resume "
+                    f"(the {sum(1 for _ in _files_under(root))} images already in {root} are kept)")
             bar.update(b - a)
     with open(marker, "w") as f:
         f.write(str(subjects))
     return root
+
+
+def _files_under(root):
+    for _, _, files in os.walk(root):
+        yield from (f for f in files if f.endswith(".png"))
 
 
 def write_synthetic_faces(root, subjects=10, per_subject=12, size=40, seed=0):
@@ -676,29 +788,36 @@ def predict(model, data):
 
 
 def train_epoch(model, loss_fn, opt, sched, data, desc=""):
-    """One pass of SGD steps over `data`; returns the first step whose loss was not finite (0 if none),
-    checked on the device so the loop never waits for the GPU."""
+    """One pass of SGD steps over `data`. Returns, per loss (one per student of a lock-step group), the
+    first step whose loss was not finite (0 if none), checked on the device so the loop never waits
+    for the GPU. A non-finite loss adds nothing to the step: a student that diverged stops alone, and
+    its partners' gradients stay their own."""
     model.train()
     bad = None
     for step, (x, *ys) in enumerate(tqdm(data, desc=desc, leave=False, disable=None), 1):
         with autocast(x.device):
             loss, _ = loss_fn(model, x, *ys)
-        loss = loss.sum()  # a lock-step group: the sum's gradient is each student's own gradient
-        this = (~torch.isfinite(loss)).long() * step
+        ok = torch.isfinite(loss)
+        this = (~ok).long().view(-1) * step
         bad = this if bad is None else torch.where(bad > 0, bad, this)
+        loss = torch.where(ok, loss, 0).sum()  # a group: the sum's gradient is each student's own gradient
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    return 0 if bad is None else int(bad)
+    return [0] if bad is None else bad.tolist()
 
 
-def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, extra=None, on_epoch=None):
+def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, extra=None, on_epoch=None,
+        group=False):
     """Train for `epochs`, then after each epoch evaluate on `evals` ({'train': ..., 'test': ...}, the
     same loss function, eval mode, un-augmented), add `extra(model)`'s metrics, print a row and write
     an atomic checkpoint. Resumes from run_dir/checkpoint.pt (refusing a changed config); returns the
-    history, one dict per epoch. `on_epoch(epoch)` runs before each epoch (e.g. to unfreeze layers)."""
+    history, one dict per epoch. `on_epoch(epoch)` runs before each epoch (e.g. to unfreeze layers).
+    A non-finite loss stops the run; in a lock-step `group`, only the student whose loss it was: its
+    rows record `diverged_at` (the step, per student), and the group stops when none is left."""
     os.makedirs(run_dir, exist_ok=True)
+    hold(run_dir)
     path = os.path.join(run_dir, "checkpoint.pt")
     history = []
     if os.path.exists(path):
@@ -718,20 +837,30 @@ def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, 
         print(f"resuming {run_dir} after epoch {ck['epoch']}/{epochs}")
     else:
         write_json(os.path.join(run_dir, "config.json"), config)
+    dead = diverged(history)
     for epoch in range(len(history) + 1, epochs + 1):
+        if dead and len(dead) == len(history[-1]["diverged_at"]):
+            break  # every student of the group has diverged
         t0 = time.time()
         if on_epoch:
             on_epoch(epoch)
         bad = train_epoch(model, loss_fn, opt, sched, train, desc=f"epoch {epoch}/{epochs}")
-        if bad:
-            die(f"loss is not finite at epoch {epoch}, step {bad} of {run_dir}; lower the learning rate "
+        if any(bad) and not group:
+            die(f"loss is not finite at epoch {epoch}, step {max(bad)} of {run_dir}; lower the learning rate "
                 f"(the checkpoint of epoch {epoch - 1} is kept)")
         row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
         for split, data in evals.items():
             row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(model, loss_fn, data)
         row.update(extra(model) if extra else {})
         row["seconds"] = round(time.time() - t0, 2)
+        if group:
+            row["diverged_at"] = bad
+            for k, step in enumerate(bad):
+                if step and k not in dead:
+                    warn(f"student {k + 1} of {len(bad)} in {run_dir}: loss not finite at epoch {epoch}, step {step}; "
+                         "it stops, its partners go on")
         history.append(row)
+        dead = diverged(history)
         state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                  "epoch": epoch, "history": history, "config": config,
                  "rng": torch.get_rng_state(), "gen": gen.get_state(),
@@ -740,6 +869,16 @@ def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, 
         write_json(os.path.join(run_dir, "history.json"), history)
         print_row(row, epochs, history)
     return history
+
+
+def diverged(history):
+    """{student index: (epoch, step)} of the first non-finite loss of each student of a lock-step group."""
+    out = {}
+    for row in history:
+        for k, step in enumerate(row.get("diverged_at", [])):
+            if step and k not in out:
+                out[k] = (row["epoch"], step)
+    return out
 
 
 def print_row(row, epochs, history):
@@ -761,16 +900,58 @@ def print_row(row, epochs, history):
 IGNORED = ("data", "out", "device")  # where and on what a run ran does not change what it is
 
 
+def _atomic(write, path):
+    """write(temporary name), then rename: a kill never leaves half a file, and a write that fails (a
+    full disk) ends in one line with the previous file intact."""
+    try:
+        write(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        die(f"cannot write {path} ({reason}); free some disk space and run the same command again "
+            f"(the previous {os.path.basename(path)} is kept)")
+
+
 def save_atomic(obj, path):
-    """torch.save to a temporary name, then rename: a kill never leaves half a file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """torch.save, atomically (see _atomic)."""
+    _atomic(lambda tmp: torch.save(obj, tmp), path)
 
 
 def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    _atomic(write, path)
+
+
+_HELD = {}  # run folder -> its open lock file, held until the process ends
+
+
+def hold(run_dir):
+    """Refuse a run folder that another process is training in (e.g. `make -j`, two terminals)."""
+    key = os.path.realpath(run_dir)
+    if key in _HELD:
+        return
+    f = open(os.path.join(run_dir, ".lock"), "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        die(f"another process is training in {run_dir}; wait for it to finish, or stop it")
+    _HELD[key] = f
+
+
+def file_sha256(path):
+    """The sha256 of a file (the teacher's weights: every student and Q2 run records the one it learnt from)."""
+    if not os.path.exists(path):
+        die(f"missing teacher checkpoint {path}: run `make teacher` first")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path):
@@ -792,6 +973,10 @@ def check_config(saved, config, run_dir):
     config = {k: v for k, v in json.loads(json.dumps(config)).items() if k not in IGNORED}
     diff = [f"{k}: {saved.get(k)} -> {config.get(k)}" for k in sorted(set(saved) | set(config))
             if saved.get(k) != config.get(k)]
+    if "teacher_sha256" in config and saved.get("teacher_sha256") != config["teacher_sha256"]:
+        die(f"{run_dir} was made with another teacher (sha256 {str(saved.get('teacher_sha256'))[:12]}, this teacher's "
+            f"is {config['teacher_sha256'][:12]}); delete {run_dir} to train it again from this teacher, "
+            "or choose another OUT=")
     if diff:
         die(f"{run_dir} holds a run with another config ({', '.join(diff)}); "
             f"delete {run_dir} to start over, or choose another OUT=")
@@ -810,11 +995,15 @@ def finished(run_dir, config):
 
 
 def finish(run_dir, model, history, result, title):
-    """Write a finished run's final weights, curves and result.json (last: it marks the run done)."""
-    save_atomic(model.state_dict(), os.path.join(run_dir, "model.pt"))
+    """Write a finished run's final weights (none for a diverged model), curves and result.json (it
+    marks the run done), then remove its checkpoint: weights + momentum, not needed any more."""
+    if model is not None:
+        save_atomic(model.state_dict(), os.path.join(run_dir, "model.pt"))
     plot_curves(history, "loss", os.path.join(run_dir, "loss.png"), f"{title}: loss")
     plot_curves(history, "acc", os.path.join(run_dir, "accuracy.png"), f"{title}: accuracy")
     write_json(os.path.join(run_dir, "result.json"), result)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(run_dir, "checkpoint.pt"))
 
 
 # =============================================================================

@@ -9,12 +9,14 @@ logits t computed in eval mode, without gradients, on the same augmented batch; 
 Several students train in lock-step: the same batches, one teacher forward pass per batch for all.
 """
 import argparse
+import contextlib
+import math
 import os
 
 import matplotlib.pyplot as plt
 import torch
 
-from common import (Batches, Parser, StudentCNN, Students, die, finish, finished, fit, flag, fraction, get_device,
+from common import (Batches, Parser, StudentCNN, Students, die, diverged, file_sha256, finish, finished, fit, flag, fraction, get_device,
                     kd_loss, load_cifar10, load_teacher, nonneg, nonneg_int, pct, plot_compare, positive,
                     positive_int, precision, predict, read_json, run, sgd, warmup_cosine, write_json, write_table)
 
@@ -94,16 +96,22 @@ def train_group(group, pairs, teacher, data, t_logits, args, shared, device):
 
     print(f"-- lock-step group {group}: {len(pairs)} student(s) " + ", ".join(name(*p) for p in pairs))
     history = fit(students, distill_loss(teacher, pairs), opt, sched, train, evals, args.epochs, os.path.join(kd, group),
-                  shared | {"students": [list(p) for p in pairs]}, gen)
+                  shared | {"students": [list(p) for p in pairs]}, gen, group=True)
+    dead = diverged(history)
     for k, (T, lam) in enumerate(pairs):
-        run = os.path.join(kd, group if len(pairs) == 1 else name(T, lam))
+        run = os.path.join(kd, name(T, lam))
         os.makedirs(run, exist_ok=True)
         h = [{key: v[k] if isinstance(v, list) else v for key, v in row.items()} for row in history]
+        result = {key: h[-1][key] for key in ("train_acc", "test_acc", "train_loss", "test_loss")} \
+            | {"T": T, "lam": lam, "epochs": args.epochs, "device": str(device)}
+        if k in dead:
+            result["diverged"] = "diverged at epoch {}, step {}".format(*dead[k])
         write_json(os.path.join(run, "config.json"), shared | {"T": T, "lam": lam})
         write_json(os.path.join(run, "history.json"), h)
-        finish(run, students[k], h, {key: h[-1][key] for key in ("train_acc", "test_acc", "train_loss", "test_loss")}
-               | {"T": T, "lam": lam, "epochs": args.epochs, "device": str(device)},
+        finish(run, None if k in dead else students[k], h, result,
                f"Student T={T:g}, λ={lam:g}" if lam else "Student λ=0 (labels only)")
+    with contextlib.suppress(FileNotFoundError):  # every student is finished: the group's checkpoint goes
+        os.remove(os.path.join(kd, group, "checkpoint.pt"))
 
 
 def setup_rows(args, device):
@@ -139,6 +147,11 @@ def teacher_result(args):
     return read_json(path)
 
 
+def accuracy_cells(r):
+    """Train and test accuracy of a student's result, or what stopped it."""
+    return [r["diverged"]] * 2 if "diverged" in r else [pct(r["train_acc"]), pct(r["test_acc"])]
+
+
 def write_table_outputs(args, shared):
     """out/tables/kd_table.md (the assignment's six rows) and the figure of every student's test accuracy."""
     kd = os.path.join(args.out, "kd")
@@ -148,7 +161,7 @@ def write_table_outputs(args, shared):
     for label, T, lam in TABLE:
         run = os.path.join(kd, name(T, lam))
         r, h = read_json(os.path.join(run, "result.json")), read_json(os.path.join(run, "history.json"))
-        rows.append([label, f"{T:g}" if lam else "-", f"{lam:g}", pct(r["train_acc"]), pct(r["test_acc"])])
+        rows.append([label, f"{T:g}" if lam else "-", f"{lam:g}", *accuracy_cells(r)])
         curves[f"{label} (T={T:g})" if lam else label] = ([e["epoch"] for e in h], [e["test_acc"] for e in h])
     write_table(os.path.join(args.out, "tables", "kd_table.md"), "Knowledge distillation: final accuracy (last epoch)",
                 ["Model", "Temperature, T", "λ", "Training Accuracy (%)", "Testing Accuracy (%)"], rows,
@@ -157,15 +170,21 @@ def write_table_outputs(args, shared):
                  "test accuracy (%)", ref=("teacher", teacher["test_acc"]))
 
 
+def finite_cells(grid):
+    return [a for row in grid for a in row if not math.isnan(a)]
+
+
 def write_sweep_outputs(args):
     """out/tables/kd_sweep.md (test accuracy over T x lam, best marked) and a heat map."""
     kd = os.path.join(args.out, "kd")
     teacher = teacher_result(args)["test_acc"]
-    grid = [[read_json(os.path.join(kd, name(T, lam), "result.json"))["test_acc"] for lam in args.sweep_lam]
+    results = {(T, lam): read_json(os.path.join(kd, name(T, lam), "result.json")) for T in args.sweep_T for lam in args.sweep_lam}
+    grid = [[math.nan if "diverged" in results[T, lam] else results[T, lam]["test_acc"] for lam in args.sweep_lam]
             for T in args.sweep_T]
-    best = max((acc, T, lam) for T, row in zip(args.sweep_T, grid) for lam, acc in zip(args.sweep_lam, row))
-    rows = [[f"{T:g}"] + [f"**{pct(a)}**" if (a, T, lam) == best else pct(a) for lam, a in zip(args.sweep_lam, row)]
-            for T, row in zip(args.sweep_T, grid)]
+    best = max((acc, T, lam) for T, row in zip(args.sweep_T, grid) for lam, acc in zip(args.sweep_lam, row)
+               if not math.isnan(acc)) if finite_cells(grid) else (math.nan, math.nan, math.nan)
+    rows = [[f"{T:g}"] + [f"**{pct(a)}**" if (a, T, lam) == best else accuracy_cells(results[T, lam])[1]
+                          for lam, a in zip(args.sweep_lam, row)] for T, row in zip(args.sweep_T, grid)]
     write_table(os.path.join(args.out, "tables", "kd_sweep.md"), "Bonus: student test accuracy (%) over T and λ",
                 ["T \\ λ"] + [f"{lam:g}" for lam in args.sweep_lam], rows,
                 note=f"Best: T = {best[1]:g}, λ = {best[2]:g}: {pct(best[0])}% against the teacher's {pct(teacher)}% "
@@ -175,9 +194,11 @@ def write_sweep_outputs(args):
     ax.set(xticks=range(len(args.sweep_lam)), xticklabels=[f"{v:g}" for v in args.sweep_lam], xlabel="λ (soft-target weight)",
            yticks=range(len(args.sweep_T)), yticklabels=[f"{v:g}" for v in args.sweep_T], ylabel="temperature T",
            title=f"Student test accuracy (%); teacher {pct(teacher)}%")
+    finite = finite_cells(grid) or [0.0]
     for i, row in enumerate(grid):
         for j, a in enumerate(row):
-            ax.text(j, i, f"{a:.1f}", ha="center", va="center", color="w" if a < (min(map(min, grid)) + max(map(max, grid))) / 2 else "k")
+            ax.text(j, i, "diverged" if math.isnan(a) else f"{a:.1f}", ha="center", va="center",
+                    color="w" if math.isnan(a) or a < (min(finite) + max(finite)) / 2 else "k")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(os.path.join(kd, "sweep_heatmap.png"), dpi=120)
@@ -196,6 +217,7 @@ def main(argv=None):
         groups = [(f"sweep{i // args.group + 1}", pairs[i:i + args.group]) for i in range(0, len(pairs), args.group)]
     else:
         groups = [(name(args.T, args.lam), [(args.T if args.lam else 1.0, args.lam)])]
+    shared["teacher_sha256"] = file_sha256(args.teacher)  # a student belongs to the teacher it learnt from
     print(f"== Q1 part B: knowledge distillation -> {os.path.join(args.out, 'kd')} on {device}")
     todo = [(g, pairs) for g, pairs in groups
             if not all(finished(os.path.join(args.out, "kd", name(*p)), shared | {"T": p[0], "lam": p[1]}) for p in pairs)]
@@ -216,10 +238,15 @@ def main(argv=None):
         write_table_outputs(args, shared)
     if args.sweep:
         write_sweep_outputs(args)
+    failed = []
     for g, pairs in groups:
         for T, lam in pairs:
             r = read_json(os.path.join(args.out, "kd", name(T, lam), "result.json"))
-            print(f"student {name(T, lam)}: train {pct(r['train_acc'])}%, test {pct(r['test_acc'])}%")
+            print(f"student {name(T, lam)}: " + ("{}" if "diverged" in r else "train {}%, test {}%").format(*accuracy_cells(r)))
+            failed += [f"{name(T, lam)} {r['diverged']}"] if "diverged" in r else []
+    if failed:
+        die(f"{len(failed)} student(s) diverged ({'; '.join(failed)}); the tables say so. Lower LR= and delete "
+            "their folders under out/kd/ to train them again")
 
 
 if __name__ == "__main__":

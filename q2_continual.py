@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import (DIGIFACE_URL, Batches, ContinualNet, Parser, die, evaluate, fetch_digiface, finish, finished,
+from common import (DIGIFACE_URL, Batches, ContinualNet, Parser, die, evaluate, fetch_digiface, file_sha256, finish, finished,
                     fit, flag, get_device, load_cifar10, load_faces, load_teacher, nonneg,
                     nonneg_int, pct, plot_compare, positive, positive_int, precision, predict, read_json, run,
                     sgd, soft_cross_entropy, warmup_cosine, write_json, write_table)
@@ -30,8 +30,8 @@ def parse(argv=None):
     p.add_argument("--device", default="")
     p.add_argument("--teacher", default="", help="teacher weights (default: OUT/teacher/model.pt)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    p.add_argument("--faces", default="", help="face image folder (<subject>/<image> or train/ + test/); "
-                                               "default: DigiFace-1M, downloaded into DATA/digiface")
+    p.add_argument("--faces", default="", help="face image folder (<subject>/<image> or train/ + test/), or DigiFace-1M's zip "
+                                               "on disk; default: DigiFace-1M, downloaded into DATA/digiface")
     p.add_argument("--faces-url", default=DIGIFACE_URL, help="the DigiFace-1M zip to read with range requests")
     p.add_argument("--subjects", type=positive_int, default=100)
     p.add_argument("--per-subject", type=positive_int, default=50)
@@ -150,7 +150,8 @@ def build(method, teacher, args, lr):
 
 def method_config(method, args, lr):
     keys = ["subjects", "per_subject", "train_per_subject", "face_size", "epochs", "batch", "momentum", "wd", "seed"]
-    cfg = {k: getattr(args, k) for k in keys} | {"method": method, "lr": lr, "faces": args.faces or args.faces_url}
+    cfg = {k: getattr(args, k) for k in keys} | {"method": method, "lr": lr, "faces": args.faces or args.faces_url,
+                                                 "teacher_sha256": args.teacher_sha256}
     if method != "fe":
         cfg["adapt_bn"] = args.adapt_bn
     if method == "ft":
@@ -277,12 +278,15 @@ def main(argv=None):
     device = get_device(args.device)
     teacher_cfg = os.path.join(os.path.dirname(args.teacher), "config.json")
     lr = args.lr or (read_json(teacher_cfg)["lr"] if os.path.exists(teacher_cfg) else 0.1)
+    args.teacher_sha256 = file_sha256(args.teacher)  # a run belongs to the teacher it started from
     print(f"== Q2: continual learning -> {os.path.join(args.out, 'continual')} on {device}")
     todo = [m for m in args.methods if not finished(os.path.join(args.out, "continual", m), method_config(m, args, lr))]
     if todo:
         teacher = load_teacher(args.teacher, device).to(memory_format=torch.channels_last)
         cifar = load_cifar10(args.data, device)
-        folder = args.faces or fetch_digiface(os.path.join(args.data, "digiface"), args.faces_url, args.subjects)
+        folder = args.faces
+        if not folder or os.path.isfile(folder):  # DigiFace-1M: its URL, or the zip given as FACES=
+            folder = fetch_digiface(os.path.join(args.data, "digiface"), args.faces or args.faces_url, args.subjects)
         faces = load_faces(folder, args.subjects, args.per_subject, args.train_per_subject, args.face_size, args.seed)
         faces |= {s: tuple(t.to(device) for t in faces[s]) for s in ("train", "test")}
         print(f"faces: {len(faces['train'][0])} train / {len(faces['test'][0])} test images of "

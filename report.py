@@ -3,12 +3,13 @@
 the command that makes it; nothing is invented.
 """
 import os
+import subprocess
 import textwrap
 
 import matplotlib.pyplot as plt
 from matplotlib.backends.backend_pdf import PdfPages
 
-from common import Parser, read_json, run
+from common import Parser, file_sha256, read_json, run
 from q1b_kd import TABLE, name
 from q2_continual import METHODS
 
@@ -40,6 +41,22 @@ def sections():
            (tab, "tables/continual_table.md", "", "make continual")]
     return [("Question 1, part A: the teacher", q1a), ("Question 1, part B: the student and knowledge distillation", q1b),
             ("Question 2: continual learning", q2)]
+
+
+def provenance(out):
+    """Which teacher (sha256 of its weights) and which code (git commit) made these results."""
+    teacher = os.path.join(out, "teacher", "model.pt")
+    sha = file_sha256(teacher) if os.path.exists(teacher) else "missing (make teacher)"
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        commit += " (with uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    return f"Teacher weights: sha256 {sha}. Code: git commit {commit}."
 
 
 def run_config(out, path):
@@ -106,12 +123,13 @@ def main(argv=None):
     p.add_argument("--out", default="out")
     args = p.parse_args(argv)
     out = args.out
+    prov = provenance(out)
     md, missing = ["# Assignment 2: knowledge distillation and continual learning", "",
                    f"Every table and figure below was written by a run under `{out}/`; "
-                   "each figure's caption names the run and its configuration.", ""], []
+                   "each figure's caption names the run and its configuration.", "", prov, ""], []
     with PdfPages(os.path.join(out, "report.pdf") + ".tmp") as pdf:
         pdf_text_page(pdf, "Assignment 2: knowledge distillation and continual learning",
-                      [f"Report of the runs under {os.path.abspath(out)}/.", "",
+                      [f"Report of the runs under {os.path.abspath(out)}/.", *textwrap.wrap(prov, 150), "",
                        "Question 1, part A: the teacher", "Question 1, part B: the student and knowledge distillation",
                        "Question 2: continual learning"])
         for heading, items in sections():

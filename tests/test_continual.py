@@ -128,3 +128,13 @@ def test_lwf_keeps_more_of_the_old_task_than_fine_tuning_all_layers_at_the_same_
         after[lam] = evaluate(net, q2.old_task, old_test)[1]
     print("old-task accuracy before", before, "after", after)
     assert after[1.0] > after[0.0] + 5, (before, after)
+
+
+def test_a_continual_run_of_another_teacher_is_refused(out, cifar_root, faces_root):
+    run(out, cifar_root, faces_root, "--methods", "fe")
+    state = torch.load(out / "teacher" / "model.pt", weights_only=True)
+    state["fc.bias"] += 1
+    torch.save(state, out / "teacher" / "model.pt")
+    with pytest.raises(SystemExit) as e:
+        run(out, cifar_root, faces_root, "--methods", "fe")
+    assert "continual/fe was made with another teacher" in str(e.value)

@@ -73,3 +73,52 @@ def test_corrupt_cifar_is_one_clear_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         load_cifar10(str(tmp_path), torch.device("cpu"))
     one_line_error(e, "cannot read CIFAR-10")
+
+
+class Planted:
+    """A pickle that runs code when it is loaded: it writes a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("payload", ["code", "float array", "object array"])
+def test_a_planted_cifar_batch_never_runs_code(tmp_path, payload):
+    write_synthetic_cifar(str(tmp_path), n_train=20, n_test=10)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    marker = tmp_path / "pwned"
+    batch = {"labels": [0] * 4, "data": {"code": Planted(str(marker)),
+                                         "float array": np.zeros((4, 3072), np.float32),
+                                         "object array": np.array([Planted(str(marker))] * 4, dtype=object)}[payload]}
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(SystemExit) as e:
+        load_cifar10(str(tmp_path), torch.device("cpu"))
+    one_line_error(e, "cannot read CIFAR-10 batch", str(path), "UnpicklingError")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_any_pickle_protocol_of_a_plain_batch_loads(tmp_path, protocol):
+    write_synthetic_cifar(str(tmp_path), n_train=20, n_test=10)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    data = np.arange(4 * 3072, dtype=np.uint8).reshape(4, 3072)
+    path.write_bytes(pickle.dumps({"batch_label": "x", "labels": [1, 2, 3, 4], "data": data,
+                                   "filenames": [b"a.png"] * 4}, protocol=protocol))
+    x, y = load_cifar10(str(tmp_path), torch.device("cpu"))["train"]
+    assert torch.equal(x[4:8], torch.from_numpy(data.reshape(4, 3, 32, 32))) and y[4:8].tolist() == [1, 2, 3, 4]
+
+
+def test_the_official_files_are_recognised_by_md5_and_unpickled_as_torchvision_does(tmp_path, monkeypatch):
+    import hashlib
+    import common
+    write_synthetic_cifar(str(tmp_path), n_train=20, n_test=10)
+    folder = tmp_path / "cifar-10-batches-py"
+    official = [[n, hashlib.md5((folder / n).read_bytes()).hexdigest()] for n, _ in common.CIFAR10.train_list]
+    monkeypatch.setattr(common.CIFAR10, "train_list", official)  # pretend these are the official files
+    used = []
+    monkeypatch.setattr(common._CifarUnpickler, "load", lambda self: used.append(1) or pickle.Unpickler.load(self))
+    load_cifar10(str(tmp_path), torch.device("cpu"))
+    assert len(used) == 1  # only the test batch, whose md5 is not the official one, went through the restricted reader

@@ -2,13 +2,15 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 from conftest import ROOT
 
 
 def test_make_demo_runs_the_whole_pipeline_offline(tmp_path):
     demo = tmp_path / "demo"
-    r = subprocess.run(["make", "--no-print-directory", "demo", f"DEMO={demo}"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(["make", "--no-print-directory", "demo", f"DEMO={demo}", f"PYTHON={sys.executable}"], cwd=ROOT,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for run in ["teacher", "kd/lam0", "kd/T20_lam1", "kd/T5_lam0.1", "kd/T10_lam0.1", "kd/T20_lam0.1",
                 "kd/T2_lam0.5", "kd/T8_lam0.9", "continual/fe", "continual/ft", "continual/lwf"]:

@@ -1,10 +1,13 @@
+import hashlib
 import json
 import shutil
 
+import pytest
 import torch
 import torch.nn as nn
 
 import q1b_kd
+from conftest import one_line_error
 from common import Batches, StudentCNN, Students, kd_loss, sgd, teacher_resnet18, train_epoch, warmup_cosine
 
 
@@ -70,3 +73,61 @@ def test_the_group_loss_is_each_students_kd_loss():
         t = teacher(x)
         for k, (T, lam) in enumerate(pairs):
             assert torch.allclose(losses[k], kd_loss(students[k](x), t, y, T, lam), rtol=1e-5)
+
+
+def test_a_diverging_student_stops_alone_the_tables_say_so_and_the_exit_is_non_zero(tmp_path, cifar_root, teacher_out,
+                                                                                     monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(teacher_out, out)
+    real, calls = q1b_kd.kd_loss, []
+
+    def kd_loss(s, t, y, T, lam):  # student T=8 turns NaN at its 5th training step: epoch 2, step 2 (3 per epoch)
+        loss = real(s, t, y, T, lam)
+        if T == 8 and torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) >= 5:
+                loss = loss * float("nan")
+        return loss
+    monkeypatch.setattr(q1b_kd, "kd_loss", kd_loss)
+    argv = args(cifar_root, out, "--sweep", "--sweep-T", "4", "8", "--sweep-lam", "0.5")
+    with pytest.raises(SystemExit) as e:
+        q1b_kd.main(argv)
+    one_line_error(e, "1 student(s) diverged (T8_lam0.5 diverged at epoch 2, step 2)")
+    assert json.load(open(out / "kd" / "T8_lam0.5" / "result.json"))["diverged"] == "diverged at epoch 2, step 2"
+    assert not (out / "kd" / "T8_lam0.5" / "model.pt").exists()
+    good = json.load(open(out / "kd" / "T4_lam0.5" / "result.json"))
+    assert "diverged" not in good and (out / "kd" / "T4_lam0.5" / "model.pt").exists()
+    assert "| 8 | diverged at epoch 2, step 2 |" in (out / "tables" / "kd_sweep.md").read_text()
+    assert not (out / "kd" / "sweep1" / "checkpoint.pt").exists()
+    monkeypatch.setattr(q1b_kd, "kd_loss", real)
+    with pytest.raises(SystemExit) as again:  # a rerun trains nothing and still says so
+        q1b_kd.main(argv)
+    assert str(again.value) == str(e.value)
+
+
+def test_a_lock_step_group_of_one_student_works_and_is_not_retrained(tmp_path, cifar_root, teacher_out, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(teacher_out, out)
+    argv = args(cifar_root, out, "--sweep", "--sweep-T", "4", "8", "16", "--sweep-lam", "0.5", "--group", "2")
+    q1b_kd.main(argv)  # groups of 2 + 1
+    for T in (4, 8, 16):
+        assert json.load(open(out / "kd" / f"T{T}_lam0.5" / "result.json"))["T"] == T
+    capsys.readouterr()
+    q1b_kd.main(argv)
+    assert "every student asked for is finished" in capsys.readouterr().out
+
+
+def test_a_student_of_another_teacher_is_refused(tmp_path, cifar_root, teacher_out):
+    out = tmp_path / "out"
+    shutil.copytree(teacher_out, out)
+    q1b_kd.main(args(cifar_root, out, "--T", "4", "--lam", "0.5"))
+    sha = json.load(open(out / "kd" / "T4_lam0.5" / "config.json"))["teacher_sha256"]
+    assert sha == hashlib.sha256((out / "teacher" / "model.pt").read_bytes()).hexdigest()
+    state = torch.load(out / "teacher" / "model.pt", weights_only=True)
+    state["fc.bias"] += 1  # another teacher
+    torch.save(state, out / "teacher" / "model.pt")
+    before = (out / "kd" / "T4_lam0.5" / "result.json").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        q1b_kd.main(args(cifar_root, out, "--T", "4", "--lam", "0.5"))
+    one_line_error(e, "out/kd/T4_lam0.5 was made with another teacher", f"sha256 {sha[:12]}")
+    assert (out / "kd" / "T4_lam0.5" / "result.json").read_bytes() == before

@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import Batches, cross_entropy, fit, load_checkpoint, sgd, warmup_cosine
+import torch.nn.functional as F
+
+from common import (Batches, cross_entropy, diverged, finish, fit, load_checkpoint, save_atomic, sgd,
+                    warmup_cosine)
 from conftest import ROOT, one_line_error
 
 
@@ -140,3 +143,107 @@ def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path, cifar_root):
     assert err.strip().splitlines()[-1] == "error: interrupted; run the same command again to resume from the last finished epoch"
     again = subprocess.run(teacher_cmd(cifar_root, out, 2), capture_output=True, text=True)
     assert again.returncode == 0 and "resuming" in again.stdout
+
+
+class Pair(nn.ModuleList):
+    """Two Tiny models in lock-step, as common.Students."""
+
+    def forward(self, x):
+        return torch.stack([m(x) for m in self])
+
+
+def run_pair(run_dir, nan_at=None, epochs=3):
+    """Two students in lock-step; the second one's loss turns NaN at training step `nan_at` (1-based, over the run)."""
+    torch.manual_seed(0)
+    model = Pair([Tiny(), Tiny()])
+    x, y = data()
+    gen = torch.Generator().manual_seed(0)
+    train = Batches(x, y, batch_size=20, shuffle=True, augment=True, pad=2, gen=gen)
+    evals = {"test": Batches(x[:50], y[:50], batch_size=64)}
+    steps = []
+
+    def loss_fn(m, xb, yb):
+        logits = m(xb)
+        loss = torch.stack([F.cross_entropy(lg, yb) for lg in logits])
+        if m.training:
+            steps.append(1)
+            if nan_at and len(steps) >= nan_at:
+                loss = loss * torch.tensor([1.0, float("nan")])
+        return loss, logits
+    opt = sgd(model.parameters(), 0.05)
+    sched = warmup_cosine(opt, epochs * len(train), 0)
+    return fit(model, loss_fn, opt, sched, train, evals, epochs, str(run_dir), {}, gen, group=True), model
+
+
+def test_a_student_that_diverges_stops_alone_and_its_partner_trains_on_unchanged(tmp_path):
+    clean, a = run_pair(tmp_path / "clean")
+    broken, b = run_pair(tmp_path / "broken", nan_at=13)  # 10 steps per epoch: epoch 2, step 3
+    assert diverged(broken) == {1: (2, 3)}
+    assert [r["diverged_at"] for r in broken] == [[0, 0], [0, 3], [0, 1]]
+    assert [r["test_acc"][0] for r in broken] == [r["test_acc"][0] for r in clean]  # the partner, exactly
+    assert all(torch.equal(p, q) for p, q in zip(a[0].parameters(), b[0].parameters()))
+    again, _ = run_pair(tmp_path / "broken", nan_at=13)  # a rerun does not train or die again
+    assert json.dumps(without_time(again)) == json.dumps(without_time(broken))  # NaN included
+
+
+def test_a_group_stops_when_every_student_has_diverged(tmp_path):
+    torch.manual_seed(0)
+    model = Pair([Tiny(), Tiny()])
+    x, y = data()
+    gen = torch.Generator().manual_seed(0)
+    train = Batches(x, y, batch_size=20, shuffle=True, gen=gen)
+    opt = sgd(model.parameters(), 0.05)
+    nan = lambda m, xb, yb: (m(xb).mean((1, 2)) * float("nan"), m(xb))  # noqa: E731
+    h = fit(model, nan, opt, warmup_cosine(opt, 50, 0), train, {}, 5, str(tmp_path / "r"), {}, gen, group=True)
+    assert len(h) == 1 and diverged(h) == {0: (1, 1), 1: (1, 1)}
+
+
+def test_finish_keeps_weights_history_figures_and_result_and_removes_the_checkpoint(tmp_path):
+    h = run(tmp_path / "run", epochs=1)
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    finish(str(tmp_path / "run"), Tiny(), h, {"test_acc": 1.0}, "t")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
+        "accuracy.png", "config.json", "history.json", "loss.png", "model.pt", "result.json"]
+
+
+def test_a_write_that_fails_for_lack_of_space_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_atomic({"epoch": 1, "w": torch.zeros(10)}, str(path))
+    before = path.read_bytes()
+    code = ("import resource, signal, sys, torch; sys.path.insert(0, %r); import common\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # a full disk: writes past 1 MB fail (EFBIG)
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+            "common.save_atomic({'epoch': 2, 'w': torch.zeros(1 << 20)}, %r)\n") % (ROOT, str(path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"error: cannot write {path}") and "the previous checkpoint.pt is kept" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert path.read_bytes() == before and not (tmp_path / "checkpoint.pt.tmp").exists()
+    assert load_checkpoint(str(path))["epoch"] == 1
+
+
+def test_a_run_folder_held_by_another_process_is_refused(tmp_path, cifar_root):
+    out = tmp_path / "out"
+    (out / "teacher").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, %r); import common; "
+                               "common.hold(%r); print('held', flush=True); time.sleep(60)" % (ROOT, str(out / "teacher"))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = subprocess.run(teacher_cmd(cifar_root, out, 1), capture_output=True, text=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode == 1 and r.stderr.strip() == f"error: another process is training in {out / 'teacher'}; " \
+                                                     "wait for it to finish, or stop it"
+    assert not (out / "teacher" / "checkpoint.pt").exists()
+    assert subprocess.run(teacher_cmd(cifar_root, out, 1), capture_output=True).returncode == 0  # free again
+
+
+def test_cudnn_autotuning_is_on_for_every_cuda_run(monkeypatch):
+    import common
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert common.get_device("") == torch.device("cuda")  # the default path, DEVICE not given
+    assert torch.backends.cudnn.benchmark is True

@@ -1,0 +1,65 @@
+"""The Makefile as a user runs it: the order of `make all`, a failed part not costing the others, the install step."""
+import os
+import shutil
+import subprocess
+
+from conftest import ROOT
+
+
+def make(*args, cwd=ROOT, env=None):
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env or os.environ)
+
+
+FAKE = """#!/bin/sh
+# stands in for python: logs the script it runs; fails for the parts named in $FAIL
+echo "$*" >> "$LOG"
+case "$1" in q1a_teacher.py) mkdir -p "$OUT_DIR/teacher" && echo '{}' > "$OUT_DIR/teacher/result.json";; esac
+for f in $FAIL; do case "$*" in *"$f"*) exit 1;; esac; done
+exit 0
+"""
+
+
+def fake_python(tmp_path, fail=""):
+    py = tmp_path / "python"
+    py.write_text(FAKE)
+    py.chmod(0o755)
+    (tmp_path / ".deps-installed").touch()
+    env = dict(os.environ, LOG=str(tmp_path / "log"), OUT_DIR=str(tmp_path / "out"), FAIL=fail)
+    return str(py), env
+
+
+def steps(tmp_path):
+    return [line.split()[0] + ("" if line.split()[0] != "q1b_kd.py" else " " + line.split()[-1].lstrip("-"))
+            for line in (tmp_path / "log").read_text().splitlines()]
+
+
+def test_make_all_runs_the_required_parts_first_then_the_sweep_then_the_report(tmp_path):
+    py, env = fake_python(tmp_path)
+    r = make("all", f"PYTHON={py}", f"OUT={tmp_path}/out", "-j4", env=env)  # -j: still one at a time
+    assert r.returncode == 0, r.stderr
+    assert steps(tmp_path) == ["q1a_teacher.py", "q1b_kd.py table", "q2_continual.py", "report.py",
+                               "q1b_kd.py sweep", "report.py"]
+
+
+def test_a_failed_part_does_not_cost_the_others_and_make_all_still_fails(tmp_path):
+    py, env = fake_python(tmp_path, fail="--table --sweep")
+    r = make("all", f"PYTHON={py}", f"OUT={tmp_path}/out", env=env)
+    assert r.returncode != 0
+    assert steps(tmp_path) == ["q1a_teacher.py", "q1b_kd.py table", "q2_continual.py", "report.py",
+                               "q1b_kd.py sweep", "report.py"]
+
+
+def test_without_the_venv_module_the_install_says_what_to_install(tmp_path):
+    for f in ("Makefile", "requirements.txt"):
+        shutil.copy(os.path.join(ROOT, f), tmp_path)
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python3").write_text("#!/bin/sh\necho 'No module named ensurepip' >&2; exit 1\n")
+    (bin_ / "python3").chmod(0o755)
+    r = make("deps", cwd=tmp_path, env=dict(os.environ, PATH=f"{bin_}:/usr/bin:/bin"))
+    assert r.returncode != 0 and "sudo apt install python3-venv" in r.stderr
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == [
+        "error: python3 cannot make a virtual environment (no venv/ensurepip module); install it with "
+        "'sudo apt install python3-venv', or give PYTHON="]
+    assert not (tmp_path / ".venv").exists()
