@@ -3,7 +3,7 @@
 #                  ImageNet weights and 100 DigiFace-1M identities on first use)
 #   make demo      the same pipeline offline on synthetic data, CPU, ~3 min, into out/demo/
 #   make test      the test suite (CPU, no network)
-# Steps: teacher -> kd / kd-table / kd-sweep, teacher -> fe / ft / lwf (continual) -> report.
+# Steps: teacher -> kd / kd-table / kd-sweep, teacher -> fe / ft / lwf / joint / ft-all (continual), lwf-sweep -> report.
 # Each step resumes an interrupted run and skips a finished one (the scripts check out/<run>/).
 #
 # Variables left empty use the script's own default (python q1a_teacher.py --help, ...), and a set
@@ -15,10 +15,11 @@ OUT    ?= out#            results
 DEMO   ?= out/demo#       make demo's OUT
 DEVICE ?=#                cpu, cuda, cuda:N (default: cuda if present)
 EPOCHS ?=#                teacher 30, students 30, continual 20
-LR     ?=#                teacher 0.1, students 0.05; Q2's "original learning rate" (default: the teacher's)
+LR     ?=#                teacher 0.1, students 0.04; Q2's "original learning rate" (default: the teacher's)
 BATCH  ?=#                teacher 512, students 512, faces 128
 WARMUP ?=#                teacher 2, students 1 (epochs of linear lr warm-up)
-SEED   ?=#                0
+SEED   ?=#                0 (the first seed; seed i of a student or Q2 method is SEED + i)
+SEEDS  ?=#                seeds per student of the KD table and per Q2 method: 3 on CUDA, 1 on the CPU
 PRETRAINED ?=#            teacher: 1 = ImageNet weights, 0 = random
 T      ?= 20#             make kd: temperature
 LAMBDA ?= 0.1#            make kd: weight of the soft targets
@@ -27,7 +28,11 @@ DROPOUT ?=#               student dropout before the last FC: 0
 AUGMENT ?=#               student crop + flip: 1
 SWEEP_T ?=#               kd-sweep temperatures: 1 2 4 8 16 32
 SWEEP_LAM ?=#             kd-sweep lambdas: 0.1 0.3 0.5 0.7 0.9
+SWEEP_SEEDS ?=#           seeds per student of the sweep: 1
 GROUP  ?=#                students per lock-step group in the sweep: 10
+CLIP   ?=#                students: clip each one's gradient norm to this: 5 (0: off)
+CKPT_EVERY ?=#            lock-step groups: checkpoint every k epochs (0, the default: writes under 5% of the time)
+COMPILE ?=#               1: torch.compile the models (off until a GPU run shows it is faster)
 FACES  ?=#                face folder <subject>/<image> or train/ + test/ (default: DigiFace-1M)
 FACES_URL ?=#             DigiFace-1M zip URL
 SUBJECTS ?=#              100
@@ -35,26 +40,31 @@ PER_SUBJECT ?=#           50
 TRAIN_PER_SUBJECT ?=#     40
 FACE_SIZE ?=#             64
 FT_LAYERS ?=#             "conv5_x:10" = layer4 at 10% of the original lr
-LWF_LR ?=#                10 (% of the original lr, backbone + old head)
+FT_ALL_LR ?=#             ft-all: % of the original lr for every layer (default: FT_LAYERS' first rate)
+LWF_LR ?=#                10 (% of the original lr, backbone + old head; joint training too)
 LWF_WARMUP ?=#            5 epochs of new head alone
 LWF_T  ?=#                2
 LWF_LAMBDA ?=#            1
+LWF_LAMBDAS ?= 0.1 0.3 1 3#  make lwf-sweep: LwF at these λo, and at 0 (fine-tuning at LwF's rates)
 ADAPT_BN ?=#              0: BatchNorm statistics frozen in fine-tuning and LwF
 
 opt  = $(if $(strip $($(1))),--$(2) $(strip $($(1))))
 qopt = $(if $(strip $($(1))),--$(2) "$(strip $($(1)))")
 RUN_ARGS = --data $(strip $(DATA)) --out $(strip $(OUT)) $(call opt,DEVICE,device) $(call opt,EPOCHS,epochs) \
-           $(call opt,LR,lr) $(call opt,BATCH,batch) $(call opt,SEED,seed)
+           $(call opt,LR,lr) $(call opt,BATCH,batch) $(call opt,SEED,seed) $(call opt,COMPILE,compile)
 TEACHER_ARGS = $(RUN_ARGS) $(call opt,WARMUP,warmup) $(call opt,PRETRAINED,pretrained)
-KD_ARGS = $(RUN_ARGS) $(call opt,WARMUP,warmup) $(call opt,BN,bn) $(call opt,DROPOUT,dropout) $(call opt,AUGMENT,augment)
+KD_ARGS = $(RUN_ARGS) $(call opt,WARMUP,warmup) $(call opt,BN,bn) $(call opt,DROPOUT,dropout) $(call opt,AUGMENT,augment) \
+          $(call opt,SEEDS,seeds) $(call opt,CLIP,clip) $(call opt,CKPT_EVERY,ckpt-every)
 CL_ARGS = $(RUN_ARGS) $(call qopt,FACES,faces) $(call opt,FACES_URL,faces-url) $(call opt,SUBJECTS,subjects) \
           $(call opt,PER_SUBJECT,per-subject) $(call opt,TRAIN_PER_SUBJECT,train-per-subject) \
           $(call opt,FACE_SIZE,face-size) $(call qopt,FT_LAYERS,ft-layers) $(call opt,LWF_LR,lwf-lr) \
           $(call opt,LWF_WARMUP,lwf-warmup) $(call opt,LWF_T,lwf-T) $(call opt,LWF_LAMBDA,lwf-lambda) \
-          $(call opt,ADAPT_BN,adapt-bn)
+          $(call opt,FT_ALL_LR,ft-all-lr) \
+          $(call opt,ADAPT_BN,adapt-bn) $(call opt,SEEDS,seeds)
 TEACHER_DONE = $(strip $(OUT))/teacher/result.json
 
-.PHONY: all teacher kd kd-table kd-sweep continual fe ft lwf report demo bench test deps clean help
+.PHONY: all teacher kd kd-table kd-sweep continual fe ft lwf joint ft-all lwf-sweep report demo bench lr-range plan test deps \
+        clean help
 .NOTPARALLEL:  # one GPU, and steps that share run folders: `make -j` runs them one at a time
 
 help:
@@ -97,28 +107,43 @@ kd: $(TEACHER_DONE)
 kd-table: $(TEACHER_DONE)
 	$(PYTHON) q1b_kd.py $(KD_ARGS) --table
 kd-sweep: $(TEACHER_DONE)
-	$(PYTHON) q1b_kd.py $(KD_ARGS) --sweep $(call opt,SWEEP_T,sweep-T) $(call opt,SWEEP_LAM,sweep-lam) $(call opt,GROUP,group)
+	$(PYTHON) q1b_kd.py $(KD_ARGS) --sweep $(call opt,SWEEP_T,sweep-T) $(call opt,SWEEP_LAM,sweep-lam) $(call opt,GROUP,group) \
+	  $(call opt,SWEEP_SEEDS,sweep-seeds)
 
 continual: $(TEACHER_DONE)
 	$(PYTHON) q2_continual.py $(CL_ARGS)
-fe ft lwf: $(TEACHER_DONE)
+fe ft lwf joint ft-all: $(TEACHER_DONE)
 	$(PYTHON) q2_continual.py $(CL_ARGS) --methods $@
+lwf-sweep: $(TEACHER_DONE)
+	$(PYTHON) q2_continual.py $(CL_ARGS) --methods --lwf-sweep $(LWF_LAMBDAS)
 
 report: $(STAMP)
 	$(PYTHON) report.py --out $(strip $(OUT))
 
 # The whole pipeline offline: synthetic CIFAR-10 (in the real cifar-10-batches-py format) and a
-# synthetic face folder, a teacher from random weights, small sizes, CPU.
-DEMO_VARS = OUT=$(strip $(DEMO)) DATA=$(strip $(DEMO))/data DEVICE=cpu PRETRAINED=0 WARMUP=0 LR=0.01
+# synthetic face folder, a teacher from random weights, small sizes, CPU. The sizes and rates are
+# chosen so that each method shows its known character (see README, "make demo").
+DEMO_VARS = OUT=$(strip $(DEMO)) DATA=$(strip $(DEMO))/data DEVICE=cpu PRETRAINED=0 WARMUP=0
 demo: $(STAMP)
 	$(PYTHON) -c 'import common; common.write_demo_data("$(strip $(DEMO))/data")'
-	@$(MAKE) --no-print-directory teacher kd-table $(DEMO_VARS) EPOCHS=3 BATCH=12
-	@$(MAKE) --no-print-directory kd-sweep $(DEMO_VARS) EPOCHS=1 BATCH=12 SWEEP_T="2 8" SWEEP_LAM="0.5 0.9"
-	@$(MAKE) --no-print-directory continual report $(DEMO_VARS) EPOCHS=3 BATCH=10 FACES=$(strip $(DEMO))/data/faces \
-	  SUBJECTS=10 PER_SUBJECT=10 TRAIN_PER_SUBJECT=8 FACE_SIZE=32 LWF_WARMUP=1
+	@$(MAKE) --no-print-directory teacher $(DEMO_VARS) EPOCHS=5 BATCH=12 LR=0.01
+	@$(MAKE) --no-print-directory kd-table $(DEMO_VARS) EPOCHS=3 BATCH=12 LR=0.002
+	@$(MAKE) --no-print-directory continual $(DEMO_VARS) EPOCHS=3 BATCH=10 LR=0.01 FACES=$(strip $(DEMO))/data/faces \
+	  SUBJECTS=10 PER_SUBJECT=10 TRAIN_PER_SUBJECT=8 FACE_SIZE=32 LWF_WARMUP=1 \
+	  FT_LAYERS="conv4_x:100 conv5_x:100" LWF_LR=30 FT_ALL_LR=30
+	@$(MAKE) --no-print-directory kd-sweep $(DEMO_VARS) EPOCHS=1 BATCH=12 LR=0.002 SWEEP_T="2 8" SWEEP_LAM="0.5 0.9"
+	@$(MAKE) --no-print-directory report $(DEMO_VARS)
 
 bench: $(STAMP)
 	$(PYTHON) bench.py --out $(strip $(OUT)) $(call opt,DEVICE,device)
+# what make all will run with these variables, its disk and downloads, and an estimated time here (trains nothing)
+plan: $(STAMP)
+	$(PYTHON) bench.py --plan --out $(strip $(OUT)) $(call opt,DEVICE,device) --teacher-args "$(TEACHER_ARGS)" \
+	  --kd-args "$(KD_ARGS) $(call opt,SWEEP_T,sweep-T) $(call opt,SWEEP_LAM,sweep-lam) $(call opt,GROUP,group) \
+	  $(call opt,SWEEP_SEEDS,sweep-seeds)" --cl-args '$(CL_ARGS)'
+# the students' lr range test on full-size synthetic CIFAR-10 (uses OUT/teacher if there): OUT/lr_range.png
+lr-range: $(STAMP)
+	$(PYTHON) bench.py --lr-range --out $(strip $(OUT)) $(call opt,DEVICE,device) $(call opt,BATCH,batch)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -o tmp_path_retention_policy=failed tests

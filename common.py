@@ -4,6 +4,7 @@ checkpoints, plots and tables. Plain functions and tensors; no framework.
 """
 import argparse
 import contextlib
+import csv as csvlib
 import fcntl
 import hashlib
 import http.client
@@ -235,7 +236,36 @@ class Batches:
             yield (normalize(x), *(t[idx] for t in self.targets))
 
 
-def write_synthetic_cifar(root, n_train=500, n_test=100, seed=0):
+class SeedBatches:
+    """Lock-step training batches for several seeds: each seed's own Batches (order and augmentation),
+    yielded concatenated so that the teacher sees them all in one forward pass."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __len__(self):
+        return len(self.parts[0])
+
+    def __iter__(self):
+        for batch in zip(*self.parts):
+            yield tuple(torch.cat(t) for t in zip(*batch))
+
+
+class JointBatches:
+    """Each face batch with a CIFAR-10 batch of the same size (a fixed 1:1 ratio), a fresh CIFAR-10 order each epoch."""
+
+    def __init__(self, faces, cifar):
+        self.faces, self.cifar = faces, cifar
+
+    def __len__(self):
+        return len(self.faces)
+
+    def __iter__(self):
+        for (x, y), (xc, yc) in zip(self.faces, self.cifar):
+            yield x, y, xc, yc
+
+
+def write_synthetic_cifar(root, n_train=500, n_test=100, seed=0, shift=4):
     """A small CIFAR-10 in the real `cifar-10-batches-py` format (five pickled train batches, the
     test batch, batches.meta), for tests and the demo: images are class patterns plus noise."""
     folder = os.path.join(root, CIFAR10.base_folder)
@@ -246,7 +276,7 @@ def write_synthetic_cifar(root, n_train=500, n_test=100, seed=0):
     files.append((CIFAR10.test_list[0][0], n_test))
     for name, n in files:
         labels = torch.randperm(n, generator=g) % 10
-        x = _samples(protos, labels, g)
+        x = _samples(protos, labels, g, shift=shift)
         batch = {"batch_label": f"synthetic {name}", "labels": labels.tolist(),
                  "data": x.reshape(n, -1).numpy(), "filenames": [f"synthetic_{i}.png" for i in range(n)]}
         with open(os.path.join(folder, name), "wb") as f:
@@ -262,14 +292,15 @@ def _prototypes(n_classes, size, seed):
     return F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
-def _samples(protos, labels, g, noise=0.15, blend=0.3):
+def _samples(protos, labels, g, noise=0.15, blend=0.3, shift=None):
     """Images of the given classes: the class pattern blended with another class's (up to `blend`),
     shifted by up to size/8 pixels, plus Gaussian noise; uint8 NCHW. Learnable, not trivial."""
     n, size = len(labels), protos.shape[-1]
     other = torch.randint(0, len(protos), (n,), generator=g)
     mix = blend * torch.rand(n, 1, 1, 1, generator=g)
     x = (1 - mix) * protos[labels] + mix * protos[other]
-    shifts = torch.randint(-(size // 8), size // 8 + 1, (n, 2), generator=g)
+    shift = size // 8 if shift is None else shift
+    shifts = torch.randint(-shift, shift + 1, (n, 2), generator=g)
     x = torch.stack([torch.roll(img, (int(a), int(b)), dims=(1, 2)) for img, (a, b) in zip(x, shifts)])
     x = x + noise * torch.randn(x.shape, generator=g)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -545,7 +576,9 @@ def write_synthetic_faces(root, subjects=10, per_subject=12, size=40, seed=0):
 def write_demo_data(root):
     """The demo's data under root: a synthetic CIFAR-10 and a synthetic face folder (once)."""
     if not os.path.exists(os.path.join(root, CIFAR10.base_folder, "test_batch")):
-        write_synthetic_cifar(root, n_train=120, n_test=60)
+        # shifts of up to 8 px: a convolutional teacher with global pooling takes them in its stride, the
+        # student's position-bound 46.7M-weight FC needs far more data (a teacher well above its students)
+        write_synthetic_cifar(root, n_train=120, n_test=200, shift=8)
     if not os.path.isdir(os.path.join(root, "faces")):
         write_synthetic_faces(os.path.join(root, "faces"), subjects=10, per_subject=12)
 
@@ -597,6 +630,40 @@ def paper_name(module):
         return f"conv{stage}_x"
     name = f"conv{stage}_{int(m[2]) + 1}"
     return name + {None: "", "conv1": " (1st 3x3)", "conv2": " (2nd 3x3)", "downsample": " shortcut 1x1"}[m[3]]
+
+
+def resnet_layers():
+    """ResNet-paper names of the teacher's layers -> torchvision modules (a stage conv2_x..conv5_x, or
+    one block conv2_1..conv5_2; conv1 includes its BatchNorm)."""
+    names = {"conv1": ["conv1", "bn1"]}
+    for stage in range(2, 6):
+        names[f"conv{stage}_x"] = [f"layer{stage - 1}"]
+        names.update({f"conv{stage}_{b}": [f"layer{stage - 1}.{b - 1}"] for b in (1, 2)})
+    return names
+
+
+def parse_layers(text):
+    """'conv5_x:10 conv4_2:1' -> [('conv5_x', 10.0), ('conv4_2', 1.0)]: layers with lr in % of the original."""
+    valid, out = resnet_layers(), []
+    for item in text.replace(",", " ").split():
+        layer, _, rate = item.partition(":")
+        if layer not in valid:
+            die(f"unknown layer {layer!r} in FT_LAYERS; valid names: {', '.join(valid)}")
+        try:
+            rate = float(rate)
+        except ValueError:
+            die(f"FT_LAYERS item {item!r} needs a learning rate in % of the original, e.g. {layer}:10")
+        if not 0 < rate < float("inf"):
+            die(f"FT_LAYERS item {item!r}: the learning rate must be > 0 %")
+        out.append((layer, rate))
+    if not out:
+        die("FT_LAYERS is empty: name at least one layer, e.g. conv5_x:10")
+    modules = [(layer, m) for layer, _ in out for m in valid[layer]]
+    for a, ma in modules:
+        for b, mb in modules:
+            if a != b and (ma == mb or ma.startswith(mb + ".")):
+                die(f"FT_LAYERS names {a} and {b}, which overlap; name each layer once")
+    return out
 
 
 def _outputs(model, names, size):
@@ -719,13 +786,18 @@ def soft_cross_entropy(logits, target_logits, T=1.0):
     return -(p * F.log_softmax(logits.float() / T, dim=-1)).sum(-1).mean()
 
 
-def kd_loss(student_logits, teacher_logits, labels, T, lam):
+def kd_loss(student_logits, teacher_logits, labels, T, lam, kl=False):
     """lam * T^2 * soft CE + (1 - lam) * hard CE (Hinton et al. 2015): lam weights the soft targets;
-    T^2 keeps the soft-target gradients comparable across T."""
+    T^2 keeps the soft-target gradients comparable across T. kl=True: the soft term minus the
+    teacher's entropy, i.e. KL(teacher || student): the same gradients, and 0 when the student
+    matches the teacher (so its curve moves; the CE form sits near T^2 * H(teacher))."""
     if not T > 0 or not 0 <= lam <= 1:
         raise ValueError(f"need T > 0 and 0 <= lam <= 1, got T={T}, lam={lam}")
     hard = F.cross_entropy(student_logits.float(), labels)
-    return lam * T * T * soft_cross_entropy(student_logits, teacher_logits, T) + (1 - lam) * hard
+    soft = soft_cross_entropy(student_logits, teacher_logits, T)
+    if kl:
+        soft = soft - soft_cross_entropy(teacher_logits, teacher_logits, T)
+    return lam * T * T * soft + (1 - lam) * hard
 
 
 def cross_entropy(model, x, y, label_smoothing=0.0):
@@ -737,6 +809,42 @@ def cross_entropy(model, x, y, label_smoothing=0.0):
 # =============================================================================
 # Training loop
 # =============================================================================
+
+
+def group_size(args, device):
+    """Students per lock-step group of the sweep: GROUP, or as many as fit 80% of the free GPU memory,
+    measured with one training step of 1 and of 2 students at the batch size (10 on the CPU). Kept in
+    out/kd/sweep_group.json, so that a rerun makes the same groups."""
+    path = os.path.join(args.out, "kd", "sweep_group.json")
+    if args.group:
+        return args.group
+    if os.path.exists(path):
+        return read_json(path)["group"]
+    if device.type != "cuda":
+        return 10
+
+    def peak(k):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        students = Students([StudentCNN(bn=bool(args.bn)) for _ in range(k)]).to(device, memory_format=torch.channels_last)
+        x = torch.zeros(args.batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            students(x).float().sum().backward()
+        sgd(students.parameters(), 0.0).step()
+        return torch.cuda.max_memory_allocated(device) - base
+    one, two = peak(1), peak(2)
+    size = fit_group(torch.cuda.mem_get_info(device)[0], one, two)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json(path, {"group": size, "free_bytes": torch.cuda.mem_get_info(device)[0], "one": one, "two": two})
+    print(f"lock-step groups of {size} students ({(two - one) / 1e9:.2f} GB each, measured)")
+    return size
+
+
+def fit_group(free, one, two, margin=0.8):
+    """How many students fit `margin` of `free` bytes when 1 student takes `one` and 2 take `two`."""
+    per = max(1, two - one)
+    return max(1, int((margin * free - (one - per)) / per))
 
 
 def sgd(groups, lr, momentum=0.9, weight_decay=5e-4):
@@ -787,35 +895,46 @@ def predict(model, data):
     return torch.cat(out)
 
 
-def train_epoch(model, loss_fn, opt, sched, data, desc=""):
+def train_epoch(model, loss_fn, opt, sched, data, desc="", clip=0.0, log=None):
     """One pass of SGD steps over `data`. Returns, per loss (one per student of a lock-step group), the
     first step whose loss was not finite (0 if none), checked on the device so the loop never waits
     for the GPU. A non-finite loss adds nothing to the step: a student that diverged stops alone, and
-    its partners' gradients stay their own."""
+    its partners' gradients stay their own. `clip` > 0 clips each student's gradient norm to it;
+    `log` (a list) receives every step's losses."""
     model.train()
     bad = None
+    parts = list(model) if isinstance(model, Students) else [model]
     for step, (x, *ys) in enumerate(tqdm(data, desc=desc, leave=False, disable=None), 1):
         with autocast(x.device):
             loss, _ = loss_fn(model, x, *ys)
         ok = torch.isfinite(loss)
         this = (~ok).long().view(-1) * step
         bad = this if bad is None else torch.where(bad > 0, bad, this)
+        if log is not None:
+            log.append(loss.detach().float().view(-1))
         loss = torch.where(ok, loss, 0).sum()  # a group: the sum's gradient is each student's own gradient
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if clip:
+            for part in parts:
+                nn.utils.clip_grad_norm_(part.parameters(), clip)
         opt.step()
         sched.step()
     return [0] if bad is None else bad.tolist()
 
 
 def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, extra=None, on_epoch=None,
-        group=False):
+        group=False, clip=0.0, final_only=(), ckpt_every=1):
     """Train for `epochs`, then after each epoch evaluate on `evals` ({'train': ..., 'test': ...}, the
     same loss function, eval mode, un-augmented), add `extra(model)`'s metrics, print a row and write
     an atomic checkpoint. Resumes from run_dir/checkpoint.pt (refusing a changed config); returns the
     history, one dict per epoch. `on_epoch(epoch)` runs before each epoch (e.g. to unfreeze layers).
     A non-finite loss stops the run; in a lock-step `group`, only the student whose loss it was: its
-    rows record `diverged_at` (the step, per student), and the group stops when none is left."""
+    rows record `diverged_at` (the step, per student), and the group stops when none is left.
+    `final_only`: splits of `evals` measured at the last epoch only (their rows hold None before).
+    `ckpt_every`: checkpoint every k epochs and at the last; 0: k chosen after the first write so that
+    writes take under 5% of the training time (the last completed checkpoint resumes)."""
+    gens = gen if isinstance(gen, (list, tuple)) else [gen]  # the data generators (one per seed of a group)
     os.makedirs(run_dir, exist_ok=True)
     hold(run_dir)
     path = os.path.join(run_dir, "checkpoint.pt")
@@ -828,7 +947,8 @@ def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, 
             opt.load_state_dict(ck["opt"])
             sched.load_state_dict(ck["sched"])
             torch.set_rng_state(ck["rng"])
-            gen.set_state(ck["gen"])
+            for g, state in zip(gens, ck["gen"], strict=True):
+                g.set_state(state)
             if torch.cuda.is_available() and ck.get("cuda_rng"):
                 torch.cuda.set_rng_state_all(ck["cuda_rng"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
@@ -844,13 +964,14 @@ def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, 
         t0 = time.time()
         if on_epoch:
             on_epoch(epoch)
-        bad = train_epoch(model, loss_fn, opt, sched, train, desc=f"epoch {epoch}/{epochs}")
+        bad = train_epoch(model, loss_fn, opt, sched, train, desc=f"epoch {epoch}/{epochs}", clip=clip)
         if any(bad) and not group:
             die(f"loss is not finite at epoch {epoch}, step {max(bad)} of {run_dir}; lower the learning rate "
                 f"(the checkpoint of epoch {epoch - 1} is kept)")
         row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
         for split, data in evals.items():
-            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(model, loss_fn, data)
+            skip = split in final_only and epoch < epochs
+            row[f"{split}_loss"], row[f"{split}_acc"] = (None, None) if skip else evaluate(model, loss_fn, data)
         row.update(extra(model) if extra else {})
         row["seconds"] = round(time.time() - t0, 2)
         if group:
@@ -861,11 +982,16 @@ def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, 
                          "it stops, its partners go on")
         history.append(row)
         dead = diverged(history)
-        state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                 "epoch": epoch, "history": history, "config": config,
-                 "rng": torch.get_rng_state(), "gen": gen.get_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        save_atomic(state, path)
+        if epoch % (ckpt_every or 1) == 0 or epoch == epochs or not os.path.exists(path):
+            t1 = time.time()
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                     "epoch": epoch, "history": history, "config": config,
+                     "rng": torch.get_rng_state(), "gen": [g.get_state() for g in gens],
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            save_atomic(state, path)
+            if not ckpt_every:  # writes under 5% of the time: every k epochs
+                ckpt_every = max(1, math.ceil((time.time() - t1) / (0.05 * max(1e-9, t1 - t0))))
+                print(f"checkpoint written in {time.time() - t1:.1f}s, epoch in {t1 - t0:.1f}s: every {ckpt_every} epoch(s)")
         write_json(os.path.join(run_dir, "history.json"), history)
         print_row(row, epochs, history)
     return history
@@ -884,6 +1010,8 @@ def diverged(history):
 def print_row(row, epochs, history):
     """One line per epoch (airbench-style) with the time left."""
     def fmt(k, v):
+        if v is None:
+            return f"{k} -"
         if isinstance(v, list):
             return f"{k} " + " ".join(f"{x:.4g}" for x in v)
         return f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -897,7 +1025,7 @@ def print_row(row, epochs, history):
 # Checkpoints and run folders
 # =============================================================================
 
-IGNORED = ("data", "out", "device")  # where and on what a run ran does not change what it is
+IGNORED = ("data", "out", "device", "compile")  # where and how a run ran does not change what it is
 
 
 def _atomic(write, path):
@@ -994,13 +1122,19 @@ def finished(run_dir, config):
     return True
 
 
-def finish(run_dir, model, history, result, title):
+def seed_runs(folders):
+    """(results, histories) of the finished runs in `folders` (the seeds of one student or method)."""
+    return ([read_json(os.path.join(f, "result.json")) for f in folders],
+            [read_json(os.path.join(f, "history.json")) for f in folders])
+
+
+def finish(run_dir, model, history, result, title, loss_label=None):
     """Write a finished run's final weights (none for a diverged model), curves and result.json (it
     marks the run done), then remove its checkpoint: weights + momentum, not needed any more."""
     if model is not None:
         save_atomic(model.state_dict(), os.path.join(run_dir, "model.pt"))
-    plot_curves(history, "loss", os.path.join(run_dir, "loss.png"), f"{title}: loss")
-    plot_curves(history, "acc", os.path.join(run_dir, "accuracy.png"), f"{title}: accuracy")
+    plot_curves([history], "loss", os.path.join(run_dir, "loss.png"), f"{title}: loss", loss_label)
+    plot_curves([history], "acc", os.path.join(run_dir, "accuracy.png"), f"{title}: accuracy")
     write_json(os.path.join(run_dir, "result.json"), result)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(run_dir, "checkpoint.pt"))
@@ -1011,21 +1145,33 @@ def finish(run_dir, model, history, result, title):
 # =============================================================================
 
 
-def plot_curves(history, metric, path, title):
-    """`metric` ('loss' or 'acc') vs epoch on the training and test sets."""
-    epochs = [r["epoch"] for r in history]
+def _band(ax, x, ys, label, **kw):
+    """The mean of the seeds' curves `ys`, with a band of +- one standard deviation when there are several."""
+    y = np.array(ys, dtype=float)
+    mean = y.mean(0)
+    line = ax.plot(x, mean, marker="o", ms=3, label=label + (f" (mean of {len(y)} seeds)" if len(y) > 1 else ""), **kw)
+    if len(y) > 1:
+        sd = y.std(0, ddof=1)
+        ax.fill_between(x, mean - sd, mean + sd, color=line[0].get_color(), alpha=0.2, lw=0)
+
+
+def plot_curves(histories, metric, path, title, ylabel=None):
+    """`metric` ('loss' or 'acc') vs epoch on the training and test sets; several histories (seeds):
+    their mean with a +- std band."""
+    epochs = [r["epoch"] for r in histories[0]]
     fig, ax = plt.subplots(figsize=(6, 4))
     for split in ("train", "test"):
-        ax.plot(epochs, [r[f"{split}_{metric}"] for r in history], marker="o", ms=3, label=split)
-    ax.set(xlabel="epoch", ylabel="accuracy (%)" if metric == "acc" else "loss", title=title)
+        _band(ax, epochs, [[r[f"{split}_{metric}"] for r in h] for h in histories], split)
+    ax.set(xlabel="epoch", ylabel=ylabel or ("accuracy (%)" if metric == "acc" else "loss"), title=title)
     _finish_plot(fig, ax, path)
 
 
-def plot_compare(series, path, title, ylabel, ref=None):
-    """Several runs' curves on one figure: series = {label: (epochs, values)}; ref = (label, y) line."""
+def plot_compare(series, path, title, ylabel, ref=None, x0=None):
+    """Several runs' curves on one figure: series = {label: (epochs, [values of each seed])}, each drawn
+    as its mean with a +- std band; ref = (label, y), a dashed line."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, (x, y) in series.items():
-        ax.plot(x, y, marker="o", ms=3, label=label)
+    for label, (x, ys) in series.items():
+        _band(ax, x, ys, label)
     if ref:
         ax.axhline(ref[1], color="k", ls="--", lw=1, label=ref[0])
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
@@ -1042,18 +1188,101 @@ def _finish_plot(fig, ax, path):
     plt.close(fig)
 
 
+def plot_tradeoff(points, sweep, path, before):
+    """Old-task against new-task test accuracy: one point per method (± std over seeds), the LwF sweep as a curve."""
+    def xy(results):
+        old, new = np.array([r["old_test_acc"] for r in results]), np.array([r["new_test_acc"] for r in results])
+        sd = lambda v: v.std(ddof=1) if len(v) > 1 else 0  # noqa: E731
+        return new.mean(), old.mean(), sd(new), sd(old)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, results in points.items():
+        x, y, sx, sy = xy(results)
+        ax.errorbar(x, y, xerr=sx, yerr=sy, fmt="o", capsize=3, label=label)
+    if sweep:
+        pts = [xy(rs) for rs in sweep.values()]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", lw=1, label="LwF over λo (0 = fine-tuning)")
+        for v, p in zip(sweep, pts):
+            ax.annotate(f"λo={v:g}", p[:2], textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(before, color="0.5", ls=":", lw=1, label="old task before any change")
+    ax.set(xlabel="new task (faces): test accuracy (%)", ylabel="old task (CIFAR-10): test accuracy (%)",
+           title="Continual learning: what each method keeps and learns")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_heatmap(grid, xticks, yticks, xlabel, ylabel, title, path):
+    """A grid of numbers as a heat map with each cell written in it (NaN: 'diverged')."""
+    finite = [a for row in grid for a in row if not math.isnan(a)] or [0.0]
+    fig, ax = plt.subplots(figsize=(1.2 * len(xticks) + 2.5, 0.6 * len(yticks) + 2))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set(xticks=range(len(xticks)), xticklabels=xticks, xlabel=xlabel, yticks=range(len(yticks)), yticklabels=yticks,
+           ylabel=ylabel, title=title)
+    mid = (min(finite) + max(finite)) / 2
+    for i, row in enumerate(grid):
+        for j, a in enumerate(row):
+            ax.text(j, i, "diverged" if math.isnan(a) else f"{a:.1f}", ha="center", va="center",
+                    color="w" if math.isnan(a) or a < mid else "k")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def mean_std(values):
+    """'72.31 ± 0.45 (3)': mean ± sample standard deviation (number of seeds); one value alone: '72.31'."""
+    v = np.array(values, dtype=float)
+    return pct(v[0]) if len(v) == 1 else f"{pct(v.mean())} ± {pct(v.std(ddof=1))} ({len(v)})"
+
+
+def seed_cells(results, keys):
+    """Table cells of several seeds' results for `keys`: mean ± std (n); a run that diverged says so."""
+    bad = [r["diverged"] for r in results if "diverged" in r]
+    if bad:
+        return [bad[0] if len(results) == 1 else f"{len(bad)} of {len(results)} seeds diverged ({bad[0]})"] * len(keys)
+    return [mean_std([r[k] for r in results]) for k in keys]
+
+
 def md_table(header, rows):
     """A Markdown table."""
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
 
 
-def write_table(path, title, header, rows, note=""):
-    """A titled Markdown table file under out/tables/."""
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+        "~": r"\textasciitilde{}", "^": r"\^{}", "λ": r"$\lambda$", "±": r"$\pm$", "²": r"$^2$", "·": r"$\cdot$",
+        "‖": r"$\|$", "→": r"$\to$", "≥": r"$\geq$", "≤": r"$\leq$", "−": "-", "×": r"$\times$", "≈": r"$\approx$"}
+
+
+def tex(text):
+    """Plain text -> LaTeX (special characters escaped, **bold** -> \\textbf)."""
+    out = "".join(_TEX.get(c, c) for c in str(text))
+    return re.sub(r"\*\*(.+?)\*\*", r"\\textbf{\1}", out)
+
+
+def write_table(path, title, header, rows, note="", csv=None):
+    """A titled table under out/tables/: Markdown (path), LaTeX booktabs (.tex beside it) and, with
+    csv = (header, rows), the per-seed numbers behind it (.csv)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(f"### {title}\n\n{md_table(header, rows)}" + (f"\n{note}\n" if note else ""))
-    os.replace(path + ".tmp", path)
+    stem = os.path.splitext(path)[0]
+    md = f"### {title}\n\n{md_table(header, rows)}" + (f"\n{note}\n" if note else "")
+    latex = "\n".join([f"% {title}", r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
+                        " & ".join(tex(h) for h in header) + r" \\", r"\midrule",
+                        *[" & ".join(tex(c) for c in r) + r" \\" for r in rows], r"\bottomrule", r"\end{tabular}", ""])
+    files = [(path, md), (stem + ".tex", latex)]
+    if csv:
+        buf = io.StringIO()
+        writer = csvlib.writer(buf, lineterminator="\n")
+        writer.writerow(csv[0])
+        writer.writerows(csv[1])
+        files.append((stem + ".csv", buf.getvalue()))
+    for p, text in files:
+        def write(tmp, text=text):
+            with open(tmp, "w") as f:
+                f.write(text)
+        _atomic(write, p)
 
 
 def pct(x):

@@ -30,6 +30,7 @@ def parse(argv=None):
                    help="0: a smoothed teacher distils worse (Muller et al. 2019)")
     p.add_argument("--pretrained", type=flag, default=1, help="1: start from ImageNet weights")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", type=flag, default=0, help="1: torch.compile the model")
     args = p.parse_args(argv)
     if args.label_smoothing >= 1:
         die(f"--label-smoothing must be < 1, got {args.label_smoothing}")
@@ -80,6 +81,8 @@ def main(argv=None):
         shape = tuple(features(model.eval(), torch.zeros(1, 3, 32, 32)).shape[1:])
         assert shape == (512, 8, 8), f"last feature map is {shape}, the assignment asks 8x8x512"
         model = model.to(device, memory_format=torch.channels_last)
+        if args.compile:
+            model.compile()  # in place: the state_dict keeps its keys
         data = load_cifar10(args.data, device)
         (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
         gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -1,8 +1,10 @@
 """Q2: continual learning. A 100-subject face task (the new task) is added on top of the teacher of Q1
-(the old task: CIFAR-10) by feature extraction, fine-tuning and Learning without Forgetting (Li & Hoiem).
+(the old task: CIFAR-10) by feature extraction, fine-tuning and Learning without Forgetting (Li & Hoiem),
+with two references beyond the assignment that bracket LwF: joint training and fine-tuning every layer.
 
-  python q2_continual.py                           the three methods -> out/continual/{fe,ft,lwf}/
+  python q2_continual.py                           the five methods -> out/continual/{fe,ft,lwf,joint,ft-all}/
   python q2_continual.py --methods ft --ft-layers "conv5_x:10 conv4_x:1"
+  python q2_continual.py --methods --lwf-sweep 0.1 0.3 1 3   LwF at several lambda_o, and 0 -> lwf_lam*/
 
 One network: the teacher's backbone with two heads, old (its 10-way fc) and new (100-way, fresh).
 Old-task accuracy: the old head on CIFAR-10 after the change; new-task accuracy: the new head on faces.
@@ -15,12 +17,15 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import (DIGIFACE_URL, Batches, ContinualNet, Parser, die, evaluate, fetch_digiface, file_sha256, finish, finished,
-                    fit, flag, get_device, load_cifar10, load_faces, load_teacher, nonneg,
-                    nonneg_int, pct, plot_compare, positive, positive_int, precision, predict, read_json, run,
-                    sgd, soft_cross_entropy, warmup_cosine, write_json, write_table)
+from common import (DIGIFACE_URL, Batches, ContinualNet, JointBatches, Parser, die, evaluate, fetch_digiface,
+                    file_sha256, finish, finished, fit, flag, get_device, load_cifar10, load_faces, load_teacher,
+                    nonneg, nonneg_int, parse_layers, pct, plot_compare, plot_curves, plot_tradeoff, positive,
+                    positive_int, precision, predict, read_json, resnet_layers, run, seed_cells, seed_runs, sgd,
+                    soft_cross_entropy, warmup_cosine, write_json, write_table)
 
-METHODS = {"fe": "Feature Extraction", "ft": "Fine Tuning", "lwf": "LwF"}
+METHODS = {"fe": "Feature Extraction", "ft": "Fine Tuning", "lwf": "LwF",  # the assignment's three, then references
+           "joint": "Joint training (reference)", "ft-all": "Fine-tuning all layers (reference)"}
+RESULT_KEYS = ("old_train_acc", "old_test_acc", "new_train_acc", "new_test_acc", "old_train_acc_before", "old_test_acc_before")
 
 
 def parse(argv=None):
@@ -29,7 +34,9 @@ def parse(argv=None):
     p.add_argument("--out", default="out")
     p.add_argument("--device", default="")
     p.add_argument("--teacher", default="", help="teacher weights (default: OUT/teacher/model.pt)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--methods", nargs="*", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--lwf-sweep", type=nonneg, nargs="*", default=[],
+                   help="LwF at these lambda_o too, and at 0 (fine-tuning at LwF's rates): the trade-off curve")
     p.add_argument("--faces", default="", help="face image folder (<subject>/<image> or train/ + test/), or DigiFace-1M's zip "
                                                "on disk; default: DigiFace-1M, downloaded into DATA/digiface")
     p.add_argument("--faces-url", default=DIGIFACE_URL, help="the DigiFace-1M zip to read with range requests")
@@ -45,57 +52,26 @@ def parse(argv=None):
     p.add_argument("--wd", type=nonneg, default=5e-4, help="L2 coefficient (the assignment's 0.0005)")
     p.add_argument("--ft-layers", default="conv5_x:10",
                    help="fine-tuned layers with their lr in %% of the original, e.g. 'conv5_x:10 conv4_2:1'")
-    p.add_argument("--lwf-lr", type=positive, default=10.0, help="LwF: lr of backbone and old head, %% of the original")
+    p.add_argument("--ft-all-lr", type=positive, default=None,
+                   help="ft-all: lr of every layer, %% of the original (default: FT_LAYERS' first rate)")
+    p.add_argument("--lwf-lr", type=positive, default=10.0,
+                   help="LwF and joint: lr of backbone and old head, %% of the original")
     p.add_argument("--lwf-warmup", type=nonneg_int, default=5, help="LwF: epochs training the new head alone first")
     p.add_argument("--lwf-T", type=positive, default=2.0, help="LwF: temperature (Li & Hoiem: 2)")
     p.add_argument("--lwf-lambda", type=nonneg, default=1.0, help="LwF: weight of the old-task loss (Li & Hoiem: 1)")
     p.add_argument("--adapt-bn", type=flag, default=0, help="1: BatchNorm statistics of trained layers adapt to faces")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=positive_int, default=None, help="seeds per method (default: 3 on CUDA, 1 on the CPU)")
+    p.add_argument("--compile", type=flag, default=0, help="1: torch.compile the network")
+    p.add_argument("--seed", type=int, default=0, help="the face split's seed, and the first training seed")
     args = p.parse_args(argv)
     if args.train_per_subject >= args.per_subject:
         die(f"--train-per-subject ({args.train_per_subject}) must be below --per-subject ({args.per_subject})")
-    if "lwf" in args.methods and args.lwf_warmup >= args.epochs:
+    if ({"lwf", "joint"} & set(args.methods) or args.lwf_sweep) and args.lwf_warmup >= args.epochs:
         die(f"--lwf-warmup ({args.lwf_warmup}) must be below --epochs ({args.epochs})")
     args.teacher = args.teacher or os.path.join(args.out, "teacher", "model.pt")
-    if "ft" in args.methods:
-        parse_layers(args.ft_layers)  # a bad FT_LAYERS fails now, not after the other methods
+    first = parse_layers(args.ft_layers)[0][1]  # a bad FT_LAYERS fails now, not after the other methods
+    args.ft_all_lr = args.ft_all_lr or first
     return args
-
-
-# ----------------------------------------------------------------------------- layers for fine-tuning
-
-def resnet_layers():
-    """ResNet-paper names of the teacher's layers -> torchvision modules (a stage conv2_x..conv5_x, or
-    one block conv2_1..conv5_2; conv1 includes its BatchNorm)."""
-    names = {"conv1": ["conv1", "bn1"]}
-    for stage in range(2, 6):
-        names[f"conv{stage}_x"] = [f"layer{stage - 1}"]
-        names.update({f"conv{stage}_{b}": [f"layer{stage - 1}.{b - 1}"] for b in (1, 2)})
-    return names
-
-
-def parse_layers(text):
-    """'conv5_x:10 conv4_2:1' -> [('conv5_x', 10.0), ('conv4_2', 1.0)]: layers with lr in % of the original."""
-    valid, out = resnet_layers(), []
-    for item in text.replace(",", " ").split():
-        layer, _, rate = item.partition(":")
-        if layer not in valid:
-            die(f"unknown layer {layer!r} in FT_LAYERS; valid names: {', '.join(valid)}")
-        try:
-            rate = float(rate)
-        except ValueError:
-            die(f"FT_LAYERS item {item!r} needs a learning rate in % of the original, e.g. {layer}:10")
-        if not 0 < rate < float("inf"):
-            die(f"FT_LAYERS item {item!r}: the learning rate must be > 0 %")
-        out.append((layer, rate))
-    if not out:
-        die("FT_LAYERS is empty: name at least one layer, e.g. conv5_x:10")
-    modules = [(layer, m) for layer, _ in out for m in valid[layer]]
-    for a, ma in modules:
-        for b, mb in modules:
-            if a != b and (ma == mb or ma.startswith(mb + ".")):
-                die(f"FT_LAYERS names {a} and {b}, which overlap; name each layer once")
-    return out
 
 
 # ----------------------------------------------------------------------------- the three methods
@@ -124,9 +100,19 @@ def lwf_loss(original, T, lambda_o):
     return loss
 
 
-def build(method, teacher, args, lr):
+def joint_loss(net, x, y, x_old=None, y_old=None):
+    """Joint training: CE(new head, faces) + CE(old head, CIFAR-10), each task on its own head; evaluation
+    batches (faces only) measure the new task."""
+    new = net(x)[1]
+    loss = F.cross_entropy(new.float(), y)
+    if x_old is not None:
+        loss = loss + F.cross_entropy(net(x_old)[0].float(), y_old)
+    return loss, new
+
+
+def build(method, teacher, args, lr, seed=None):
     """The two-headed network, its parameter groups (each with its lr) and the per-epoch hook."""
-    torch.manual_seed(args.seed)  # the same fresh new head for every method
+    torch.manual_seed(args.seed if seed is None else seed)  # the same fresh new head for every method of a seed
     net = ContinualNet(copy.deepcopy(teacher), args.subjects, adapt_bn=bool(args.adapt_bn))
     net.requires_grad_(False)
     net.new.requires_grad_(True)
@@ -138,7 +124,12 @@ def build(method, teacher, args, lr):
             for q in params:
                 q.requires_grad_(True)
             groups.append({"params": params, "lr": lr * rate / 100})
-    elif method == "lwf":
+    elif method == "ft-all":  # every layer of the backbone, faces only
+        params = list(net.backbone.parameters())
+        for q in params:
+            q.requires_grad_(True)
+        groups.append({"params": params, "lr": lr * args.ft_all_lr / 100})
+    elif method in ("lwf", "joint"):  # the same rates, warm-up and epochs
         shared = [q for n, q in net.named_parameters() if not n.startswith("new.")]
         groups.append({"params": shared, "lr": lr * args.lwf_lr / 100})
 
@@ -148,74 +139,122 @@ def build(method, teacher, args, lr):
     return net, groups, on_epoch
 
 
-def method_config(method, args, lr):
-    keys = ["subjects", "per_subject", "train_per_subject", "face_size", "epochs", "batch", "momentum", "wd", "seed"]
+def run_dir(args, key, i=0):
+    """out/continual/<key>/ for the first seed, <key>_seed<i>/ for seed i."""
+    return os.path.join(args.out, "continual", key + (f"_seed{i}" if i else ""))
+
+
+def runs_asked(args):
+    """(folder key, method, lambda_o) of every run asked for: the methods, then the LwF sweep with lambda_o = 0."""
+    sweep = sorted(set(args.lwf_sweep) | {0.0}) if args.lwf_sweep else []
+    return [(m, m, args.lwf_lambda) for m in args.methods] + [(f"lwf_lam{v:g}", "lwf", v) for v in sweep]
+
+
+def method_config(method, args, lr, i=0, lambda_o=None):
+    keys = ["subjects", "per_subject", "train_per_subject", "face_size", "epochs", "batch", "momentum", "wd"]
     cfg = {k: getattr(args, k) for k in keys} | {"method": method, "lr": lr, "faces": args.faces or args.faces_url,
+                                                 "seed": args.seed + i, "split_seed": args.seed,
                                                  "teacher_sha256": args.teacher_sha256}
     if method != "fe":
         cfg["adapt_bn"] = args.adapt_bn
     if method == "ft":
         cfg["ft_layers"] = [list(x) for x in parse_layers(args.ft_layers)]
+    if method in ("lwf", "joint"):
+        cfg |= {k: getattr(args, k) for k in ("lwf_lr", "lwf_warmup")}
     if method == "lwf":
-        cfg |= {k: getattr(args, k) for k in ("lwf_lr", "lwf_warmup", "lwf_T", "lwf_lambda")}
+        cfg |= {"lwf_T": args.lwf_T, "lwf_lambda": args.lwf_lambda if lambda_o is None else lambda_o}
+    if method == "ft-all":
+        cfg["ft_all_lr"] = args.ft_all_lr
     return cfg
 
 
-def run_method(method, teacher, cifar, faces, before, args, lr, device):
-    """Train one method into out/continual/<method>/."""
-    run = os.path.join(args.out, "continual", method)
-    print(f"-- {METHODS[method]} -> {run}")
-    net, groups, on_epoch = build(method, teacher, args, lr)
+def run_method(key, method, lambda_o, i, teacher, cifar, faces, before, args, lr, device):
+    """Train one method with seed SEED + i (the new head's initial weights, data order, augmentation)
+    into run_dir(key, i)."""
+    run = run_dir(args, key, i)
+    print(f"-- {METHODS[method]}, seed {args.seed + i} -> {run}")
+    net, groups, on_epoch = build(method, teacher, args, lr, args.seed + i)
     net = net.to(device, memory_format=torch.channels_last)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    if args.compile:
+        net.compile()
+    gen = torch.Generator(device=device).manual_seed(args.seed + i)
     train = Batches(*faces["train"], batch_size=args.batch, shuffle=True, augment=True, pad=args.face_size // 8, gen=gen)
     loss_fn, y_o = new_task, {"train": (), "test": ()}
+    if method == "joint":  # old and new data together: a CIFAR-10 batch beside each face batch
+        loss_fn = joint_loss
+        train = JointBatches(train, Batches(*cifar["train"], batch_size=args.batch, shuffle=True, augment=True, gen=gen))
     if method == "lwf":
         original = copy.deepcopy(teacher).eval().requires_grad_(False)  # the network before any change
-        loss_fn = lwf_loss(original, args.lwf_T, args.lwf_lambda)
+        loss_fn = lwf_loss(original, args.lwf_T, lambda_o)
         # its outputs on the un-augmented face sets never change: computed once for the evaluations
         y_o = {s: (predict(original, Batches(faces[s][0], batch_size=1024)),) for s in y_o}
     evals = {s: Batches(*faces[s], *y_o[s], batch_size=1024) for s in ("train", "test")}
     cifar_test = Batches(*cifar["test"], batch_size=1024)
     opt = sgd(groups, lr, args.momentum, args.wd)
     sched = warmup_cosine(opt, args.epochs * len(train), 0)
-    history = fit(net, loss_fn, opt, sched, train, evals, args.epochs, run, method_config(method, args, lr), gen,
+    history = fit(net, loss_fn, opt, sched, train, evals, args.epochs, run, method_config(method, args, lr, i, lambda_o), gen,
                   extra=lambda net: {"old_test_acc": evaluate(net, old_task, cifar_test)[1]}, on_epoch=on_epoch)
     write_json(os.path.join(run, "split.json"), {"subjects": faces["subjects"], **faces["files"]})
     last = history[-1]
     result = {"old_train_acc": evaluate(net, old_task, Batches(*cifar["train"], batch_size=1024))[1],
               "old_test_acc": last["old_test_acc"], "new_train_acc": last["train_acc"],
               "new_test_acc": last["test_acc"], "old_train_acc_before": before[0], "old_test_acc_before": before[1],
-              "epochs": args.epochs, "device": str(device)}
-    finish(run, net, history, result, f"{METHODS[method]}: new task (faces)")
+              "seed": args.seed + i, "epochs": args.epochs, "device": str(device)}
+    title = METHODS[method] + (f" λo={lambda_o:g}" if key != method else "")
+    finish(run, net, history, result, f"{title}, seed {args.seed + i}: new task (faces)")
 
 
 # ----------------------------------------------------------------------------- tables and figures
 
+def collect(args, key):
+    """(results, histories) of every seed of a run, or None if one is missing."""
+    folders = [run_dir(args, key, i) for i in range(args.seeds)]
+    return seed_runs(folders) if all(os.path.exists(os.path.join(f, "result.json")) for f in folders) else None
+
+
 def write_outputs(args, lr, device):
     out, tables = os.path.join(args.out, "continual"), os.path.join(args.out, "tables")
-    results = {m: read_json(os.path.join(out, m, "result.json")) for m in METHODS
-               if os.path.exists(os.path.join(out, m, "result.json"))}
-    rows = []
+    runs = {m: collect(args, m) for m in METHODS}
+    rows, per_seed, forgetting, points = [], [], {}, {}
     for m, label in METHODS.items():
-        r = results.get(m)
-        cells = lambda a, b: [pct(r[a]), pct(r[b])] if r else [f"missing (make {m})"] * 2  # noqa: E731
-        rows += [[label, "Old Task*", *cells("old_train_acc", "old_test_acc")],
-                 ["", "New Task", *cells("new_train_acc", "new_test_acc")]]
-    ref = next(iter(results.values()), None)
-    note = "\\* Old task: CIFAR-10 through the old head after the network was changed for faces."
+        if m == "joint":
+            rows.append(["*References beyond the assignment*", "", "", ""])
+        if not runs[m]:
+            rows += [[label, "Old Task*", *[f"missing (make {m})"] * 2], ["", "New Task", *[f"missing (make {m})"] * 2]]
+            continue
+        results, hs = runs[m]
+        rows += [[label, "Old Task*", *seed_cells(results, ("old_train_acc", "old_test_acc"))],
+                 ["", "New Task", *seed_cells(results, ("new_train_acc", "new_test_acc"))]]
+        per_seed += [[label, r["seed"], *(r[k] for k in RESULT_KEYS)] for r in results]
+        plot_curves(hs, "loss", os.path.join(out, f"{m}_loss.png"), f"{label}: new task (faces), loss")
+        plot_curves(hs, "acc", os.path.join(out, f"{m}_accuracy.png"), f"{label}: new task (faces), accuracy")
+        forgetting[label] = ([0] + [e["epoch"] for e in hs[0]],
+                             [[r["old_test_acc_before"]] + [e["old_test_acc"] for e in h] for r, h in zip(results, hs)])
+        points[label] = results
+    ref = next((r for r in runs.values() if r), None)
+    note = (f"\\* Old task: CIFAR-10 through the old head after the network was changed for faces. Mean ± std over "
+            f"{args.seeds} seed(s) (n) of the new head's initial weights, data order and augmentation; one teacher. "
+            "Per-seed numbers: continual_table.csv.")
     if ref:
-        note += (f" Before any change the teacher scores {pct(ref['old_train_acc_before'])}% (train) and "
-                 f"{pct(ref['old_test_acc_before'])}% (test).")
+        note += (f" Before any change the teacher scores {pct(ref[0][0]['old_train_acc_before'])}% (train) and "
+                 f"{pct(ref[0][0]['old_test_acc_before'])}% (test).")
     write_table(os.path.join(tables, "continual_table.md"), "Continual learning: final accuracy (last epoch)",
-                ["Method", "Task", "Training Accuracy (%)", "Testing Accuracy (%)"], rows, note=note)
-    curves = {}
-    for m in results:
-        h = read_json(os.path.join(out, m, "history.json"))
-        curves[METHODS[m]] = ([0] + [e["epoch"] for e in h], [results[m]["old_test_acc_before"]] + [e["old_test_acc"] for e in h])
-    if curves:
-        plot_compare(curves, os.path.join(out, "forgetting.png"), "Old task (CIFAR-10 test) while learning faces",
+                ["Method", "Task", "Training Accuracy (%)", "Testing Accuracy (%)"], rows, note=note,
+                csv=(["method", "seed", *RESULT_KEYS], per_seed))
+    if forgetting:
+        plot_compare(forgetting, os.path.join(out, "forgetting.png"), "Old task (CIFAR-10 test) while learning faces",
                      "old-task test accuracy (%)")
+    sweep = {float(d[len("lwf_lam"):]): collect(args, d) for d in sorted(os.listdir(out))
+             if d.startswith("lwf_lam") and "_seed" not in d} if os.path.isdir(out) else {}
+    sweep = {v: r[0] for v, r in sorted(sweep.items()) if r}
+    if sweep:
+        write_table(os.path.join(tables, "lwf_sweep.md"), "LwF's trade-off over λo (λo = 0: fine-tuning at LwF's rates)",
+                    ["λo", "Old task, test (%)", "New task, test (%)"],
+                    [[f"{v:g}", *seed_cells(rs, ("old_test_acc", "new_test_acc"))] for v, rs in sweep.items()],
+                    csv=(["lambda_o", "seed", *RESULT_KEYS], [[v, r["seed"], *(r[k] for k in RESULT_KEYS)]
+                                                             for v, rs in sweep.items() for r in rs]))
+    if points:
+        plot_tradeoff(points, sweep, os.path.join(out, "tradeoff.png"), ref[0][0]["old_test_acc_before"])
 
     faces = args.faces or f"DigiFace-1M (synthetic faces, {args.faces_url})"
     write_table(os.path.join(tables, "continual_setup.md"), "Continual learning setup", ["Item", "Setting"], [
@@ -235,11 +274,15 @@ def write_outputs(args, lr, device):
         ["Feature extraction", "backbone and old head frozen, in eval mode; new head trained at 100%"],
         ["Fine tuning", "layers of out/tables/finetune_layers.md at their rates + new head at 100%; the rest frozen"],
         ["LwF", "out/tables/lwf_setup.md"],
+        ["Joint training (reference)", f"LwF's rates, warm-up and epochs; each step a face batch + a CIFAR-10 batch of "
+                                       f"{args.batch} (1:1), CE(new head, faces) + CE(old head, CIFAR-10)"],
+        ["Fine-tuning all layers (reference)", f"every backbone layer at {args.ft_all_lr:g}% + new head at 100%, faces only"],
+        ["Seeds", f"{args.seeds} per method (seed {args.seed} + i: new head, data order, augmentation); one face split"],
         ["Old-task accuracy", "old head on CIFAR-10: test set after every epoch, training set at the end"],
         ["Precision", precision(device)],
     ])
     # the fine-tuning and LwF tables describe the runs that made the results (their config.json)
-    cfg = {m: read_json(os.path.join(out, m, "config.json")) if m in results else method_config(m, args, lr)
+    cfg = {m: read_json(os.path.join(out, m, "config.json")) if runs[m] else method_config(m, args, lr)
            for m in ("ft", "lwf")}
     layers, ft, lw = resnet_layers(), cfg["ft"], cfg["lwf"]
     ft_rows = [[layer, ", ".join(layers[layer]), f"{rate:g}% of the original ({ft['lr'] * rate / 100:g})",
@@ -276,11 +319,13 @@ def write_outputs(args, lr, device):
 def main(argv=None):
     args = parse(argv)
     device = get_device(args.device)
+    args.seeds = args.seeds or (3 if device.type == "cuda" else 1)
     teacher_cfg = os.path.join(os.path.dirname(args.teacher), "config.json")
     lr = args.lr or (read_json(teacher_cfg)["lr"] if os.path.exists(teacher_cfg) else 0.1)
     args.teacher_sha256 = file_sha256(args.teacher)  # a run belongs to the teacher it started from
     print(f"== Q2: continual learning -> {os.path.join(args.out, 'continual')} on {device}")
-    todo = [m for m in args.methods if not finished(os.path.join(args.out, "continual", m), method_config(m, args, lr))]
+    todo = [(key, m, v, i) for key, m, v in runs_asked(args) for i in range(args.seeds)
+            if not finished(run_dir(args, key, i), method_config(m, args, lr, i, v))]
     if todo:
         teacher = load_teacher(args.teacher, device).to(memory_format=torch.channels_last)
         cifar = load_cifar10(args.data, device)
@@ -293,15 +338,15 @@ def main(argv=None):
               f"{args.subjects} subjects from {folder}")
         untouched = ContinualNet(copy.deepcopy(teacher), args.subjects).to(device)
         before = [evaluate(untouched, old_task, Batches(*cifar[s], batch_size=1024))[1] for s in ("train", "test")]
-        for m in todo:
-            run_method(m, teacher, cifar, faces, before, args, lr, device)
+        for key, m, v, i in todo:
+            run_method(key, m, v, i, teacher, cifar, faces, before, args, lr, device)
     else:
         print("every method asked for is finished (delete its folder under out/continual/ to train it again)")
     write_outputs(args, lr, device)
-    for m in args.methods:
-        r = read_json(os.path.join(args.out, "continual", m, "result.json"))
-        print(f"{METHODS[m]}: old task {pct(r['old_test_acc'])}% test (before {pct(r['old_test_acc_before'])}%), "
-              f"new task {pct(r['new_test_acc'])}% test")
+    for key, _, _ in runs_asked(args):
+        results = collect(args, key)[0]
+        old, new = seed_cells(results, ["old_test_acc", "new_test_acc"])
+        print(f"{key}: old task {old}% test (before {pct(results[0]['old_test_acc_before'])}%), new task {new}% test")
 
 
 if __name__ == "__main__":

@@ -1,3 +1,5 @@
+import pytest
+
 import bench
 
 
@@ -10,3 +12,22 @@ def test_bench_prints_its_table_in_a_tiny_configuration(tmp_path, capsys):
                     "data pipeline"):
         assert measure in printed and measure in table
     assert "x the time" in table and "x faster" in table
+
+
+def test_make_plan_arithmetic(tmp_path, monkeypatch, capsys):
+    rates = {k: 1e-4 for k in ("teacher_train", "teacher_eval", "student_train", "student_eval", "face_train", "face_eval")}
+    monkeypatch.setattr(bench, "probe", lambda *a: rates)  # the timing is not tested, the arithmetic is
+    steps = bench.main(["--plan", "--out", str(tmp_path), "--device", "cpu", "--teacher-args", "--epochs 30 --batch 512",
+                        "--kd-args", "--epochs 30 --batch 512 --seeds 3 --group 10",
+                        "--cl-args", f"--epochs 20 --batch 128 --seeds 3 --data {tmp_path}"])
+    s = {name: (runs, sgd, group, sec, disk) for name, runs, sgd, group, sec, disk in steps}
+    assert s["teacher"][1] == 30 * (50000 // 512) == 2910
+    assert s["teacher"][3] == pytest.approx(30 * (50000 + 60000) * 1e-4)  # training + evaluation passes
+    assert s["kd-table"][0] == "5 students x 3 seed(s)" and s["kd-table"][2] == 15 and s["kd-table"][4] == 15 * 187e6
+    # per epoch: the teacher on 3 seeds' batches, 15 students' steps, their evaluations (train, test, test CE)
+    assert s["kd-table"][3] == pytest.approx(60000e-4 + 30 * (3 * 50000 + 15 * 50000 + 15 * 70000) * 1e-4)
+    assert s["kd-sweep"][0] == "30 students in 3 group(s)" and s["kd-sweep"][1] == 3 * 30 * 97
+    assert s["continual"][0] == "5 methods x 3 seed(s)" and s["continual"][1] == 5 * 3 * 20 * (4000 // 128)
+    out = capsys.readouterr().out
+    assert "| all |" in out and "Downloads: CIFAR-10 (163 MB): needed" in out
+    assert (tmp_path / "plan.md").exists()

@@ -100,34 +100,64 @@ class Small(nn.Module):
         return self.fc(self.body(x))
 
 
-def test_lwf_keeps_more_of_the_old_task_than_fine_tuning_all_layers_at_the_same_rate(tmp_path):
+@pytest.fixture(scope="module")
+def pair_of_tasks(tmp_path_factory):
+    """The old task (synthetic CIFAR-10, a Small teacher trained on it) and a new task (10 other patterns):
+    the old-task test accuracy before, and after each method at the same rates (100% of 0.05, 1 warm-up epoch)."""
+    tmp = tmp_path_factory.mktemp("pair")
     torch.manual_seed(0)
-    write_synthetic_cifar(str(tmp_path / "old"), n_train=400, n_test=200)
-    cifar = load_cifar10(str(tmp_path / "old"), torch.device("cpu"))
+    write_synthetic_cifar(str(tmp / "old"), n_train=400, n_test=200)
+    cifar = load_cifar10(str(tmp / "old"), torch.device("cpu"))
     old_test = Batches(*cifar["test"], batch_size=256)
     teacher, gen = Small(), torch.Generator().manual_seed(0)
     train = Batches(*cifar["train"], batch_size=32, shuffle=True, augment=True, gen=gen)
     opt = sgd(teacher.parameters(), 0.05)
-    fit(teacher, cross_entropy, opt, warmup_cosine(opt, 8 * len(train), 0), train, {}, 8,
-        str(tmp_path / "teacher"), {}, gen)
+    fit(teacher, cross_entropy, opt, warmup_cosine(opt, 8 * len(train), 0), train, {}, 8, str(tmp / "teacher"), {}, gen)
     before = evaluate(ContinualNet(copy.deepcopy(teacher), 10), q2.old_task, old_test)[1]
-    assert before > 60
-    g = torch.Generator().manual_seed(1)  # the new task: 10 other patterns
+    g = torch.Generator().manual_seed(1)
     labels = torch.arange(300) % 10
     faces = (_samples(_prototypes(10, 32, seed=7), labels, g), labels)
     after = {}
-    for lam in (0.0, 1.0):  # lambda_o = 0 is fine-tuning every layer, with the same warm-up and rates
-        args = q2.parse(["--subjects", "10", "--lwf-lr", "100", "--lwf-warmup", "1", "--lwf-lambda", str(lam),
-                         "--epochs", "6"])
-        net, groups, on_epoch = q2.build("lwf", teacher, args, 0.05)
+    runs = [("lwf", v) for v in (0.0, 0.3, 1.0, 3.0)] + [("joint", None), ("ft-all", None)]
+    for method, lam in runs:  # lambda_o = 0 is fine-tuning every layer, with the same warm-up and rates
+        args = q2.parse(["--subjects", "10", "--lwf-lr", "100", "--ft-all-lr", "100", "--lwf-warmup", "1",
+                         "--lwf-lambda", str(lam or 0), "--epochs", "6"])
+        net, groups, on_epoch = q2.build(method, teacher, args, 0.05)
         gen = torch.Generator().manual_seed(0)
         train = Batches(*faces, batch_size=32, shuffle=True, augment=True, gen=gen)
+        loss = q2.lwf_loss(copy.deepcopy(teacher).eval(), 2.0, lam) if method == "lwf" else q2.new_task
+        if method == "joint":
+            train, loss = q2.JointBatches(train, Batches(*cifar["train"], batch_size=32, shuffle=True, gen=gen)), q2.joint_loss
         opt = sgd(groups, 0.05)
-        fit(net, q2.lwf_loss(copy.deepcopy(teacher).eval(), 2.0, lam), opt, warmup_cosine(opt, 6 * len(train), 0),
-            train, {}, 6, str(tmp_path / f"lwf{lam}"), {}, gen, on_epoch=on_epoch)
-        after[lam] = evaluate(net, q2.old_task, old_test)[1]
+        fit(net, loss, opt, warmup_cosine(opt, 6 * len(train), 0), train, {}, 6, str(tmp / f"{method}{lam}"), {}, gen,
+            on_epoch=on_epoch)
+        after[method if lam is None else lam] = evaluate(net, q2.old_task, old_test)[1]
     print("old-task accuracy before", before, "after", after)
+    return before, after
+
+
+def test_lwf_keeps_more_of_the_old_task_than_fine_tuning_all_layers_at_the_same_rate(pair_of_tasks):
+    before, after = pair_of_tasks
+    assert before > 60
     assert after[1.0] > after[0.0] + 5, (before, after)
+
+
+def test_joint_training_keeps_the_old_task_at_least_as_well_as_lwf(pair_of_tasks):
+    before, after = pair_of_tasks
+    assert after["joint"] >= after[1.0], after
+
+
+def test_fine_tuning_every_layer_forgets_the_most(pair_of_tasks):
+    before, after = pair_of_tasks
+    assert after["ft-all"] < min(v for k, v in after.items() if k != "ft-all"), after
+    assert after["ft-all"] < before - 10
+
+
+def test_the_lwf_sweep_moves_toward_the_old_task_as_lambda_o_grows(pair_of_tasks):
+    _, after = pair_of_tasks
+    sweep = [after[v] for v in (0.0, 0.3, 1.0, 3.0)]
+    # each step toward the old task, up to one standard error of 200 test images (about 2.3 points)
+    assert all(b >= a - 2.3 for a, b in zip(sweep, sweep[1:])) and sweep[-1] > sweep[0] + 10, sweep
 
 
 def test_a_continual_run_of_another_teacher_is_refused(out, cifar_root, faces_root):
@@ -138,3 +168,18 @@ def test_a_continual_run_of_another_teacher_is_refused(out, cifar_root, faces_ro
     with pytest.raises(SystemExit) as e:
         run(out, cifar_root, faces_root, "--methods", "fe")
     assert "continual/fe was made with another teacher" in str(e.value)
+
+
+def test_the_five_methods_with_seeds_write_the_table_the_csv_and_the_trade_off(out, cifar_root, faces_root):
+    run(out, cifar_root, faces_root, "--seeds", "2", "--ft-layers", "conv5_x:10", "--lwf-sweep", "1")
+    table = (out / "tables" / "continual_table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "±" in line]
+    assert len(rows) == 10 and all(line.count(" (2) |") == 2 for line in rows)  # 5 methods x old/new, mean ± std (2)
+    assert table.index("| LwF |") < table.index("*References beyond the assignment*") < table.index("| Joint training")
+    per_seed = (out / "tables" / "continual_table.csv").read_text().splitlines()
+    assert len(per_seed) == 1 + 5 * 2 and per_seed[0].startswith("method,seed,old_train_acc")
+    assert (out / "tables" / "continual_table.tex").read_text().count(r"\\") >= 11
+    fe = [json.load(open(out / "continual" / f / "result.json")) for f in ("fe", "fe_seed1")]
+    assert [r["seed"] for r in fe] == [0, 1] and fe[0]["old_test_acc"] == fe[1]["old_test_acc"] == fe[0]["old_test_acc_before"]
+    assert (out / "continual" / "tradeoff.png").exists() and (out / "continual" / "lwf_lam0_seed1" / "result.json").exists()
+    assert "| 0 |" in (out / "tables" / "lwf_sweep.md").read_text()

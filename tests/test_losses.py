@@ -54,3 +54,19 @@ def test_kd_gradient_at_lam1_is_T_times_the_softmax_difference_over_the_batch():
 def test_kd_loss_rejects_bad_T_and_lam(T, lam):
     with pytest.raises(ValueError):
         kd_loss(torch.randn(2, 10), torch.randn(2, 10), torch.tensor([0, 1]), T, lam)
+
+
+def test_the_kl_form_is_the_ce_form_minus_the_teachers_entropy_with_the_same_gradient():
+    T, lam = 20.0, 0.7
+    entropy = sum(-sum(p * math.log(p) for p in softmax(t, T)) for t in TL) / 2
+    ce = kd_loss(torch.tensor(S), torch.tensor(TL), torch.tensor(Y), T, lam).item()
+    kl = kd_loss(torch.tensor(S), torch.tensor(TL), torch.tensor(Y), T, lam, kl=True).item()
+    assert kl == pytest.approx(ce - lam * T * T * entropy, rel=1e-5, abs=1e-5)
+    t = torch.randn(6, 10)
+    assert kd_loss(t.clone(), t, torch.zeros(6, dtype=torch.long), 20.0, 1.0, kl=True).item() == pytest.approx(0, abs=1e-4)
+    grads = []
+    for form in (False, True):
+        s = torch.randn(6, 10, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        kd_loss(s, t, torch.arange(6), 5.0, 0.4, kl=form).backward()
+        grads.append(s.grad)
+    assert torch.allclose(*grads, atol=1e-6)

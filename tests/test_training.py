@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def data():
     return x, y
 
 
-def run(run_dir, epochs=3, config=None, loss_fn=cross_entropy, on_epoch=None, lr=0.05):
+def run(run_dir, epochs=3, config=None, loss_fn=cross_entropy, on_epoch=None, lr=0.05, **kw):
     torch.manual_seed(0)
     model = Tiny()
     x, y = data()
@@ -44,7 +45,7 @@ def run(run_dir, epochs=3, config=None, loss_fn=cross_entropy, on_epoch=None, lr
     opt = sgd(model.parameters(), lr)
     sched = warmup_cosine(opt, epochs * len(train), len(train))
     return fit(model, loss_fn, opt, sched, train, evals, epochs, str(run_dir), config or {"lr": lr}, gen,
-               extra=lambda m: {"extra": 1.0}, on_epoch=on_epoch)
+               extra=lambda m: {"extra": 1.0}, on_epoch=on_epoch, **kw)
 
 
 def without_time(history):
@@ -247,3 +248,36 @@ def test_cudnn_autotuning_is_on_for_every_cuda_run(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     assert common.get_device("") == torch.device("cuda")  # the default path, DEVICE not given
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_checkpoints_every_k_epochs_resume_from_the_last_one_written(tmp_path):
+    full = run(tmp_path / "full", epochs=5)
+
+    def stop(epoch):
+        if epoch == 5:
+            raise KeyboardInterrupt  # after epoch 4: the checkpoint of epoch 3 (every 3 epochs) is the last
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", epochs=5, on_epoch=stop, ckpt_every=3)
+    assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["epoch"] == 3
+    assert len(json.load(open(tmp_path / "cut" / "history.json"))) == 4  # the history is written every epoch
+    resumed = run(tmp_path / "cut", epochs=5, ckpt_every=3)
+    assert without_time(resumed) == without_time(full)  # epochs 4 and 5 once each, the same numbers
+
+
+def test_automatic_checkpoint_interval_keeps_writes_under_5_percent(tmp_path, monkeypatch, capsys):
+    import common
+    real = common.save_atomic
+
+    def slow(obj, path):  # a write that takes far longer than the tiny epoch
+        time.sleep(0.5)
+        real(obj, path)
+    monkeypatch.setattr(common, "save_atomic", slow)
+    run(tmp_path / "run", epochs=4, ckpt_every=0)
+    k = int(re.search(r"every (\d+) epoch", capsys.readouterr().out)[1])
+    assert k > 4  # so only the first and the last epoch were written
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["epoch"] == 4
+
+
+def test_final_only_splits_are_measured_at_the_last_epoch(tmp_path):
+    h = run(tmp_path / "run", epochs=3, final_only=("train",))
+    assert [r["train_acc"] is None for r in h] == [True, True, False] and all(r["test_acc"] is not None for r in h)
