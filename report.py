@@ -95,8 +95,10 @@ def q1_observations(out):
             acc.setdefault(r["model"], []).append(float(r["test_acc"]))
     labels = {label: (T, lam) for label, T, lam in TABLE}
     base, teacher = TABLE[0][0], acc.get("Teacher Network (Part A)")
-    obs = [verdict(acc[label], acc[base], f"{label} (T = {labels[label][0]:g}, λ = {labels[label][1]:g}) against "
-                                          f"λ = 0, test accuracy") for label, *_ in TABLE[1:] if label in acc and base in acc]
+    named = {label: label + (f" (T = {T:g}, λ = {lam:g})" if label.startswith("KD") else f", T = {T:g},")
+             for label, T, lam in TABLE}
+    obs = [verdict(acc[label], acc[base], f"{named[label]} against λ = 0, test accuracy")
+           for label, *_ in TABLE[1:] if label in acc and base in acc]
     kd = [(label, T) for label, T, lam in TABLE if lam == 0.1 and label in acc]
     obs += [verdict(acc[b], acc[a], f"effect of T at λ = 0.1: T = {tb:g} against T = {ta:g}")
             for (a, ta), (b, tb) in zip(kd, kd[1:])]

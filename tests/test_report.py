@@ -59,7 +59,7 @@ def test_observations_are_differences_with_their_seed_spread_and_a_verdict(tmp_p
     # KD 1 against λ = 0: +4.00; standard error sqrt(1/3 + 1/3) = 0.816; 4 > 2 x 0.816
     assert "KD 1 (T = 5, λ = 0.1) against λ = 0, test accuracy: better by 4.00 ± 0.82 points (n = 3 and 3)" in obs
     # λ = 1: 70 - 71 = -1.00 ± sqrt(100/3 + 1/3) = 5.80: within noise
-    assert "Student Network (λ = 1) (T = 20, λ = 1) against λ = 0, test accuracy: within noise (-1.00 ± 5.80 points, " \
+    assert "Student Network (λ = 1), T = 20, against λ = 0, test accuracy: within noise (-1.00 ± 5.80 points, " \
            "n = 3 and 3)" in obs
     assert any(o.startswith("effect of T at λ = 0.1: T = 10 against T = 5: worse by 3.00 ± 0.82") for o in obs)
     # the gap: the best student (KD 1, 75) against the one teacher (95): worse by 20 ± 1/sqrt(3) = 0.58
