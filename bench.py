@@ -21,10 +21,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from common import (CIFAR10, MEAN, RESNET18_FILE, STD, Batches, Parser, StudentCNN, Students, autocast, group_size,
-                    cross_entropy, get_device, load_cifar10, load_teacher, md_table, normalize, positive, positive_int,
-                    precision, run, sgd, teacher_resnet18, train_epoch, warmup_cosine, write_synthetic_cifar)
-from q1b_kd import distill_loss
+from common import (CIFAR10, MEAN, RESNET18_FILE, STD, Batches, Parser, StudentCNN, Students, autocast, cross_entropy,
+                    distill_loss, get_device, group_size, load_cifar10, load_teacher, md_table, normalize, positive,
+                    positive_int, precision, run, sgd, teacher_resnet18, train_epoch, warmup_cosine, write_synthetic_cifar)
 
 
 class PilDataset(Dataset):

@@ -806,6 +806,64 @@ def cross_entropy(model, x, y, label_smoothing=0.0):
     return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing), logits
 
 
+def distill_loss(teacher, specs, chunks=1, kl=True):
+    """The loss function of a lock-step group: each student's kd_loss at its own (T, lam), stacked.
+    specs = [(T, lam, c)]: in training, student k learns from chunk c of the `chunks` seed batches.
+    Evaluation batches bring the teacher's cached logits `t` and serve every student; a training batch
+    gets them from one teacher forward pass (eval mode, no gradient) on exactly the augmented images the
+    students see. kl=True: the KL form of the soft term (same gradients, a curve that moves)."""
+    def loss(students, x, y, t=None):
+        if t is None:
+            with torch.no_grad():
+                t = teacher(x)
+        n = chunks if students.training else 1
+        xs, ys, ts = x.chunk(n), y.chunk(n), t.chunk(n)
+        c = [spec[2] if students.training else 0 for spec in specs]
+        s = torch.stack([m(xs[c[k]]) for k, m in enumerate(students)])
+        return torch.stack([kd_loss(s[k], ts[c[k]], ys[c[k]], T, lam, kl=kl) for k, (T, lam, _) in enumerate(specs)]), s
+    return loss
+
+
+def hard_ce(students, x, y, t=None):
+    """Each student's cross-entropy with the labels: a measure that compares students of any T and lam."""
+    s = students(x)
+    return torch.stack([F.cross_entropy(z.float(), y) for z in s]), s
+
+
+def old_task(net, x, y):
+    """The old head's CIFAR-10 loss: a loss function of the training loop."""
+    old = net(x)[0]
+    return F.cross_entropy(old.float(), y), old
+
+
+def new_task(net, x, y):
+    """The new head's face-recognition loss (feature extraction, fine-tuning)."""
+    new = net(x)[1]
+    return F.cross_entropy(new.float(), y), new
+
+
+def lwf_loss(original, T, lambda_o):
+    """LwF (Li & Hoiem, eq. 2-3): CE(new) + lambda_o * CE(softmax(y_o/T), softmax(old/T)), where y_o is
+    the ORIGINAL network's old-task output on the same batch (no T^2 factor, as in the paper)."""
+    def loss(net, x, y, y_o=None):
+        if y_o is None:  # a training batch: the frozen original sees the same augmented images
+            with torch.no_grad():
+                y_o = original(x)
+        old, new = net(x)
+        return F.cross_entropy(new.float(), y) + lambda_o * soft_cross_entropy(old, y_o, T), new
+    return loss
+
+
+def joint_loss(net, x, y, x_old=None, y_old=None):
+    """Joint training: CE(new head, faces) + CE(old head, CIFAR-10), each task on its own head; evaluation
+    batches (faces only) measure the new task."""
+    new = net(x)[1]
+    loss = F.cross_entropy(new.float(), y)
+    if x_old is not None:
+        loss = loss + F.cross_entropy(net(x_old)[0].float(), y_old)
+    return loss, new
+
+
 # =============================================================================
 # Training loop
 # =============================================================================

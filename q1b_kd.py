@@ -15,13 +15,12 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
-from common import (Batches, Parser, SeedBatches, StudentCNN, Students, die, diverged, evaluate, file_sha256, finish,
-                    finished, fit, flag, fraction, get_device, group_size, kd_loss, load_cifar10, load_teacher,
-                    mean_std, nonneg, nonneg_int, pct, plot_compare, plot_curves, plot_heatmap, positive,
-                    positive_int, precision, predict, read_json, run, seed_cells, seed_runs, sgd, warmup_cosine,
-                    write_json, write_table)
+from common import (Batches, Parser, SeedBatches, StudentCNN, Students, die, distill_loss, diverged, evaluate,
+                    file_sha256, finish, finished, fit, flag, fraction, get_device, group_size, hard_ce,
+                    load_cifar10, load_teacher, mean_std, nonneg, nonneg_int, pct, plot_compare, plot_curves,
+                    plot_heatmap, positive, positive_int, precision, predict, read_json, run, seed_cells, seed_runs,
+                    sgd, warmup_cosine, write_json, write_table)
 
 # The assignment's table (Q1B (4)): label, T, lam. lam = 0 is plain cross-entropy, so its T is moot.
 TABLE = [("Student Network (λ = 0)", 1.0, 0.0), ("Student Network (λ = 1)", 20.0, 1.0),
@@ -73,30 +72,6 @@ def parse(argv=None):
 def name(T, lam, i=0):
     """A student's folder name under out/kd/ (seed i > 0 gets a suffix)."""
     return ("lam0" if lam == 0 else f"T{T:g}_lam{lam:g}") + (f"_seed{i}" if i else "")
-
-
-def distill_loss(teacher, specs, chunks=1, kl=True):
-    """The loss function of a lock-step group: each student's kd_loss at its own (T, lam), stacked.
-    specs = [(T, lam, c)]: in training, student k learns from chunk c of the `chunks` seed batches.
-    Evaluation batches bring the teacher's cached logits `t` and serve every student; a training batch
-    gets them from one teacher forward pass (eval mode, no gradient) on exactly the augmented images the
-    students see. kl=True: the KL form of the soft term (same gradients, a curve that moves)."""
-    def loss(students, x, y, t=None):
-        if t is None:
-            with torch.no_grad():
-                t = teacher(x)
-        n = chunks if students.training else 1
-        xs, ys, ts = x.chunk(n), y.chunk(n), t.chunk(n)
-        c = [spec[2] if students.training else 0 for spec in specs]
-        s = torch.stack([m(xs[c[k]]) for k, m in enumerate(students)])
-        return torch.stack([kd_loss(s[k], ts[c[k]], ys[c[k]], T, lam, kl=kl) for k, (T, lam, _) in enumerate(specs)]), s
-    return loss
-
-
-def hard_ce(students, x, y, t=None):
-    """Each student's cross-entropy with the labels: a measure that compares students of any T and lam."""
-    s = students(x)
-    return torch.stack([F.cross_entropy(z.float(), y) for z in s]), s
 
 
 def train_group(group, specs, teacher, data, t_logits, args, shared, device):

@@ -15,13 +15,12 @@ import copy
 import os
 
 import torch
-import torch.nn.functional as F
 
 from common import (DIGIFACE_URL, Batches, ContinualNet, JointBatches, Parser, die, evaluate, fetch_digiface,
-                    file_sha256, finish, finished, fit, flag, get_device, load_cifar10, load_faces, load_teacher,
-                    nonneg, nonneg_int, parse_layers, pct, plot_compare, plot_curves, plot_tradeoff, positive,
-                    positive_int, precision, predict, read_json, resnet_layers, run, seed_cells, seed_runs, sgd,
-                    soft_cross_entropy, warmup_cosine, write_json, write_table)
+                    file_sha256, finish, finished, fit, flag, get_device, joint_loss, load_cifar10, load_faces,
+                    load_teacher, lwf_loss, new_task, nonneg, nonneg_int, old_task, parse_layers, pct, plot_compare,
+                    plot_curves, plot_tradeoff, positive, positive_int, precision, predict, read_json, resnet_layers,
+                    run, seed_cells, seed_runs, sgd, warmup_cosine, write_json, write_table)
 
 METHODS = {"fe": "Feature Extraction", "ft": "Fine Tuning", "lwf": "LwF",  # the assignment's three, then references
            "joint": "Joint training (reference)", "ft-all": "Fine-tuning all layers (reference)"}
@@ -74,41 +73,7 @@ def parse(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------- the three methods
-
-def old_task(net, x, y):
-    """The old head's CIFAR-10 loss: a loss function of the training loop."""
-    old = net(x)[0]
-    return F.cross_entropy(old.float(), y), old
-
-
-def new_task(net, x, y):
-    """The new head's face-recognition loss (feature extraction, fine-tuning)."""
-    new = net(x)[1]
-    return F.cross_entropy(new.float(), y), new
-
-
-def lwf_loss(original, T, lambda_o):
-    """LwF (Li & Hoiem, eq. 2-3): CE(new) + lambda_o * CE(softmax(y_o/T), softmax(old/T)), where y_o is
-    the ORIGINAL network's old-task output on the same batch (no T^2 factor, as in the paper)."""
-    def loss(net, x, y, y_o=None):
-        if y_o is None:  # a training batch: the frozen original sees the same augmented images
-            with torch.no_grad():
-                y_o = original(x)
-        old, new = net(x)
-        return F.cross_entropy(new.float(), y) + lambda_o * soft_cross_entropy(old, y_o, T), new
-    return loss
-
-
-def joint_loss(net, x, y, x_old=None, y_old=None):
-    """Joint training: CE(new head, faces) + CE(old head, CIFAR-10), each task on its own head; evaluation
-    batches (faces only) measure the new task."""
-    new = net(x)[1]
-    loss = F.cross_entropy(new.float(), y)
-    if x_old is not None:
-        loss = loss + F.cross_entropy(net(x_old)[0].float(), y_old)
-    return loss, new
-
+# ----------------------------------------------------------------------------- the methods
 
 def build(method, teacher, args, lr, seed=None):
     """The two-headed network, its parameter groups (each with its lr) and the per-epoch hook."""

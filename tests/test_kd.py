@@ -83,7 +83,7 @@ def test_a_diverging_student_stops_alone_the_tables_say_so_and_the_exit_is_non_z
                                                                                      monkeypatch):
     out = tmp_path / "out"
     shutil.copytree(teacher_out, out)
-    real, calls = q1b_kd.kd_loss, []
+    real, calls = common.kd_loss, []
 
     def kd_loss(s, t, y, T, lam, kl=False):  # student T=8 turns NaN at its 5th training step: epoch 2, step 2 (3 per epoch)
         loss = real(s, t, y, T, lam, kl)
@@ -92,7 +92,7 @@ def test_a_diverging_student_stops_alone_the_tables_say_so_and_the_exit_is_non_z
             if len(calls) >= 5:
                 loss = loss * float("nan")
         return loss
-    monkeypatch.setattr(q1b_kd, "kd_loss", kd_loss)
+    monkeypatch.setattr(common, "kd_loss", kd_loss)  # what distill_loss calls
     argv = args(cifar_root, out, "--sweep", "--sweep-T", "4", "8", "--sweep-lam", "0.5")
     with pytest.raises(SystemExit) as e:
         q1b_kd.main(argv)
@@ -103,7 +103,7 @@ def test_a_diverging_student_stops_alone_the_tables_say_so_and_the_exit_is_non_z
     assert "diverged" not in good and (out / "kd" / "T4_lam0.5" / "model.pt").exists()
     assert "| 8 | diverged at epoch 2, step 2 |" in (out / "tables" / "kd_sweep.md").read_text()
     assert not (out / "kd" / "sweep1" / "checkpoint.pt").exists()
-    monkeypatch.setattr(q1b_kd, "kd_loss", real)
+    monkeypatch.setattr(common, "kd_loss", real)
     with pytest.raises(SystemExit) as again:  # a rerun trains nothing and still says so
         q1b_kd.main(argv)
     assert str(again.value) == str(e.value)
