@@ -824,12 +824,6 @@ def distill_loss(teacher, specs, chunks=1, kl=True):
     return loss
 
 
-def hard_ce(students, x, y, t=None):
-    """Each student's cross-entropy with the labels: a measure that compares students of any T and lam."""
-    s = students(x)
-    return torch.stack([F.cross_entropy(z.float(), y) for z in s]), s
-
-
 def old_task(net, x, y):
     """The old head's CIFAR-10 loss: a loss function of the training loop."""
     old = net(x)[0]
@@ -929,17 +923,21 @@ def _num(t):
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, data):
-    """Mean loss and accuracy (%) of `model` in eval mode over `data`; lists for a lock-step group."""
+def evaluate(model, loss_fn, data, ce=False):
+    """Mean loss and accuracy (%) of `model` in eval mode over `data`, and with `ce` the cross-entropy of
+    its logits with the labels, from the same pass; lists for a lock-step group."""
     model.eval()
-    loss_sum = correct = n = 0
+    loss_sum = correct = ce_sum = n = 0
     for x, y, *rest in data:
         with autocast(x.device):
             loss, logits = loss_fn(model, x, y, *rest)
         loss_sum = loss_sum + loss.float() * len(y)
         correct = correct + (logits.argmax(-1) == y).sum(-1)
+        if ce:  # per student of a group: logits (K, B, C)
+            ce_sum = ce_sum + F.cross_entropy(logits.float().movedim(-1, 1), y.expand(logits.shape[:-1]),
+                                              reduction="none").sum(-1)
         n += len(y)
-    return _num(loss_sum / n), _num(100.0 * correct / n)
+    return (_num(loss_sum / n), _num(100.0 * correct / n)) + ((_num(ce_sum / n),) if ce else ())
 
 
 @torch.no_grad()
@@ -982,14 +980,15 @@ def train_epoch(model, loss_fn, opt, sched, data, desc="", clip=0.0, log=None):
 
 
 def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, extra=None, on_epoch=None,
-        group=False, clip=0.0, final_only=(), ckpt_every=1):
+        group=False, clip=0.0, final_only=(), ckpt_every=1, ce=()):
     """Train for `epochs`, then after each epoch evaluate on `evals` ({'train': ..., 'test': ...}, the
     same loss function, eval mode, un-augmented), add `extra(model)`'s metrics, print a row and write
     an atomic checkpoint. Resumes from run_dir/checkpoint.pt (refusing a changed config); returns the
     history, one dict per epoch. `on_epoch(epoch)` runs before each epoch (e.g. to unfreeze layers).
     A non-finite loss stops the run; in a lock-step `group`, only the student whose loss it was: its
     rows record `diverged_at` (the step, per student), and the group stops when none is left.
-    `final_only`: splits of `evals` measured at the last epoch only (their rows hold None before).
+    `final_only`: splits of `evals` measured at the last epoch only (their rows hold None before); `ce`:
+    splits whose cross-entropy with the labels is recorded too (`<split>_ce`), from the same pass.
     `ckpt_every`: checkpoint every k epochs and at the last; 0: k chosen after the first write so that
     writes take under 5% of the training time (the last completed checkpoint resumes)."""
     gens = gen if isinstance(gen, (list, tuple)) else [gen]  # the data generators (one per seed of a group)
@@ -1029,7 +1028,9 @@ def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, 
         row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
         for split, data in evals.items():
             skip = split in final_only and epoch < epochs
-            row[f"{split}_loss"], row[f"{split}_acc"] = (None, None) if skip else evaluate(model, loss_fn, data)
+            row[f"{split}_loss"], row[f"{split}_acc"], *more = (None, None) if skip else evaluate(model, loss_fn, data,
+                                                                                            ce=split in ce)
+            row.update({f"{split}_ce": more[0]} if more else {})
         row.update(extra(model) if extra else {})
         row["seconds"] = round(time.time() - t0, 2)
         if group:

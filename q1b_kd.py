@@ -16,8 +16,8 @@ import os
 
 import torch
 
-from common import (Batches, Parser, SeedBatches, StudentCNN, Students, die, distill_loss, diverged, evaluate,
-                    file_sha256, finish, finished, fit, flag, fraction, get_device, group_size, hard_ce,
+from common import (Batches, Parser, SeedBatches, StudentCNN, Students, die, distill_loss, diverged,
+                    file_sha256, finish, finished, fit, flag, fraction, get_device, group_size,
                     load_cifar10, load_teacher, mean_std, nonneg, nonneg_int, pct, plot_compare, plot_curves,
                     plot_heatmap, positive, positive_int, precision, predict, read_json, run, seed_cells, seed_runs,
                     sgd, warmup_cosine, write_json, write_table)
@@ -101,7 +101,7 @@ def train_group(group, specs, teacher, data, t_logits, args, shared, device):
     loss_fn = distill_loss(teacher, [(T, lam, seeds.index(i)) for T, lam, i in specs], len(seeds))
     history = fit(students, loss_fn, opt, sched, train, evals, args.epochs, os.path.join(kd, group),
                   shared | {"students": [list(p) for p in specs]}, gens, group=True, clip=args.clip,
-                  extra=lambda m: {"test_ce": evaluate(m, hard_ce, evals["test"])[0]}, ckpt_every=args.ckpt_every,
+                  ce=("test",), ckpt_every=args.ckpt_every,  # test_ce: students of any T and λ compared
                   final_only=("train",) if args.sweep else ())  # the sweep's table needs final numbers only
     dead = diverged(history)
     for k, (T, lam, i) in enumerate(specs):

@@ -109,10 +109,16 @@ def run_dir(args, key, i=0):
     return os.path.join(args.out, "continual", key + (f"_seed{i}" if i else ""))
 
 
+def sweep_key(args, lambda_o):
+    """The folder of LwF at lambda_o: the LwF run itself at LWF_LAMBDA (trained once), lwf_lam<λo> otherwise."""
+    return "lwf" if lambda_o == args.lwf_lambda else f"lwf_lam{lambda_o:g}"
+
+
 def runs_asked(args):
     """(folder key, method, lambda_o) of every run asked for: the methods, then the LwF sweep with lambda_o = 0."""
     sweep = sorted(set(args.lwf_sweep) | {0.0}) if args.lwf_sweep else []
-    return [(m, m, args.lwf_lambda) for m in args.methods] + [(f"lwf_lam{v:g}", "lwf", v) for v in sweep]
+    runs = {m: (m, args.lwf_lambda) for m in args.methods} | {sweep_key(args, v): ("lwf", v) for v in sweep}
+    return [(key, m, v) for key, (m, v) in runs.items()]
 
 
 def method_config(method, args, lr, i=0, lambda_o=None):
@@ -209,8 +215,9 @@ def write_outputs(args, lr, device):
     if forgetting:
         plot_compare(forgetting, os.path.join(out, "forgetting.png"), "Old task (CIFAR-10 test) while learning faces",
                      "old-task test accuracy (%)")
-    sweep = {float(d[len("lwf_lam"):]): collect(args, d) for d in sorted(os.listdir(out))
-             if d.startswith("lwf_lam") and "_seed" not in d} if os.path.isdir(out) else {}
+    done = {float(d[len("lwf_lam"):]) for d in (os.listdir(out) if os.path.isdir(out) else [])
+            if d.startswith("lwf_lam") and "_seed" not in d}
+    sweep = {v: collect(args, sweep_key(args, v)) for v in done | ({args.lwf_lambda} if done else set())}
     sweep = {v: r[0] for v, r in sorted(sweep.items()) if r}
     if sweep:
         write_table(os.path.join(tables, "lwf_sweep.md"), "LwF's trade-off over λo (λo = 0: fine-tuning at LwF's rates)",

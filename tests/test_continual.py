@@ -182,4 +182,6 @@ def test_the_five_methods_with_seeds_write_the_table_the_csv_and_the_trade_off(o
     fe = [json.load(open(out / "continual" / f / "result.json")) for f in ("fe", "fe_seed1")]
     assert [r["seed"] for r in fe] == [0, 1] and fe[0]["old_test_acc"] == fe[1]["old_test_acc"] == fe[0]["old_test_acc_before"]
     assert (out / "continual" / "tradeoff.png").exists() and (out / "continual" / "lwf_lam0_seed1" / "result.json").exists()
-    assert "| 0 |" in (out / "tables" / "lwf_sweep.md").read_text()
+    sweep = (out / "tables" / "lwf_sweep.md").read_text()
+    assert "| 0 |" in sweep and "| 1 |" in sweep  # λo = 1 is the LwF run itself, trained once
+    assert not (out / "continual" / "lwf_lam1").exists()

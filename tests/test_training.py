@@ -281,3 +281,8 @@ def test_automatic_checkpoint_interval_keeps_writes_under_5_percent(tmp_path, mo
 def test_final_only_splits_are_measured_at_the_last_epoch(tmp_path):
     h = run(tmp_path / "run", epochs=3, final_only=("train",))
     assert [r["train_acc"] is None for r in h] == [True, True, False] and all(r["test_acc"] is not None for r in h)
+
+
+def test_the_cross_entropy_with_the_labels_comes_from_the_same_pass(tmp_path):
+    h = run(tmp_path / "run", epochs=2, ce=("test",))  # the loss is plain cross-entropy: the two must agree
+    assert all(r["test_ce"] == pytest.approx(r["test_loss"], rel=1e-5) for r in h) and "train_ce" not in h[0]
