@@ -215,7 +215,8 @@ def pdf_table_page(pdf, heading, title, rows, notes, observations):
     fig.text(0.04, 0.96, heading, fontsize=10, color="0.4", va="top")
     fig.text(0.04, 0.92, title, fontsize=13, weight="bold", va="top")
     widths = column_widths(rows, 150)
-    cells = [["\n".join(textwrap.wrap(c.replace("**", ""), w) or [""]) for c, w in zip(r, widths)] for r in rows]
+    plain = lambda c: re.sub(r"^\*(.+)\*$", r"\1", c.replace("**", ""))  # noqa: E731  (Markdown emphasis)
+    cells = [["\n".join(textwrap.wrap(plain(c), w) or [""]) for c, w in zip(r, widths)] for r in rows]
     lines = [max(c.count("\n") + 1 for c in r) for r in cells]
     line_h = 0.024  # figure fraction per text line at 9 pt
     height = line_h * (sum(lines) + len(lines) * 0.6)
@@ -231,7 +232,7 @@ def pdf_table_page(pdf, heading, title, rows, notes, observations):
         if r == 0:
             cell.set_facecolor("0.92")
             cell.set_text_props(weight="bold")
-    text = [w for n in notes for w in textwrap.wrap(n, 170)]
+    text = [w for n in notes for w in textwrap.wrap(n.replace("\\*", "*"), 170)]
     if observations:
         text += ["", "Observations (computed from the runs under out/):"] + \
                 [w for o in observations for w in textwrap.wrap(o, 165, initial_indent="- ", subsequent_indent="  ")]
