@@ -74,7 +74,10 @@ help:
 
 # Install. A fresh Ubuntu 24.04 / Debian 12 Python refuses `pip install` (PEP 668), so requirements.txt
 # goes into a project .venv made with --system-site-packages: a box's preinstalled CUDA torch is reused,
-# not downloaded again. PYTHON=/path/to/python skips the venv and installs into that interpreter.
+# not downloaded again, if torch and torchvision import together; if they do not (a torchvision built
+# for another torch: "operator torchvision::nms does not exist"), a matching pair goes into .venv.
+# PYTHON=/path/to/python skips the venv and installs into that interpreter.
+IMPORTS = e=$$($(PYTHON) -c 'import torch, torchvision' 2>&1) || { e=$$(printf '%s\n' "$$e" | tail -n 1); false; }
 ifeq ($(strip $(PYTHON)),)
 PYTHON := .venv/bin/python
 STAMP  := .venv/.installed
@@ -82,11 +85,15 @@ $(STAMP): requirements.txt
 	@python3 -c 'import venv, ensurepip' 2>/dev/null || { echo "error: python3 cannot make a virtual environment (no venv/ensurepip module); install it with 'sudo apt install python3-venv', or give PYTHON=" >&2; exit 1; }
 	python3 -m venv --system-site-packages .venv
 	$(PYTHON) -m pip install -q -r requirements.txt
+	@$(IMPORTS) || { echo "the preinstalled torch and torchvision do not import together ($$e): installing a matching pair into .venv"; \
+	  grep -E '^torch' requirements.txt > .venv/torch.txt && $(PYTHON) -m pip install -q --ignore-installed -r .venv/torch.txt; }
+	@$(IMPORTS) || { echo "error: torch and torchvision in .venv do not import together: $$e" >&2; exit 1; }
 	@touch $@
 else
 STAMP  := .deps-installed
 $(STAMP): requirements.txt
 	$(PYTHON) -m pip install -q -r requirements.txt
+	@$(IMPORTS) || { echo "error: torch and torchvision in $(PYTHON) do not import together ($$e); install a matching pair there, or leave PYTHON empty for a project .venv" >&2; exit 1; }
 	@touch $@
 endif
 deps: $(STAMP)
