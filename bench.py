@@ -141,7 +141,7 @@ def plan(args, device):
     cseeds = c.seeds or (3 if device.type == "cuda" else 1)
     rates = probe(device, args.probe_batch or (512 if device.type == "cuda" else 16), c.face_size)
     n, n_test, faces, face_test = 50000, 10000, c.subjects * c.train_per_subject, c.subjects * (c.per_subject - c.train_per_subject)
-    fixed_k = {"teacher": 45e6, "student": 187e6, "q2": 45e6}
+    fixed_k = {"teacher": 45e6, "student": 94e6, "q2": 45e6}  # students kept in float16
     pairs = {(T if lam else 1.0, lam) for lam in k.sweep_lam for T in k.sweep_T}
     sweep_students = len(pairs) * k.sweep_seeds
     group = group_size(k, device)
@@ -170,7 +170,7 @@ def plan(args, device):
     rows = [[s, r, f"{st:,}", g, duration(sec), f"{disk / 1e9:.2f} GB"] for s, r, st, g, sec, disk in steps]
     total = sum(x[4] for x in steps)
     rows.append(["all", "", f"{sum(x[2] for x in steps):,}", "", duration(total), f"{sum(x[5] for x in steps) / 1e9:.2f} GB"])
-    peak = max(5 * seeds, group) * fixed_k["student"] * 2
+    peak = max(5 * seeds, group) * 187e6 * 2  # float32 weights + momentum
     data = c.data
     downloads = [("CIFAR-10 (163 MB)", not os.path.exists(os.path.join(data, CIFAR10.base_folder, "test_batch"))),
                  ("ImageNet ResNet18 weights (45 MB)", t.pretrained and not os.path.exists(

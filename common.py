@@ -1187,11 +1187,13 @@ def seed_runs(folders):
             [read_json(os.path.join(f, "history.json")) for f in folders])
 
 
-def finish(run_dir, model, history, result, title, loss_label=None):
-    """Write a finished run's final weights (none for a diverged model), curves and result.json (it
-    marks the run done), then remove its checkpoint: weights + momentum, not needed any more."""
+def finish(run_dir, model, history, result, title, loss_label=None, half=False):
+    """Write a finished run's final weights (none for a diverged model; with `half`, in float16: half
+    the disk), curves and result.json (it marks the run done), then remove its checkpoint: weights +
+    momentum, not needed any more."""
     if model is not None:
-        save_atomic(model.state_dict(), os.path.join(run_dir, "model.pt"))
+        state = {k: v.half() if half and v.is_floating_point() else v for k, v in model.state_dict().items()}
+        save_atomic(state, os.path.join(run_dir, "model.pt"))
     plot_curves([history], "loss", os.path.join(run_dir, "loss.png"), f"{title}: loss", loss_label)
     plot_curves([history], "acc", os.path.join(run_dir, "accuracy.png"), f"{title}: accuracy")
     write_json(os.path.join(run_dir, "result.json"), result)

@@ -23,7 +23,8 @@ def test_make_plan_arithmetic(tmp_path, monkeypatch, capsys):
     s = {name: (runs, sgd, group, sec, disk) for name, runs, sgd, group, sec, disk in steps}
     assert s["teacher"][1] == 30 * (50000 // 512) == 2910
     assert s["teacher"][3] == pytest.approx(30 * (50000 + 60000) * 1e-4)  # training + evaluation passes
-    assert s["kd-table"][0] == "5 students x 3 seed(s)" and s["kd-table"][2] == 15 and s["kd-table"][4] == 15 * 187e6
+    assert s["kd-table"][0] == "5 students x 3 seed(s)" and s["kd-table"][2] == 15 and s["kd-table"][4] == 15 * 94e6
+    assert 46_756_294 * 2 < 94e6 < 46_756_294 * 2 * 1.01  # a student's float16 weights (StudentCNN's docstring)
     # per epoch: the teacher on 3 seeds' batches, 15 students' steps, their evaluations (train, test, test CE)
     assert s["kd-table"][3] == pytest.approx(60000e-4 + 30 * (3 * 50000 + 15 * 50000 + 15 * 70000) * 1e-4)
     assert s["kd-sweep"][0] == "30 students in 3 group(s)" and s["kd-sweep"][1] == 3 * 30 * 97

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from common import load_cifar10
+from common import Batches, StudentCNN, load_cifar10, predict
 from conftest import ROOT
 
 
@@ -41,7 +41,15 @@ def test_make_demo_runs_the_whole_pipeline_offline(tmp_path):
     teacher = result("teacher")["test_acc"]
     students = {name: result(f"kd/{name}")["test_acc"] for name in ("lam0", "T20_lam1", "T5_lam0.1", "T10_lam0.1", "T20_lam0.1")}
     assert teacher >= max(students.values()) + 20, (teacher, students)  # a teacher well above its students
-    n_test = len(load_cifar10(str(demo / "data"), torch.device("cpu"))["test"][1])
+    cifar = load_cifar10(str(demo / "data"), torch.device("cpu"))
+    n_test = len(cifar["test"][1])
+    # a student's float16 model.pt gives back the accuracy it was trained to, within one test image
+    config = json.load(open(demo / "kd" / "T20_lam0.1" / "config.json"))
+    model = StudentCNN(bn=bool(config["bn"]), dropout=config["dropout"])
+    model.load_state_dict({k: v.float() for k, v in torch.load(demo / "kd" / "T20_lam0.1" / "model.pt", weights_only=True).items()})
+    logits = predict(model, Batches(cifar["test"][0], batch_size=100))
+    acc = 100 * (logits.argmax(1) == cifar["test"][1]).float().mean().item()
+    assert abs(acc - students["T20_lam0.1"]) <= 100 / n_test, (acc, students["T20_lam0.1"])
     p = students["lam0"] / 100
     noise = 2 * 100 * (2 * p * (1 - p) / n_test) ** 0.5  # two standard errors of a difference of two accuracies
     for name in ("T5_lam0.1", "T10_lam0.1", "T20_lam0.1"):
