@@ -83,9 +83,17 @@ fraction = _number(float, lambda x: 0 <= x <= 1, "in [0, 1]")
 flag = _number(int, lambda x: x in (0, 1), "0 or 1")
 
 
+NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # there when the box has an NVIDIA GPU and its driver
+
+
 def get_device(name=""):
-    """The training device: `name` (cpu, cuda, cuda:N) or, when empty, CUDA if present else CPU."""
+    """The training device: `name` (cpu, cuda, cuda:N) or, when empty, CUDA if present else CPU. On a GPU
+    box whose torch cannot use the GPU, an empty `name` stops: hours on the CPU are not what anyone wants."""
     if not name:
+        if not torch.cuda.is_available() and os.path.exists(NVIDIA_DRIVER):
+            die(f"this box has an NVIDIA GPU but torch {torch.__version__} cannot use it (a CPU build, or a CUDA "
+                "build newer than the driver: see nvidia-smi); install a CUDA build of torch that the driver "
+                "supports, or give DEVICE=cpu to train on the CPU")
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)

@@ -250,6 +250,19 @@ def test_cudnn_autotuning_is_on_for_every_cuda_run(monkeypatch):
     assert torch.backends.cudnn.benchmark is True
 
 
+def test_a_gpu_box_whose_torch_cannot_use_the_gpu_stops_unless_device_is_given(tmp_path, monkeypatch):
+    import common
+    from conftest import one_line_error
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(common, "NVIDIA_DRIVER", str(tmp_path / "version"))
+    assert common.get_device("") == torch.device("cpu")  # no driver: a CPU box, the CPU is the default
+    (tmp_path / "version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.95.05\n")
+    with pytest.raises(SystemExit) as e:
+        common.get_device("")
+    one_line_error(e, "has an NVIDIA GPU but torch", torch.__version__, "DEVICE=cpu")
+    assert common.get_device("cpu") == torch.device("cpu")  # asked for by name: trains there
+
+
 def test_checkpoints_every_k_epochs_resume_from_the_last_one_written(tmp_path):
     full = run(tmp_path / "full", epochs=5)
 
