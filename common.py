@@ -57,10 +57,30 @@ def run(main):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors."""
+    """argparse with one-line errors, and the options the three training scripts share."""
 
     def error(self, message):
         die(f"{message} (see --help)")
+
+    def run_options(self, epochs, lr, batch, lr_help, teacher=False):
+        """--data --out --device [--teacher] --epochs --lr --batch --momentum --wd --compile."""
+        self.add_argument("--data", default="data", help="CIFAR-10 (downloaded on first use) and the faces' cache")
+        self.add_argument("--out", default="out", help="results folder")
+        self.add_argument("--device", default="", help="cpu, cuda or cuda:N (default: cuda if present)")
+        if teacher:
+            self.add_argument("--teacher", default="", help="teacher weights (default: OUT/teacher/model.pt)")
+        self.add_argument("--epochs", type=positive_int, default=epochs)
+        self.add_argument("--lr", type=positive, default=lr, help=lr_help)
+        self.add_argument("--batch", type=positive_int, default=batch)
+        self.add_argument("--momentum", type=nonneg, default=0.9, help="Nesterov momentum")
+        self.add_argument("--wd", type=nonneg, default=5e-4, help="weight decay, L2 (the assignment's 0.0005)")
+        self.add_argument("--compile", type=flag, default=0, help="1: torch.compile the models")
+
+    def parse_args(self, argv=None, namespace=None):
+        args = super().parse_args(argv, namespace)
+        if getattr(args, "teacher", None) == "":
+            args.teacher = os.path.join(args.out, "teacher", "model.pt")
+        return args
 
 
 def _number(kind, ok, what):

@@ -11,26 +11,18 @@ import os
 import torch
 
 from common import (Batches, Parser, cross_entropy, die, features, finish, finished, fit, flag, get_device,
-                    load_cifar10, nonneg, nonneg_int, pct, positive, positive_int, precision, read_json,
+                    load_cifar10, nonneg, nonneg_int, pct, precision, read_json,
                     run, sgd, stride_changes, teacher_resnet18, warmup_cosine, write_table)
 
 
 def parse(argv=None):
     p = Parser(description=__doc__)
-    p.add_argument("--data", default="data", help="CIFAR-10 folder (downloaded on first use)")
-    p.add_argument("--out", default="out", help="results folder")
-    p.add_argument("--device", default="", help="cpu, cuda or cuda:N (default: cuda if present)")
-    p.add_argument("--epochs", type=positive_int, default=30)
-    p.add_argument("--lr", type=positive, default=0.1, help="peak learning rate (after warm-up)")
-    p.add_argument("--batch", type=positive_int, default=512)
-    p.add_argument("--momentum", type=nonneg, default=0.9, help="Nesterov momentum")
-    p.add_argument("--wd", type=nonneg, default=5e-4, help="weight decay (L2)")
+    p.run_options(epochs=30, lr=0.1, batch=512, lr_help="peak learning rate (after warm-up)")
     p.add_argument("--warmup", type=nonneg_int, default=2, help="epochs of linear lr warm-up, then cosine to 0")
     p.add_argument("--label-smoothing", type=nonneg, default=0.0,
                    help="0: a smoothed teacher distils worse (Muller et al. 2019)")
     p.add_argument("--pretrained", type=flag, default=1, help="1: start from ImageNet weights")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", type=flag, default=0, help="1: torch.compile the model")
     args = p.parse_args(argv)
     if args.label_smoothing >= 1:
         die(f"--label-smoothing must be < 1, got {args.label_smoothing}")

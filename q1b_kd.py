@@ -30,10 +30,9 @@ LOSS_LABEL = "λ·T²·KL(teacher‖student) + (1−λ)·CE"
 
 def parse(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data")
-    p.add_argument("--out", default="out")
-    p.add_argument("--device", default="")
-    p.add_argument("--teacher", default="", help="teacher weights (default: OUT/teacher/model.pt)")
+    p.run_options(epochs=30, lr=0.04, batch=512, teacher=True,
+                  lr_help="peak learning rate: a third of the lowest lr at which a student diverged in the lr range "
+                          "test (README), with clipping")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--table", action="store_true", help="the assignment's five students, in lock-step")
     mode.add_argument("--sweep", action="store_true", help="the bonus grid --sweep-T x --sweep-lam, in lock-step groups")
@@ -45,19 +44,11 @@ def parse(argv=None):
     p.add_argument("--sweep-seeds", type=positive_int, default=1, help="seeds per student of the sweep")
     p.add_argument("--group", type=nonneg_int, default=0, help="students per lock-step group in the sweep "
                    "(0: as many as fit the free GPU memory, measured; 10 on the CPU)")
-    p.add_argument("--epochs", type=positive_int, default=30)
-    p.add_argument("--lr", type=positive, default=0.04,
-                   help="peak learning rate: a third of the lowest lr at which a student diverged in the lr range test "
-                        "(README), with clipping")
-    p.add_argument("--batch", type=positive_int, default=512)
-    p.add_argument("--momentum", type=nonneg, default=0.9)
-    p.add_argument("--wd", type=nonneg, default=5e-4)
     p.add_argument("--warmup", type=nonneg_int, default=1, help="epochs of linear lr warm-up")
     p.add_argument("--clip", type=nonneg, default=5.0, help="clip each student's gradient norm to this (0: off); "
                    "it widened the stable lr range 2.7x (λ=0) and 19x (λ=1, T=20) in the lr range test")
     p.add_argument("--ckpt-every", type=nonneg_int, default=0,
                    help="checkpoint a lock-step group every k epochs (0: k such that writes take < 5%% of the time)")
-    p.add_argument("--compile", type=flag, default=0, help="1: torch.compile the teacher and the students")
     p.add_argument("--bn", type=flag, default=1, help="BatchNorm after each conv (carried over from the teacher)")
     p.add_argument("--dropout", type=fraction, default=0.0, help="dropout before the last FC (the teacher has none)")
     p.add_argument("--augment", type=flag, default=1, help="the teacher's crop + flip")
@@ -65,7 +56,6 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if args.dropout >= 1:
         die(f"--dropout must be < 1, got {args.dropout}")
-    args.teacher = args.teacher or os.path.join(args.out, "teacher", "model.pt")
     return args
 
 

@@ -29,10 +29,8 @@ RESULT_KEYS = ("old_train_acc", "old_test_acc", "new_train_acc", "new_test_acc",
 
 def parse(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data", help="CIFAR-10 and the downloaded faces live here")
-    p.add_argument("--out", default="out")
-    p.add_argument("--device", default="")
-    p.add_argument("--teacher", default="", help="teacher weights (default: OUT/teacher/model.pt)")
+    p.run_options(epochs=20, lr=None, batch=128, teacher=True,
+                  lr_help="the original learning rate, 100%% (default: the teacher's); other rates are %% of it")
     p.add_argument("--methods", nargs="*", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--lwf-sweep", type=nonneg, nargs="*", default=[],
                    help="LwF at these lambda_o too, and at 0 (fine-tuning at LwF's rates): the trade-off curve")
@@ -43,12 +41,6 @@ def parse(argv=None):
     p.add_argument("--per-subject", type=positive_int, default=50)
     p.add_argument("--train-per-subject", type=positive_int, default=40)
     p.add_argument("--face-size", type=positive_int, default=64, help="faces are resized to this square")
-    p.add_argument("--epochs", type=positive_int, default=20)
-    p.add_argument("--batch", type=positive_int, default=128)
-    p.add_argument("--lr", type=positive, default=None,
-                   help="the original learning rate, 100%% (default: the teacher's); other rates are %% of it")
-    p.add_argument("--momentum", type=nonneg, default=0.9)
-    p.add_argument("--wd", type=nonneg, default=5e-4, help="L2 coefficient (the assignment's 0.0005)")
     p.add_argument("--ft-layers", default="conv5_x:10",
                    help="fine-tuned layers with their lr in %% of the original, e.g. 'conv5_x:10 conv4_2:1'")
     p.add_argument("--ft-all-lr", type=positive, default=None,
@@ -60,14 +52,12 @@ def parse(argv=None):
     p.add_argument("--lwf-lambda", type=nonneg, default=1.0, help="LwF: weight of the old-task loss (Li & Hoiem: 1)")
     p.add_argument("--adapt-bn", type=flag, default=0, help="1: BatchNorm statistics of trained layers adapt to faces")
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds per method (default: 3 on CUDA, 1 on the CPU)")
-    p.add_argument("--compile", type=flag, default=0, help="1: torch.compile the network")
     p.add_argument("--seed", type=int, default=0, help="the face split's seed, and the first training seed")
     args = p.parse_args(argv)
     if args.train_per_subject >= args.per_subject:
         die(f"--train-per-subject ({args.train_per_subject}) must be below --per-subject ({args.per_subject})")
     if ({"lwf", "joint"} & set(args.methods) or args.lwf_sweep) and args.lwf_warmup >= args.epochs:
         die(f"--lwf-warmup ({args.lwf_warmup}) must be below --epochs ({args.epochs})")
-    args.teacher = args.teacher or os.path.join(args.out, "teacher", "model.pt")
     first = parse_layers(args.ft_layers)[0][1]  # a bad FT_LAYERS fails now, not after the other methods
     args.ft_all_lr = args.ft_all_lr or first
     return args
@@ -81,27 +71,25 @@ def build(method, teacher, args, lr, seed=None):
     net = ContinualNet(copy.deepcopy(teacher), args.subjects, adapt_bn=bool(args.adapt_bn))
     net.requires_grad_(False)
     net.new.requires_grad_(True)
-    groups = [{"params": list(net.new.parameters()), "lr": lr}]
-    on_epoch = None
+    shared = [q for n, q in net.named_parameters() if not n.startswith("new.")]  # backbone + old head
+    trained = []  # (parameters, rate in % of the original) besides the new head at 100%
     if method == "ft":  # the chosen layers at their own rates; the rest stays frozen
-        for layer, rate in parse_layers(args.ft_layers):
-            params = [q for m in resnet_layers()[layer] for q in net.backbone.get_submodule(m).parameters()]
-            for q in params:
-                q.requires_grad_(True)
-            groups.append({"params": params, "lr": lr * rate / 100})
+        trained = [([q for m in resnet_layers()[layer] for q in net.backbone.get_submodule(m).parameters()], rate)
+                   for layer, rate in parse_layers(args.ft_layers)]
     elif method == "ft-all":  # every layer of the backbone, faces only
-        params = list(net.backbone.parameters())
+        trained = [(list(net.backbone.parameters()), args.ft_all_lr)]
+    elif method in ("lwf", "joint"):  # the same rates, warm-up and epochs
+        trained = [(shared, args.lwf_lr)]
+    for params, _ in trained:
         for q in params:
             q.requires_grad_(True)
-        groups.append({"params": params, "lr": lr * args.ft_all_lr / 100})
-    elif method in ("lwf", "joint"):  # the same rates, warm-up and epochs
-        shared = [q for n, q in net.named_parameters() if not n.startswith("new.")]
-        groups.append({"params": shared, "lr": lr * args.lwf_lr / 100})
+    groups = [{"params": list(net.new.parameters()), "lr": lr}] + [{"params": ps, "lr": lr * rate / 100}
+                                                                   for ps, rate in trained]
 
-        def on_epoch(epoch):  # step 1, warm-up: the new head alone; step 2: every layer jointly
-            for q in shared:
-                q.requires_grad_(epoch > args.lwf_warmup)
-    return net, groups, on_epoch
+    def on_epoch(epoch):  # LwF and joint: step 1, warm-up: the new head alone; step 2: every layer jointly
+        for q in shared:
+            q.requires_grad_(epoch > args.lwf_warmup)
+    return net, groups, on_epoch if method in ("lwf", "joint") else None
 
 
 def run_dir(args, key, i=0):
