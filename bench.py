@@ -21,9 +21,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from common import (CIFAR10, MEAN, RESNET18_FILE, STD, Batches, Parser, StudentCNN, Students, autocast, cross_entropy,
-                    distill_loss, get_device, group_size, load_cifar10, load_teacher, md_table, normalize, positive,
-                    positive_int, precision, run, sgd, teacher_resnet18, train_epoch, warmup_cosine, write_synthetic_cifar)
+from common import (CIFAR10, MEAN, PRECISIONS, RESNET18_FILE, STD, Batches, Parser, StudentCNN, Students, autocast,
+                    cross_entropy, distill_loss, group_size, load_cifar10, load_teacher, lockstep_groups, md_table,
+                    normalize, positive, positive_int, run, setup, sgd, student_memory, teacher_resnet18, train_epoch,
+                    warmup_cosine, write_synthetic_cifar)
 
 
 class PilDataset(Dataset):
@@ -50,13 +51,13 @@ def timed(fn, device):
     return time.perf_counter() - t
 
 
-def train_seconds(model, loss_fn, data, warm, device):
+def train_seconds(model, loss_fn, data, warm, device, precision):
     """Seconds for one pass of training steps over `data`, after one warm-up step (cuDNN autotuning)."""
     model = model.to(device, memory_format=torch.channels_last)
     opt = sgd(model.parameters(), 0.01)
     sched = warmup_cosine(opt, 10 ** 6, 0)
-    train_epoch(model, loss_fn, opt, sched, warm)
-    return timed(lambda: train_epoch(model, loss_fn, opt, sched, data), device)
+    train_epoch(model, loss_fn, opt, sched, warm, precision=precision)
+    return timed(lambda: train_epoch(model, loss_fn, opt, sched, data, precision=precision), device)
 
 
 def lr_range(args, device):
@@ -92,7 +93,7 @@ def lr_range(args, device):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lrs[min(i, steps - 1)] / args.lr_min)
         log = []
         train_epoch(group, distill_loss(teacher, [(T, lam, 0) for _, T, lam in students]), opt, sched, data,
-                    desc=f"lr range, clip {clip:g}", clip=clip, log=log)
+                    desc=f"lr range, clip {clip:g}", clip=clip, log=log, precision=args.precision)
         for k, (label, _, _) in enumerate(students):
             curves[f"{label}, " + (f"clip {clip:g}" if clip else "no clip")] = [float(v[k]) for v in log]
     rows, fig, ax = [], *plt.subplots(figsize=(7, 4.5))
@@ -117,7 +118,7 @@ def lr_range(args, device):
     fig.savefig(os.path.join(args.out, "lr_range.png"), dpi=120)
     plt.close(fig)
     note = (f"{steps} steps of batch {b}, lr {args.lr_min:g} to {args.lr_max:g} geometrically; full-size synthetic "
-            f"CIFAR-10; teacher: {how}; SGD Nesterov 0.9, wd 5e-4; {precision(device)}. "
+            f"CIFAR-10; teacher: {how}; SGD Nesterov 0.9, wd 5e-4; {args.precision}. "
             + (f"Lowest lr at which a student diverges: {first:.3g}; a third of it: {first / 3:.3g}." if first else ""))
     with open(os.path.join(args.out, "lr_range.md"), "w") as f:
         f.write(f"### Student lr range test\n\n{md_table(['student', 'lr at lowest loss', 'lr where it diverges'], rows)}"
@@ -127,8 +128,9 @@ def lr_range(args, device):
 
 def plan(args, device):
     """make plan: the steps of `make all` with the present variables (runs, epochs, SGD steps, students per
-    lock-step group), the disk and downloads they need, and an estimated time on this device from a short
-    timed probe of each kind of step (warm-up excluded). Trains nothing; writes OUT/plan.md."""
+    lock-step group), the memory of each step on this card, the disk and downloads they need, and an
+    estimated time on this device from a short timed probe of each kind of step (warm-up excluded).
+    Trains nothing; writes OUT/plan.md."""
     import shlex
     import q1a_teacher
     import q1b_kd
@@ -137,53 +139,81 @@ def plan(args, device):
     t = q1a_teacher.parse(split(args.teacher_args))
     k = q1b_kd.parse(split(args.kd_args) + ["--table"])
     c = q2_continual.parse(split(args.cl_args))
-    seeds = k.seeds or (3 if device.type == "cuda" else 1)
-    cseeds = c.seeds or (3 if device.type == "cuda" else 1)
-    rates = probe(device, args.probe_batch or (512 if device.type == "cuda" else 16), c.face_size)
+    cuda = device.type == "cuda"
+    for a in (t, k, c):
+        a.precision = args.precision
+    seeds, cseeds = k.seeds or (3 if cuda else 1), c.seeds or (3 if cuda else 1)
+    rates, peaks = probe(device, args.probe_batch or (t.batch if cuda else 16), c.face_size, args.precision, t.batch, c.batch)
     n, n_test, faces, face_test = 50000, 10000, c.subjects * c.train_per_subject, c.subjects * (c.per_subject - c.train_per_subject)
-    fixed_k = {"teacher": 45e6, "student": 94e6, "q2": 45e6}  # students kept in float16
-    pairs = {(T if lam else 1.0, lam) for lam in k.sweep_lam for T in k.sweep_T}
-    sweep_students = len(pairs) * k.sweep_seeds
-    group = group_size(k, device)
-    steps = []  # (step, runs, SGD steps, students per group, seconds, disk bytes)
+    weights = {"teacher": 45e6, "student": 94e6, "q2": 45e6}  # on disk at the end (students in float16)
+    per_ckpt = 187e6 * 2  # a student in a group checkpoint while it trains: float32 weights + momentum
+    size = group_size(k, device)
+    table = lockstep_groups([(T, lam, i) for _, T, lam in q1b_kd.TABLE for i in range(seeds)], size)
+    pairs = list(dict.fromkeys((T if lam else 1.0, lam) for lam in k.sweep_lam for T in k.sweep_T))
+    sweep = lockstep_groups([(T, lam, i) for T, lam in pairs for i in range(k.sweep_seeds)], size)
+    steps = []  # (step, runs, SGD steps, students per group, seconds, disk bytes at the end)
     sec = t.epochs * (n * rates["teacher_train"] + (n + n_test) * rates["teacher_eval"])
-    steps.append(("teacher", "1", t.epochs * (n // t.batch), "", sec, fixed_k["teacher"]))
-    g = 5 * seeds
-    sec = (n + n_test) * rates["teacher_eval"] + k.epochs * (seeds * n * rates["teacher_eval"] + g * n * rates["student_train"]
-                                                             + g * (n + 2 * n_test) * rates["student_eval"])
-    steps.append(("kd-table", f"5 students x {seeds} seed(s)", k.epochs * (n // k.batch), g, sec, g * fixed_k["student"]))
-    methods = c.methods
+    steps.append(("teacher", "1", t.epochs * (n // t.batch), "", sec, weights["teacher"]))
+    sec = (n + n_test) * rates["teacher_eval"] + k.epochs * sum(
+        len({i for *_, i in g}) * n * rates["teacher_eval"] + len(g) * n * rates["student_train"]
+        + len(g) * (n + 2 * n_test) * rates["student_eval"] for g in table)
+    steps.append(("kd-table", f"5 students x {seeds} seed(s)", len(table) * k.epochs * (n // k.batch),
+                  "+".join(str(len(g)) for g in table), sec, 5 * seeds * weights["student"]))
     sec, q2_steps = 0.0, 0
-    for m in methods:
+    for m in c.methods:
         per = faces * rates["face_train"] * (2 if m == "lwf" else 1) + (m == "joint") * faces * rates["teacher_train"]
         sec += cseeds * (c.epochs * (per + (faces + face_test) * rates["face_eval"] + n_test * rates["teacher_eval"])
                          + n * rates["teacher_eval"])
         q2_steps += cseeds * c.epochs * (faces // c.batch)
-    steps.append(("continual", f"{len(methods)} methods x {cseeds} seed(s)", q2_steps, "", sec,
-                  len(methods) * cseeds * fixed_k["q2"]))
-    groups = -(-sweep_students // group)
-    sec = k.epochs * (groups * n * rates["teacher_eval"] + sweep_students * n * rates["student_train"]
-        + sweep_students * 2 * n_test * rates["student_eval"]) + sweep_students * n * rates["student_eval"]
-    steps.append(("kd-sweep", f"{sweep_students} students in {groups} group(s)", groups * k.epochs * (n // k.batch),
-                  group, sec, sweep_students * fixed_k["student"]))
+    steps.append(("continual", f"{len(c.methods)} methods x {cseeds} seed(s)", q2_steps, "", sec,
+                  len(c.methods) * cseeds * weights["q2"]))
+    sweep_students = sum(len(g) for g in sweep)
+    sec = k.epochs * sum(n * rates["teacher_eval"] + len(g) * n * rates["student_train"]
+                         + len(g) * 2 * n_test * rates["student_eval"] for g in sweep) + sweep_students * n * rates["student_eval"]
+    steps.append(("kd-sweep", f"{sweep_students} students in {len(sweep)} group(s)", len(sweep) * k.epochs * (n // k.batch),
+                  f"{len(sweep[0])}" + (f" (last {len(sweep[-1])})" if len(sweep[-1]) != len(sweep[0]) else ""), sec,
+                  sweep_students * weights["student"]))
     duration = lambda sec: f"{sec / 60:.1f} min" if sec < 7200 else f"{sec / 3600:.1f} h"  # noqa: E731
     rows = [[s, r, f"{st:,}", g, duration(sec), f"{disk / 1e9:.2f} GB"] for s, r, st, g, sec, disk in steps]
     total = sum(x[4] for x in steps)
     rows.append(["all", "", f"{sum(x[2] for x in steps):,}", "", duration(total), f"{sum(x[5] for x in steps) / 1e9:.2f} GB"])
-    peak = max(5 * seeds, group) * 187e6 * 2  # float32 weights + momentum
-    data = c.data
-    downloads = [("CIFAR-10 (163 MB)", not os.path.exists(os.path.join(data, CIFAR10.base_folder, "test_batch"))),
+    # disk: the weights of everything before, plus the largest group's checkpoint twice while it is rewritten
+    # (written to a temporary file, then renamed over the old one)
+    done, peak = 0.0, 0.0
+    for step, _, _, _, _, disk in steps:
+        groups = {"kd-table": table, "kd-sweep": sweep}.get(step, [])
+        peak = max(peak, done + (2 * max(len(g) for g in groups) * per_ckpt if groups else 0))
+        done += disk
+    peak = max(peak, done)
+    downloads = [("CIFAR-10 (163 MB)", not os.path.exists(os.path.join(c.data, CIFAR10.base_folder, "test_batch"))),
                  ("ImageNet ResNet18 weights (45 MB)", t.pretrained and not os.path.exists(
                      os.path.join(torch.hub.get_dir(), "checkpoints", RESNET18_FILE))),
                  (f"DigiFace-1M: {c.subjects} identities x 72 images, by range requests", not c.faces and not os.path.exists(
-                     os.path.join(data, "digiface", ".complete")))]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    text = (f"### make plan on {name}\n\n"
-            + md_table(["step", "runs", "SGD steps", "students per group", "estimated time", "disk (weights)"], rows)
+                     os.path.join(c.data, "digiface", ".complete")))]
+    name = f"CPU ({os.cpu_count()} cores)"
+    memory = ""
+    if cuda:
+        props = torch.cuda.get_device_properties(device)
+        free = torch.cuda.mem_get_info(device)[0]
+        name = f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB, compute capability {props.major}.{props.minor})"
+        one, two = (student_memory(j, k.batch, k.bn, args.precision, device) for j in (1, 2))
+        need = {"teacher": peaks["teacher_train"], "continual": peaks["face_train"],
+                "kd-table": one + (max(map(len, table)) - 1) * (two - one),
+                "kd-sweep": one + (max(map(len, sweep)) - 1) * (two - one)}
+        memory = "\nGPU memory, measured (a step of 1 and of 2 students, a teacher and a face step), against " \
+                 f"{free / 2 ** 30:.1f} GiB free: " + "; ".join(
+                     f"{s} {v / 2 ** 30:.1f} GiB" + ("" if v < 0.9 * free else " (DOES NOT FIT: give a smaller "
+                                                     + ("GROUP=" if s.startswith("kd") else "BATCH=") + ")")
+                     for s, v in need.items()) + \
+                 f". One more student in a group: {(two - one) / 2 ** 30:.2f} GiB.\n"
+    text = (f"### make plan on {name}, {args.precision}\n\n"
+            + md_table(["step", "runs", "SGD steps", "students per lock-step group", "estimated time", "disk (weights)"],
+                       rows)
             + "\nEstimated from a timed probe (images/s): " + ", ".join(f"{k} {1 / v:,.0f}" for k, v in rates.items())
-            + f". Evaluation passes included; checkpoint writes and the report not. A lock-step group's checkpoint "
-              f"needs up to {peak / 1e9:.1f} GB more while it trains.\n\nDownloads: "
-            + "; ".join(f"{d}: {'needed' if need else 'already here'}" for d, need in downloads) + ".\n")
+            + f". Evaluation passes included; checkpoint writes and the report not.\n{memory}\n"
+              f"Disk: {done / 1e9:.1f} GB at the end, {peak / 1e9:.1f} GB at the peak (a lock-step group's checkpoint, "
+              f"{per_ckpt / 1e9:.2f} GB per student, is there twice while it is rewritten).\n\nDownloads: "
+            + "; ".join(f"{d}: {'needed' if need_ else 'already here'}" for d, need_ in downloads) + ".\n")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "plan.md"), "w") as f:
         f.write(text)
@@ -191,41 +221,51 @@ def plan(args, device):
     return steps
 
 
-def probe(device, batch, face_size, steps=2):
-    """Seconds per image of each kind of step, timed over `steps` steps after one warm-up step."""
-    def rate(model, shape, train):
+def probe(device, batch, face_size, precision, teacher_batch=None, face_batch=None, steps=2):
+    """Seconds per image of each kind of step, timed over `steps` steps after one warm-up step, and on CUDA
+    the peak memory of a teacher step and a face step at their batch sizes."""
+    cuda = device.type == "cuda"
+    peaks, teacher_batch, face_batch = {}, teacher_batch if cuda and teacher_batch else batch, face_batch if cuda and face_batch else batch
+
+    def rate(model, shape, train, b=batch, key=None):
         model = model.to(device, memory_format=torch.channels_last)
-        x = normalize(torch.randint(0, 256, (batch, *shape), dtype=torch.uint8, device=device))
-        y = torch.randint(0, 10, (batch,), device=device)
+        x = normalize(torch.randint(0, 256, (b, *shape), dtype=torch.uint8, device=device))
+        y = torch.randint(0, 10, (b,), device=device)
         opt = sgd([q for q in model.parameters() if q.requires_grad], 0.001)
 
         def step():
             if train:
                 model.train()
-                with autocast(device):
+                with autocast(device, precision):
                     loss = torch.nn.functional.cross_entropy(model(x).float(), y)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
             else:
                 model.eval()
-                with torch.no_grad(), autocast(device):
+                with torch.no_grad(), autocast(device, precision):
                     model(x)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         step()
-        return timed(lambda: [step() for _ in range(steps)], device) / (steps * batch)
+        if key and device.type == "cuda":
+            peaks[key] = torch.cuda.max_memory_allocated(device)
+        return timed(lambda: [step() for _ in range(steps)], device) / (steps * b)
     torch.manual_seed(0)
-    return {"teacher_train": rate(teacher_resnet18(pretrained=False), (3, 32, 32), True),
+    return {"teacher_train": rate(teacher_resnet18(pretrained=False), (3, 32, 32), True, teacher_batch, "teacher_train"),
             "teacher_eval": rate(teacher_resnet18(pretrained=False), (3, 32, 32), False),
             "student_train": rate(StudentCNN(bn=True), (3, 32, 32), True),
             "student_eval": rate(StudentCNN(bn=True), (3, 32, 32), False),
-            "face_train": rate(teacher_resnet18(pretrained=False), (3, face_size, face_size), True),
-            "face_eval": rate(teacher_resnet18(pretrained=False), (3, face_size, face_size), False)}
+            "face_train": rate(teacher_resnet18(pretrained=False), (3, face_size, face_size), True, face_batch, "face_train"),
+            "face_eval": rate(teacher_resnet18(pretrained=False), (3, face_size, face_size), False, face_batch)}, peaks
 
 
 def main(argv=None):
     p = Parser(description=__doc__)
     p.add_argument("--out", default="out")
     p.add_argument("--device", default="")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--batch", type=positive_int, default=None, help="default: 512 on a GPU, 64 on the CPU")
     p.add_argument("--steps", type=positive_int, default=None, help="timed steps per measure (default: 20 GPU, 3 CPU)")
     p.add_argument("--students", type=positive_int, default=5)
@@ -245,7 +285,7 @@ def main(argv=None):
     p.add_argument("--cl-args", default="", help="make plan: the continual step's arguments")
     p.add_argument("--probe-batch", type=positive_int, default=None, help="make plan: default 512 on a GPU, 16 on the CPU")
     args = p.parse_args(argv)
-    device = get_device(args.device)
+    device = setup(args)
     os.makedirs(args.out, exist_ok=True)
     if args.lr_range:
         return lr_range(args, device)
@@ -254,7 +294,7 @@ def main(argv=None):
     gpu = device.type == "cuda"
     batch, steps = args.batch or (512 if gpu else 64), args.steps or (20 if gpu else 3)
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
-    print(f"== bench on {name}: batch {batch}, {steps} steps per measure, {precision(device)}")
+    print(f"== bench on {name}: batch {batch}, {steps} steps per measure, {args.precision}")
     torch.manual_seed(0)
     x = torch.randint(0, 256, (batch * steps, 3, 32, 32), dtype=torch.uint8, device=device)
     y = torch.randint(0, 10, (batch * steps,), device=device)
@@ -266,19 +306,21 @@ def main(argv=None):
     frozen = copy.deepcopy(teacher).eval().requires_grad_(False)
     rows = []
 
-    sec = train_seconds(teacher, cross_entropy, data, warm, device)
+    sec = train_seconds(teacher, cross_entropy, data, warm, device, args.precision)
     rows.append(["teacher training step (ResNet18)", f"{n / sec:,.0f} images/s", ""])
-    sec = train_seconds(StudentCNN(bn=True), cross_entropy, data, warm, device)
+    sec = train_seconds(StudentCNN(bn=True), cross_entropy, data, warm, device, args.precision)
     rows.append(["student training step", f"{n / sec:,.0f} images/s", ""])
-    sec = train_seconds(Students([StudentCNN(bn=True)]), distill_loss(frozen, [(4.0, 0.5, 0)]), data, warm, device)
+    sec = train_seconds(Students([StudentCNN(bn=True)]), distill_loss(frozen, [(4.0, 0.5, 0)]), data, warm, device,
+                        args.precision)
     rows.append(["KD step (teacher forward + student step)", f"{n / sec:,.0f} images/s", ""])
     print(md_table(["measure", "result", "ratio"], rows), end="", flush=True)
 
     k = args.students
     pairs = [(2.0 ** i, 0.5, 0) for i in range(k)]
-    lock = train_seconds(Students([StudentCNN(bn=True) for _ in pairs]), distill_loss(frozen, pairs), data, warm, device)
-    alone = sum(train_seconds(Students([StudentCNN(bn=True)]), distill_loss(frozen, [pair]), data, warm, device)
-                for pair in pairs)
+    lock = train_seconds(Students([StudentCNN(bn=True) for _ in pairs]), distill_loss(frozen, pairs), data, warm, device,
+                         args.precision)
+    alone = sum(train_seconds(Students([StudentCNN(bn=True)]), distill_loss(frozen, [pair]), data, warm, device,
+                              args.precision) for pair in pairs)
     rows.append([f"{k} students in lock-step vs {k} separate KD runs", f"{lock:.2f} s vs {alone:.2f} s",
                  f"{lock / alone:.2f}x the time"])
     print(md_table(["measure", "result", "ratio"], rows[-1:]).splitlines()[-1], flush=True)
@@ -303,7 +345,7 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(f"### Benchmark on {name}\n\nbatch {batch}, {steps} timed steps per measure, {precision(device)}, "
+        f.write(f"### Benchmark on {name}\n\nbatch {batch}, {steps} timed steps per measure, {args.precision}, "
                 f"torch {torch.__version__}\n\n{md_table(['measure', 'result', 'ratio'], rows)}")
     print(f"written {os.path.join(args.out, 'bench.md')}")
 

@@ -4,7 +4,7 @@ checkpoints, plots and tables. Plain functions and tensors; no framework.
 """
 import argparse
 import contextlib
-import csv as csvlib
+import ctypes
 import fcntl
 import hashlib
 import http.client
@@ -23,20 +23,28 @@ import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no screen
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import torchvision  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageOps
+from tqdm import tqdm
 
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _read_image refuses those itself, naming the file
+
+
+def _keep_freed_memory():
+    """glibc gives every freed block of over 32 MB back to the OS (munmap), so a CPU step page-faults the
+    student's 187 MB gradient in anew each time: 1.8x the time of the step with the blocks kept (make bench).
+    Kept in the heap instead (M_MMAP_MAX = 0, M_TRIM_THRESHOLD at its maximum); nothing to do elsewhere."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-4, 0)
+        libc.mallopt(-1, 2 ** 31 - 1)
+
+
+_keep_freed_memory()
 
 # =============================================================================
 # Set-up: errors, arguments, device
@@ -54,6 +62,23 @@ def run(main):
         main()
     except KeyboardInterrupt:
         die("interrupted; run the same command again to resume from the last finished epoch")
+
+
+def run_commands(text):
+    """Run the command lines `<python> <script>.py <options>` of `text` (as `make -n` prints them, lines
+    continued with a backslash) in this one process, one after the other, each as its script would run:
+    make demo imports torch and torchvision once, not once per step (3.5 s each here). Stops at the first
+    that fails, with its exit status."""
+    import functools
+    import importlib
+    import shlex
+    for line in text.replace("\\\n", " ").splitlines():
+        if line.strip():
+            _, script, *argv = shlex.split(line)
+            print(f"$ {' '.join(shlex.quote(a) for a in [script, *argv])}", flush=True)
+            t = time.time()
+            run(functools.partial(importlib.import_module(os.path.basename(script)[:-3]).main, argv))
+            print(f"({script}: {time.time() - t:.0f} s)", flush=True)
 
 
 class Parser(argparse.ArgumentParser):
@@ -74,6 +99,8 @@ class Parser(argparse.ArgumentParser):
         self.add_argument("--batch", type=positive_int, default=batch)
         self.add_argument("--momentum", type=nonneg, default=0.9, help="Nesterov momentum")
         self.add_argument("--wd", type=nonneg, default=5e-4, help="weight decay, L2 (the assignment's 0.0005)")
+        self.add_argument("--precision", choices=PRECISIONS, default="auto",
+                          help="auto: bf16 on GPUs of compute capability >= 8.0, fp16 (loss scaling) below, fp32 on the CPU")
         self.add_argument("--compile", type=flag, default=0, help="1: torch.compile the models")
 
     def parse_args(self, argv=None, namespace=None):
@@ -130,13 +157,30 @@ def get_device(name=""):
     return device
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (tensor cores), plain fp32 on the CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
-def precision(device):
-    return "bf16 autocast, channels_last" if device.type == "cuda" else "fp32, channels_last"
+def get_precision(name, device):
+    """'auto' -> the device's fast arithmetic: bf16 autocast on GPUs of compute capability >= 8.0 (bf16
+    tensor cores), fp16 autocast with loss scaling below (T4, V100: fast fp16, no bf16), fp32 on the CPU."""
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+
+
+def setup(args):
+    """The run's device (DEVICE, or CUDA if present), with args.precision resolved for it in place."""
+    device = get_device(args.device)
+    args.precision = get_precision(args.precision, device)
+    return device
+
+
+def autocast(device, precision="fp32"):
+    """Autocast to bf16 or fp16 (matrix products and convolutions), or plain fp32."""
+    return torch.autocast(device.type, dtype=_AMP[precision] or torch.float32, enabled=_AMP[precision] is not None)
 
 
 # =============================================================================
@@ -179,7 +223,8 @@ def _read_cifar_batch(path, md5):
     torchvision does) is unpickled; any other file only through _CifarUnpickler, so it cannot run code."""
     try:
         with open(path, "rb") as f:
-            if torchvision.datasets.utils.check_integrity(path, md5):
+            official = torchvision.datasets.utils.check_integrity(path, md5)
+            if official:
                 entry = pickle.load(f, encoding="latin1")
             else:
                 entry = _CifarUnpickler(f, encoding="latin1").load()
@@ -189,12 +234,13 @@ def _read_cifar_batch(path, md5):
             raise ValueError("no uint8 'data' of N x 3072 with N 'labels' in 0-9")
     except Exception as e:  # a truncated, foreign or planted pickle
         die(f"cannot read CIFAR-10 batch {path} ({type(e).__name__}: {e}); delete it to download again")
-    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y, official
 
 
 def load_cifar10(root, device):
-    """CIFAR-10 as {'train': (x, y), 'test': (x, y)}: uint8 NCHW images and int64 labels on `device`;
-    downloaded into `root` on first use by torchvision (md5-checked archive)."""
+    """CIFAR-10 as {'train': (x, y), 'test': (x, y)}: uint8 NCHW images and int64 labels on `device`,
+    and 'official': whether every batch file is the official one (its md5); downloaded into `root` on
+    first use by torchvision (md5-checked archive)."""
     folder = os.path.join(root, CIFAR10.base_folder)
     if not all(os.path.exists(os.path.join(folder, n)) for n, _ in CIFAR10.train_list + CIFAR10.test_list):
         try:
@@ -203,12 +249,13 @@ def load_cifar10(root, device):
         except Exception as e:  # URLError, a truncated or wrong archive
             die(f"CIFAR-10 is not in {folder} and could not be downloaded ({type(e).__name__}: {e}); "
                 f"copy cifar-10-python.tar.gz into {root}/ or set DATA=")
-    out = {}
+    out = {"official": True}
     for split, files in (("train", CIFAR10.train_list), ("test", CIFAR10.test_list)):
         parts = [_read_cifar_batch(os.path.join(folder, name), md5) for name, md5 in files]
         x = torch.from_numpy(np.concatenate([p[0] for p in parts])).permute(0, 3, 1, 2).contiguous()
         y = torch.tensor([v for p in parts for v in p[1]], dtype=torch.long)
         out[split] = (x.to(device), y.to(device))
+        out["official"] &= all(p[2] for p in parts)
     return out
 
 
@@ -606,7 +653,7 @@ def write_demo_data(root):
     if not os.path.exists(os.path.join(root, CIFAR10.base_folder, "test_batch")):
         # shifts of up to 8 px: a convolutional teacher with global pooling takes them in its stride, the
         # student's position-bound 46.7M-weight FC needs far more data (a teacher well above its students)
-        write_synthetic_cifar(root, n_train=120, n_test=200, shift=8)
+        write_synthetic_cifar(root, n_train=120, n_test=100, shift=8)
     if not os.path.isdir(os.path.join(root, "faces")):
         write_synthetic_faces(os.path.join(root, "faces"), subjects=10, per_subject=12)
 
@@ -767,13 +814,15 @@ class StudentCNN(nn.Module):
                                         nn.Dropout(dropout), nn.Linear(500, 10))
 
     def forward(self, x):
-        # flattened in (h, w, c) order: the same 93,312 features, and a free view of a channels_last
-        # tensor (an NCHW flatten copies, and its gradient slows the pools' backward by 30% on the CPU)
+        # flattened in (h, w, c) order: the same 93,312 features, read in the order they lie in memory
+        # (a (c, h, w) flatten copies them, and its gradient slows the pools' backward by 30% on the CPU)
         return self.classifier(self.features(x).permute(0, 2, 3, 1).flatten(1))
 
 
 class Students(nn.ModuleList):
-    """Students trained in lock-step on the same batches: forward returns their logits stacked (K, B, 10)."""
+    """Students trained in lock-step on the same batches: forward returns their logits stacked (K, B, 10).
+    `stopped`: the indices of students that diverged, which the group's loss no longer runs."""
+    stopped = frozenset()
 
     def forward(self, x):
         return torch.stack([m(x) for m in self])
@@ -793,6 +842,10 @@ class ContinualNet(nn.Module):
     def forward(self, x):
         f = self.backbone(x)
         return self.old(f), self.new(f)
+
+    def old_task_parameters(self):
+        """The backbone and the old head: every weight the old task's output depends on."""
+        return [*self.backbone.parameters(), *self.old.parameters()]
 
     def train(self, mode=True):
         super().train(mode)
@@ -839,16 +892,21 @@ def distill_loss(teacher, specs, chunks=1, kl=True):
     specs = [(T, lam, c)]: in training, student k learns from chunk c of the `chunks` seed batches.
     Evaluation batches bring the teacher's cached logits `t` and serve every student; a training batch
     gets them from one teacher forward pass (eval mode, no gradient) on exactly the augmented images the
-    students see. kl=True: the KL form of the soft term (same gradients, a curve that moves)."""
+    students see. kl=True: the KL form of the soft term (same gradients, a curve that moves). A student
+    in `students.stopped` (diverged) is not run: its loss and logits are NaN."""
     def loss(students, x, y, t=None):
         if t is None:
             with torch.no_grad():
                 t = teacher(x)
         n = chunks if students.training else 1
         xs, ys, ts = x.chunk(n), y.chunk(n), t.chunk(n)
-        c = [spec[2] if students.training else 0 for spec in specs]
-        s = torch.stack([m(xs[c[k]]) for k, m in enumerate(students)])
-        return torch.stack([kd_loss(s[k], ts[c[k]], ys[c[k]], T, lam, kl=kl) for k, (T, lam, _) in enumerate(specs)]), s
+        losses, logits = [], []
+        for k, (m, (T, lam, c)) in enumerate(zip(students, specs)):
+            c = c if students.training else 0
+            s = m(xs[c]).float() if k not in students.stopped else ts[c].float().new_full(ts[c].shape, math.nan)
+            losses.append(kd_loss(s, ts[c], ys[c], T, lam, kl=kl))
+            logits.append(s)
+        return torch.stack(losses), torch.stack(logits)
     return loss
 
 
@@ -864,24 +922,34 @@ def new_task(net, x, y):
     return F.cross_entropy(new.float(), y), new
 
 
+def trains_old_task(net):
+    """Whether a weight the old task depends on is trained now (not in LwF's and joint training's warm-up)."""
+    return any(q.requires_grad for q in net.old_task_parameters())
+
+
 def lwf_loss(original, T, lambda_o):
     """LwF (Li & Hoiem, eq. 2-3): CE(new) + lambda_o * CE(softmax(y_o/T), softmax(old/T)), where y_o is
-    the ORIGINAL network's old-task output on the same batch (no T^2 factor, as in the paper)."""
+    the ORIGINAL network's old-task output on the same batch (no T^2 factor, as in the paper). In the
+    warm-up the old-task term reaches no trained weight, so neither it nor the original is computed."""
     def loss(net, x, y, y_o=None):
+        old, new = net(x)
+        ce = F.cross_entropy(new.float(), y)
+        if net.training and not trains_old_task(net):
+            return ce, new
         if y_o is None:  # a training batch: the frozen original sees the same augmented images
             with torch.no_grad():
                 y_o = original(x)
-        old, new = net(x)
-        return F.cross_entropy(new.float(), y) + lambda_o * soft_cross_entropy(old, y_o, T), new
+        return ce + lambda_o * soft_cross_entropy(old, y_o, T), new
     return loss
 
 
 def joint_loss(net, x, y, x_old=None, y_old=None):
     """Joint training: CE(new head, faces) + CE(old head, CIFAR-10), each task on its own head; evaluation
-    batches (faces only) measure the new task."""
+    batches (faces only) measure the new task. In the warm-up the CIFAR-10 batch reaches no trained
+    weight, so it is not run (it is still drawn: the data order of the later epochs stays the same)."""
     new = net(x)[1]
     loss = F.cross_entropy(new.float(), y)
-    if x_old is not None:
+    if x_old is not None and trains_old_task(net):
         loss = loss + F.cross_entropy(net(x_old)[0].float(), y_old)
     return loss, new
 
@@ -892,39 +960,59 @@ def joint_loss(net, x, y, x_old=None, y_old=None):
 
 
 def group_size(args, device):
-    """Students per lock-step group of the sweep: GROUP, or as many as fit 80% of the free GPU memory,
-    measured with one training step of 1 and of 2 students at the batch size (10 on the CPU). Kept in
-    out/kd/sweep_group.json, so that a rerun makes the same groups."""
-    path = os.path.join(args.out, "kd", "sweep_group.json")
+    """Students per lock-step group, the KD table's and the sweep's: GROUP, or as many as fit 80% of the
+    free GPU memory, measured with one training step of 1 and of 2 students at the batch size and
+    precision (10 on the CPU). Kept in out/kd/group.json, so that a rerun makes the same groups."""
+    path = os.path.join(args.out, "kd", "group.json")
     if args.group:
         return args.group
     if os.path.exists(path):
         return read_json(path)["group"]
     if device.type != "cuda":
         return 10
-
-    def peak(k):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        students = Students([StudentCNN(bn=bool(args.bn)) for _ in range(k)]).to(device, memory_format=torch.channels_last)
-        x = torch.zeros(args.batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            students(x).float().sum().backward()
-        sgd(students.parameters(), 0.0).step()
-        return torch.cuda.max_memory_allocated(device) - base
-    one, two = peak(1), peak(2)
-    size = fit_group(torch.cuda.mem_get_info(device)[0], one, two)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_json(path, {"group": size, "free_bytes": torch.cuda.mem_get_info(device)[0], "one": one, "two": two})
-    print(f"lock-step groups of {size} students ({(two - one) / 1e9:.2f} GB each, measured)")
+    one, two = (student_memory(k, args.batch, args.bn, args.precision, device) for k in (1, 2))
+    free = torch.cuda.mem_get_info(device)[0]
+    size = fit_group(free, one, two)
+    write_json(path, {"group": size, "free_bytes": free, "one": one, "two": two})
+    print(f"lock-step groups of up to {size} students ({(two - one) / 1e9:.2f} GB each, measured; "
+          f"{free / 1e9:.1f} GB free)")
     return size
+
+
+def student_memory(k, batch, bn, precision, device):
+    """Peak GPU bytes of one training step of k students in lock-step (weights, gradients, momentum, activations)."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    students = Students([StudentCNN(bn=bool(bn)) for _ in range(k)]).to(device, memory_format=torch.channels_last)
+    x = torch.zeros(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    with autocast(device, precision):
+        students(x).float().sum().backward()
+    sgd(students.parameters(), 0.0).step()
+    del students
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 def fit_group(free, one, two, margin=0.8):
     """How many students fit `margin` of `free` bytes when 1 student takes `one` and 2 take `two`."""
     per = max(1, two - one)
     return max(1, int((margin * free - (one - per)) / per))
+
+
+def lockstep_groups(specs, size):
+    """`specs` ([(T, lam, seed index)], each student's seeds next to each other) in groups of at most
+    `size`, each student's seeds in one group where they fit, so that its seeds share teacher passes."""
+    students = {}
+    for spec in specs:
+        students.setdefault(spec[:2], []).append(spec)
+    groups = [[]]
+    for seeds in students.values():
+        for i in range(0, len(seeds), size):
+            part = seeds[i:i + size]
+            if len(groups[-1]) + len(part) > size:
+                groups.append([])
+            groups[-1] += part
+    return [g for g in groups if g]
 
 
 def sgd(groups, lr, momentum=0.9, weight_decay=5e-4):
@@ -951,13 +1039,13 @@ def _num(t):
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, data, ce=False):
+def evaluate(model, loss_fn, data, ce=False, precision="fp32"):
     """Mean loss and accuracy (%) of `model` in eval mode over `data`, and with `ce` the cross-entropy of
     its logits with the labels, from the same pass; lists for a lock-step group."""
     model.eval()
     loss_sum = correct = ce_sum = n = 0
     for x, y, *rest in data:
-        with autocast(x.device):
+        with autocast(x.device, precision):
             loss, logits = loss_fn(model, x, y, *rest)
         loss_sum = loss_sum + loss.float() * len(y)
         correct = correct + (logits.argmax(-1) == y).sum(-1)
@@ -969,36 +1057,80 @@ def evaluate(model, loss_fn, data, ce=False):
 
 
 @torch.no_grad()
-def predict(model, data):
+def predict(model, data, precision="fp32"):
     """Logits (float32) of `model` in eval mode over `data`, in order."""
     model.eval()
     out = []
     for x, *_ in data:
-        with autocast(x.device):
+        with autocast(x.device, precision):
             out.append(model(x).float())
     return torch.cat(out)
 
 
-def train_epoch(model, loss_fn, opt, sched, data, desc="", clip=0.0, log=None):
+class LossScaler:
+    """fp16 loss scaling as torch.amp.GradScaler does it (the scale halves and the step is skipped when a
+    gradient overflows, and doubles after 2000 steps without), but with one scale per student of a
+    lock-step group: one student's overflow skips that student's step alone, not its partners'.
+    Does nothing unless enabled (fp16)."""
+
+    def __init__(self, parts, enabled, scale=2.0 ** 16, interval=2000):
+        self.parts, self.enabled, self.interval = parts, enabled, interval
+        device = next(parts[0].parameters()).device
+        self.scale = torch.full((len(parts),), scale if enabled else 1.0, device=device)
+        self.good = torch.zeros(len(parts), device=device)
+
+    def __call__(self, loss):
+        """The loss of each student, times its scale."""
+        return loss * self.scale if self.enabled else loss
+
+    def unscale_(self):
+        """Divide each student's gradients by its scale; a student whose gradients overflowed gets none
+        (so the optimiser skips it, momentum and weight decay included) and half the scale."""
+        if not self.enabled:
+            return
+        found = torch.zeros(len(self.parts), device=self.scale.device)
+        inv = 1.0 / self.scale
+        for k, part in enumerate(self.parts):
+            grads = [q.grad for q in part.parameters() if q.grad is not None]
+            if grads:
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found[k:k + 1], inv[k:k + 1])
+        for k in found.nonzero().view(-1).tolist():  # the one host sync of an fp16 step
+            for q in self.parts[k].parameters():
+                q.grad = None
+        self.good = torch.where(found > 0, 0, self.good + 1)
+        grow = self.good >= self.interval
+        self.scale = torch.where(found > 0, self.scale / 2, torch.where(grow, self.scale * 2, self.scale))
+        self.good = torch.where(grow, 0, self.good)
+
+    def state_dict(self):
+        return {"scale": self.scale, "good": self.good}
+
+    def load_state_dict(self, state):
+        self.scale, self.good = state["scale"].to(self.scale.device), state["good"].to(self.scale.device)
+
+
+def train_epoch(model, loss_fn, opt, sched, data, desc="", clip=0.0, log=None, precision="fp32", scaler=None):
     """One pass of SGD steps over `data`. Returns, per loss (one per student of a lock-step group), the
     first step whose loss was not finite (0 if none), checked on the device so the loop never waits
     for the GPU. A non-finite loss adds nothing to the step: a student that diverged stops alone, and
     its partners' gradients stay their own. `clip` > 0 clips each student's gradient norm to it;
-    `log` (a list) receives every step's losses."""
+    `log` (a list) receives every step's losses; `scaler`: fp16 loss scaling (see LossScaler)."""
     model.train()
     bad = None
     parts = list(model) if isinstance(model, Students) else [model]
+    scaler = scaler or LossScaler(parts, precision == "fp16")
     for step, (x, *ys) in enumerate(tqdm(data, desc=desc, leave=False, disable=None), 1):
-        with autocast(x.device):
+        with autocast(x.device, precision):
             loss, _ = loss_fn(model, x, *ys)
         ok = torch.isfinite(loss)
         this = (~ok).long().view(-1) * step
         bad = this if bad is None else torch.where(bad > 0, bad, this)
         if log is not None:
             log.append(loss.detach().float().view(-1))
-        loss = torch.where(ok, loss, 0).sum()  # a group: the sum's gradient is each student's own gradient
+        loss = torch.where(ok, scaler(loss), 0).sum()  # a group: the sum's gradient is each student's own gradient
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        scaler.unscale_()
         if clip:
             for part in parts:
                 nn.utils.clip_grad_norm_(part.parameters(), clip)
@@ -1008,18 +1140,22 @@ def train_epoch(model, loss_fn, opt, sched, data, desc="", clip=0.0, log=None):
 
 
 def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, extra=None, on_epoch=None,
-        group=False, clip=0.0, final_only=(), ckpt_every=1, ce=()):
+        group=False, clip=0.0, final_only=(), ckpt_every=1, ce=(), precision="fp32"):
     """Train for `epochs`, then after each epoch evaluate on `evals` ({'train': ..., 'test': ...}, the
-    same loss function, eval mode, un-augmented), add `extra(model)`'s metrics, print a row and write
-    an atomic checkpoint. Resumes from run_dir/checkpoint.pt (refusing a changed config); returns the
-    history, one dict per epoch. `on_epoch(epoch)` runs before each epoch (e.g. to unfreeze layers).
-    A non-finite loss stops the run; in a lock-step `group`, only the student whose loss it was: its
-    rows record `diverged_at` (the step, per student), and the group stops when none is left.
+    same loss function, eval mode, un-augmented), add `extra(model, epoch)`'s metrics, print a row and
+    write an atomic checkpoint. Resumes from run_dir/checkpoint.pt (refusing a changed config), also
+    one written on another device; returns the history, one dict per epoch. `on_epoch(epoch)` runs
+    before each epoch (e.g. to unfreeze layers). A non-finite loss stops the run; in a lock-step
+    `group`, only the student whose loss it was: its rows record `diverged_at` (the step, per student),
+    it leaves the group's passes from the next epoch on, and the group stops when none is left.
     `final_only`: splits of `evals` measured at the last epoch only (their rows hold None before); `ce`:
     splits whose cross-entropy with the labels is recorded too (`<split>_ce`), from the same pass.
-    `ckpt_every`: checkpoint every k epochs and at the last; 0: k chosen after the first write so that
-    writes take under 5% of the training time (the last completed checkpoint resumes)."""
+    `ckpt_every`: checkpoint every k epochs; 0: k chosen after the first write so that writes take under
+    5% of the training time. None after the last epoch: the caller finishes the run at once, which would
+    remove it. The last checkpoint written resumes. `precision`: fp32, bf16 or fp16 autocast."""
     gens = gen if isinstance(gen, (list, tuple)) else [gen]  # the data generators (one per seed of a group)
+    device = next(model.parameters()).device
+    scaler = LossScaler(list(model) if isinstance(model, Students) else [model], precision == "fp16")
     os.makedirs(run_dir, exist_ok=True)
     hold(run_dir)
     path = os.path.join(run_dir, "checkpoint.pt")
@@ -1027,39 +1163,32 @@ def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, 
     if os.path.exists(path):
         ck = load_checkpoint(path)
         check_config(ck.get("config"), config, run_dir)
-        try:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["opt"])
-            sched.load_state_dict(ck["sched"])
-            torch.set_rng_state(ck["rng"])
-            for g, state in zip(gens, ck["gen"], strict=True):
-                g.set_state(state)
-            if torch.cuda.is_available() and ck.get("cuda_rng"):
-                torch.cuda.set_rng_state_all(ck["cuda_rng"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            die(f"{path} does not match this run ({type(e).__name__}); delete it to start over")
         history = ck["history"]
+        resume(ck, model, opt, sched, scaler, gens, device, path)
         print(f"resuming {run_dir} after epoch {ck['epoch']}/{epochs}")
     else:
         write_json(os.path.join(run_dir, "config.json"), config)
-    dead = diverged(history)
+    dead, every, measure = diverged(history), ckpt_every or 1, not ckpt_every
     for epoch in range(len(history) + 1, epochs + 1):
         if dead and len(dead) == len(history[-1]["diverged_at"]):
             break  # every student of the group has diverged
+        if group:
+            model.stopped = frozenset(dead)
         t0 = time.time()
         if on_epoch:
             on_epoch(epoch)
-        bad = train_epoch(model, loss_fn, opt, sched, train, desc=f"epoch {epoch}/{epochs}", clip=clip)
+        bad = train_epoch(model, loss_fn, opt, sched, train, desc=f"epoch {epoch}/{epochs}", clip=clip,
+                          precision=precision, scaler=scaler)
         if any(bad) and not group:
             die(f"loss is not finite at epoch {epoch}, step {max(bad)} of {run_dir}; lower the learning rate "
                 f"(the checkpoint of epoch {epoch - 1} is kept)")
         row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
         for split, data in evals.items():
             skip = split in final_only and epoch < epochs
-            row[f"{split}_loss"], row[f"{split}_acc"], *more = (None, None) if skip else evaluate(model, loss_fn, data,
-                                                                                            ce=split in ce)
+            row[f"{split}_loss"], row[f"{split}_acc"], *more = (None, None) if skip else evaluate(
+                model, loss_fn, data, ce=split in ce, precision=precision)
             row.update({f"{split}_ce": more[0]} if more else {})
-        row.update(extra(model) if extra else {})
+        row.update(extra(model, epoch) if extra else {})
         row["seconds"] = round(time.time() - t0, 2)
         if group:
             row["diverged_at"] = bad
@@ -1069,19 +1198,49 @@ def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, 
                          "it stops, its partners go on")
         history.append(row)
         dead = diverged(history)
-        if epoch % (ckpt_every or 1) == 0 or epoch == epochs or not os.path.exists(path):
+        if epoch < epochs and (epoch % every == 0 or measure and not os.path.exists(path)):
             t1 = time.time()
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                     "epoch": epoch, "history": history, "config": config,
-                     "rng": torch.get_rng_state(), "gen": [g.get_state() for g in gens],
-                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-            save_atomic(state, path)
-            if not ckpt_every:  # writes under 5% of the time: every k epochs
-                ckpt_every = max(1, math.ceil((time.time() - t1) / (0.05 * max(1e-9, t1 - t0))))
-                print(f"checkpoint written in {time.time() - t1:.1f}s, epoch in {t1 - t0:.1f}s: every {ckpt_every} epoch(s)")
+                     "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "config": config,
+                     "device": str(device), "rng": torch.get_rng_state(), "gen": [g.get_state() for g in gens],
+                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            save_atomic(state, path, crc32=False)
+            if measure:  # writes under 5% of the time: every k epochs
+                every, measure = max(1, math.ceil((time.time() - t1) / (0.05 * max(1e-9, t1 - t0)))), False
+                print(f"checkpoint written in {time.time() - t1:.1f}s, epoch in {t1 - t0:.1f}s: every {every} epoch(s)")
         write_json(os.path.join(run_dir, "history.json"), history)
         print_row(row, epochs, history)
     return history
+
+
+def resume(ck, model, opt, sched, scaler, gens, device, path):
+    """Load a checkpoint's model, optimiser, schedule, loss scale and random states. The first four load
+    on any device. A data generator's state belongs to its device kind (a CUDA generator's cannot be
+    set on the CPU's), so a checkpoint written on another kind re-seeds the generators from the seed
+    and the epoch, and says so: the later epochs then draw another data order and augmentation than an
+    uninterrupted run, and the history is no longer the same as that run's."""
+    try:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["rng"])
+        written = torch.device(ck["device"])
+        if written.type == device.type:
+            for g, state in zip(gens, ck["gen"], strict=True):
+                g.set_state(state)
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(ck["cuda_rng"], device)
+        else:
+            for g in gens:
+                g.manual_seed(g.initial_seed() + 1_000_003 * ck["epoch"])
+            warn(f"{path} was written on {written}, this run is on {device}: weights, optimiser, schedule and loss "
+                 f"scale carry over; the data order and augmentation of epochs {ck['epoch'] + 1}- are re-seeded "
+                 "(a generator's state cannot move between device kinds), so they differ from an uninterrupted run's")
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        die(f"{path} (written on {ck.get('device', 'an unknown device')}) does not match this run "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); it is kept: resume it where it was written, "
+            "or delete it to start over")
 
 
 def diverged(history):
@@ -1129,9 +1288,19 @@ def _atomic(write, path):
             f"(the previous {os.path.basename(path)} is kept)")
 
 
-def save_atomic(obj, path):
-    """torch.save, atomically (see _atomic)."""
-    _atomic(lambda tmp: torch.save(obj, tmp), path)
+def save_atomic(obj, path, crc32=True):
+    """torch.save, atomically (see _atomic). crc32=False: no zip CRC-32 (torch.load does not check it, and it
+    is 3/4 of the time of writing a checkpoint: 4.6 s against 1.1 s for 1.9 GB here), for checkpoints."""
+    def write(tmp):
+        crc = getattr(torch.serialization, "set_crc32_options", None)  # torch >= 2.6
+        if crc and not crc32:
+            crc(False)
+        try:
+            torch.save(obj, tmp)
+        finally:
+            if crc:
+                crc(True)
+    _atomic(write, path)
 
 
 def write_json(path, obj):
@@ -1209,12 +1378,6 @@ def finished(run_dir, config):
     return True
 
 
-def seed_runs(folders):
-    """(results, histories) of the finished runs in `folders` (the seeds of one student or method)."""
-    return ([read_json(os.path.join(f, "result.json")) for f in folders],
-            [read_json(os.path.join(f, "history.json")) for f in folders])
-
-
 def finish(run_dir, model, history, result, title, loss_label=None, half=False):
     """Write a finished run's final weights (none for a diverged model; with `half`, in float16: half
     the disk), curves and result.json (it marks the run done), then remove its checkpoint: weights +
@@ -1222,8 +1385,7 @@ def finish(run_dir, model, history, result, title, loss_label=None, half=False):
     if model is not None:
         state = {k: v.half() if half and v.is_floating_point() else v for k, v in model.state_dict().items()}
         save_atomic(state, os.path.join(run_dir, "model.pt"))
-    plot_curves([history], "loss", os.path.join(run_dir, "loss.png"), f"{title}: loss", loss_label)
-    plot_curves([history], "acc", os.path.join(run_dir, "accuracy.png"), f"{title}: accuracy")
+    plot_curves([history], os.path.join(run_dir, "curves.png"), title, loss_label or "loss")
     write_json(os.path.join(run_dir, "result.json"), result)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(run_dir, "checkpoint.pt"))
@@ -1232,6 +1394,14 @@ def finish(run_dir, model, history, result, title, loss_label=None, half=False):
 # =============================================================================
 # Plots and tables
 # =============================================================================
+
+
+def pyplot():
+    """matplotlib's pyplot, imported on first use (a process that plots nothing saves a second), files only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def _band(ax, x, ys, label, **kw):
@@ -1244,134 +1414,35 @@ def _band(ax, x, ys, label, **kw):
         ax.fill_between(x, mean - sd, mean + sd, color=line[0].get_color(), alpha=0.2, lw=0)
 
 
-def plot_curves(histories, metric, path, title, ylabel=None):
-    """`metric` ('loss' or 'acc') vs epoch on the training and test sets; several histories (seeds):
-    their mean with a +- std band."""
+def curve_axes(axes, histories, loss_label="loss", acc_splits=("train", "test"), titles=("(a) loss", "(b) accuracy")):
+    """A run's loss (training and test) and accuracy against epoch on two axes; several histories (its seeds):
+    their mean with a band of +- one standard deviation."""
+    from matplotlib.ticker import MaxNLocator
     epochs = [r["epoch"] for r in histories[0]]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for split in ("train", "test"):
-        _band(ax, epochs, [[r[f"{split}_{metric}"] for r in h] for h in histories], split)
-    ax.set(xlabel="epoch", ylabel=ylabel or ("accuracy (%)" if metric == "acc" else "loss"), title=title)
-    _finish_plot(fig, ax, path)
+    for ax, metric, splits, title in zip(axes, ("loss", "acc"), (("train", "test"), acc_splits), titles):
+        for split in splits:
+            _band(ax, epochs, [[r[f"{split}_{metric}"] for r in h] for h in histories], split)
+        ax.set(xlabel="epoch", ylabel=loss_label if metric == "loss" else "accuracy (%)", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
 
 
-def plot_compare(series, path, title, ylabel, ref=None, x0=None):
-    """Several runs' curves on one figure: series = {label: (epochs, [values of each seed])}, each drawn
-    as its mean with a +- std band; ref = (label, y), a dashed line."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, (x, ys) in series.items():
-        _band(ax, x, ys, label)
-    if ref:
-        ax.axhline(ref[1], color="k", ls="--", lw=1, label=ref[0])
-    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
-    _finish_plot(fig, ax, path)
-
-
-def _finish_plot(fig, ax, path):
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+def plot_curves(histories, path, title, loss_label="loss"):
+    """A run's curves.png: loss and accuracy against epoch, side by side."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.2))
+    curve_axes(axes, histories, loss_label)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_tradeoff(points, sweep, path, before):
-    """Old-task against new-task test accuracy: one point per method (± std over seeds), the LwF sweep as a curve."""
-    def xy(results):
-        old, new = np.array([r["old_test_acc"] for r in results]), np.array([r["new_test_acc"] for r in results])
-        sd = lambda v: v.std(ddof=1) if len(v) > 1 else 0  # noqa: E731
-        return new.mean(), old.mean(), sd(new), sd(old)
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for label, results in points.items():
-        x, y, sx, sy = xy(results)
-        ax.errorbar(x, y, xerr=sx, yerr=sy, fmt="o", capsize=3, label=label)
-    if sweep:
-        pts = [xy(rs) for rs in sweep.values()]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", lw=1, label="LwF over λo (0 = fine-tuning)")
-        for v, p in zip(sweep, pts):
-            ax.annotate(f"λo={v:g}", p[:2], textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.axhline(before, color="0.5", ls=":", lw=1, label="old task before any change")
-    ax.set(xlabel="new task (faces): test accuracy (%)", ylabel="old task (CIFAR-10): test accuracy (%)",
-           title="Continual learning: what each method keeps and learns")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_heatmap(grid, xticks, yticks, xlabel, ylabel, title, path):
-    """A grid of numbers as a heat map with each cell written in it (NaN: 'diverged')."""
-    finite = [a for row in grid for a in row if not math.isnan(a)] or [0.0]
-    fig, ax = plt.subplots(figsize=(1.2 * len(xticks) + 2.5, 0.6 * len(yticks) + 2))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto")
-    ax.set(xticks=range(len(xticks)), xticklabels=xticks, xlabel=xlabel, yticks=range(len(yticks)), yticklabels=yticks,
-           ylabel=ylabel, title=title)
-    mid = (min(finite) + max(finite)) / 2
-    for i, row in enumerate(grid):
-        for j, a in enumerate(row):
-            ax.text(j, i, "diverged" if math.isnan(a) else f"{a:.1f}", ha="center", va="center",
-                    color="w" if math.isnan(a) or a < mid else "k")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def mean_std(values):
-    """'72.31 ± 0.45 (3)': mean ± sample standard deviation (number of seeds); one value alone: '72.31'."""
-    v = np.array(values, dtype=float)
-    return pct(v[0]) if len(v) == 1 else f"{pct(v.mean())} ± {pct(v.std(ddof=1))} ({len(v)})"
-
-
-def seed_cells(results, keys):
-    """Table cells of several seeds' results for `keys`: mean ± std (n); a run that diverged says so."""
-    bad = [r["diverged"] for r in results if "diverged" in r]
-    if bad:
-        return [bad[0] if len(results) == 1 else f"{len(bad)} of {len(results)} seeds diverged ({bad[0]})"] * len(keys)
-    return [mean_std([r[k] for r in results]) for k in keys]
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
 
 
 def md_table(header, rows):
     """A Markdown table."""
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
-
-
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-        "~": r"\textasciitilde{}", "^": r"\^{}", "λ": r"$\lambda$", "±": r"$\pm$", "²": r"$^2$", "·": r"$\cdot$",
-        "‖": r"$\|$", "→": r"$\to$", "≥": r"$\geq$", "≤": r"$\leq$", "−": "-", "×": r"$\times$", "≈": r"$\approx$"}
-
-
-def tex(text):
-    """Plain text -> LaTeX (special characters escaped, **bold** -> \\textbf)."""
-    out = "".join(_TEX.get(c, c) for c in str(text))
-    return re.sub(r"\*\*(.+?)\*\*", r"\\textbf{\1}", out)
-
-
-def write_table(path, title, header, rows, note="", csv=None):
-    """A titled table under out/tables/: Markdown (path), LaTeX booktabs (.tex beside it) and, with
-    csv = (header, rows), the per-seed numbers behind it (.csv)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    stem = os.path.splitext(path)[0]
-    md = f"### {title}\n\n{md_table(header, rows)}" + (f"\n{note}\n" if note else "")
-    latex = "\n".join([f"% {title}", r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
-                        " & ".join(tex(h) for h in header) + r" \\", r"\midrule",
-                        *[" & ".join(tex(c) for c in r) + r" \\" for r in rows], r"\bottomrule", r"\end{tabular}", ""])
-    files = [(path, md), (stem + ".tex", latex)]
-    if csv:
-        buf = io.StringIO()
-        writer = csvlib.writer(buf, lineterminator="\n")
-        writer.writerow(csv[0])
-        writer.writerows(csv[1])
-        files.append((stem + ".csv", buf.getvalue()))
-    for p, text in files:
-        def write(tmp, text=text):
-            with open(tmp, "w") as f:
-                f.write(text)
-        _atomic(write, p)
 
 
 def pct(x):

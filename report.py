@@ -1,308 +1,1208 @@
-"""Gathers every table and figure of the assignment, in its order, into out/report.md and out/report.pdf
-(matplotlib only): a run's curves side by side on one page, tables drawn as tables, and the
-Observations of Q1 and Q2 beside their tables, computed from the per-seed numbers under out/ only.
-A part that is not there is listed as missing, with the command that makes it; nothing is invented.
+"""make report: the hand-in, from what the runs under out/ recorded (config.json, history.json,
+result.json) and nothing else. Every table's wording, every figure of more than one run and every
+observation of the assignment is made here:
+
+  out/report.typ   the report's Typst source: edit it freely (once edited, make report leaves it alone)
+  out/report.pdf   compiled from it by the PyPI package typst: A4, the code in an appendix
+  out/report.md    the same for reading on the web (PNG figures)
+  out/tables/      every table in Markdown, LaTeX (booktabs) and, with the per-seed numbers, CSV
+  out/figures/     every figure as SVG (the PDF's) and PNG (the Markdown's)
+
+A part that has not been run yet is named with the command that makes it.
 """
+import ast
 import csv
+import hashlib
+import inspect
+import io
 import math
 import os
 import re
+import shutil
 import subprocess
 import textwrap
 
-import matplotlib.pyplot as plt
-from matplotlib.backends.backend_pdf import PdfPages
+import torch
 
-from common import Parser, file_sha256, read_json, run
-from q1b_kd import TABLE, name
-from q2_continual import METHODS
+import common
+import q1a_teacher as q1a
+import q1b_kd as q1b
+import q2_continual as q2
+from common import Parser, die, file_sha256, pyplot, read_json, run, stride_changes
 
-A4 = (11.69, 8.27)  # landscape, inches
+HERE = os.path.dirname(os.path.abspath(__file__))
+COURSE = "EEE7331-01 Special Topics in Deep Learning, 2022 Autumn"
+TITLE = "Assignment 2: Knowledge Distillation and Continual Learning"
+APPENDIX = ["q1a_teacher.py", "q1b_kd.py", "q2_continual.py", "common.py", "Makefile"]
 
-
-def sections():
-    """The assignment's order: (heading, [(kind, paths, caption, command)]); kind is 'table' (one path,
-    with the observations of that table if any), 'optional' (a table that make all does not make: left out
-    when absent) or 'figures' (drawn side by side on one page)."""
-    q1a = [("table", ["tables/teacher_setup.md"], "", "make teacher"),
-           ("table", ["tables/teacher_changes.md"], "", "make teacher"),
-           ("figures", ["teacher/loss.png", "teacher/accuracy.png"], "Teacher: training and test loss and accuracy vs epoch",
-            "make teacher"),
-           ("table", ["tables/teacher_accuracy.md"], "", "make teacher")]
-    q1b = [("table", ["tables/kd_setup.md"], "", "make kd-table")]
-    for label, T, lam in TABLE:
-        q1b.append(("figures", [f"kd/table/{name(T, lam)}_loss.png", f"kd/table/{name(T, lam)}_accuracy.png"],
-                    f"{label}" + (f", T = {T:g}" if lam else "") + ": training and test loss and accuracy vs epoch",
-                    "make kd-table"))
-    q1b += [("figures", ["kd/table/test_accuracy.png", "kd/table/test_ce.png"],
-             "Every student: test accuracy and test cross-entropy with the labels vs epoch", "make kd-table"),
-            ("table", ["tables/kd_table.md"], "", "make kd-table"),
-            ("table", ["tables/kd_sweep.md"], "", "make kd-sweep"),
-            ("figures", ["kd/sweep_heatmap.png"], "Bonus sweep: student test accuracy over T and λ", "make kd-sweep")]
-    q2 = [("table", ["tables/continual_setup.md"], "", "make continual")]
-    for m, label in METHODS.items():
-        q2 += [("table", ["tables/finetune_layers.md"], "", "make ft")] if m == "ft" else []
-        q2 += [("table", ["tables/lwf_setup.md"], "", "make lwf")] if m == "lwf" else []
-        q2.append(("figures", [f"continual/{m}_loss.png", f"continual/{m}_accuracy.png"],
-                   f"{label}: new task (faces), training and test loss and accuracy vs epoch", f"make {m}"))
-    q2 += [("figures", ["continual/forgetting.png", "continual/tradeoff.png"],
-            "Old task (CIFAR-10 test accuracy) per epoch, and old against new task at the end, every method",
-            "make continual"),
-           ("table", ["tables/continual_table.md"], "", "make continual"),
-           ("optional", ["tables/lwf_sweep.md"], "", "make lwf-sweep")]
-    return [("Question 1, part A: the teacher", q1a), ("Question 1, part B: the student and knowledge distillation", q1b),
-            ("Question 2: continual learning", q2)]
+# =============================================================================
+# The runs, as they recorded themselves
+# =============================================================================
 
 
-# ----------------------------------------------------------------------------- observations, from out/ only
-
-def read_csv(out, table):
-    path = os.path.join(out, "tables", f"{table}.csv")
-    if not os.path.exists(path):
+def load(folder):
+    """A finished run: {'config', 'history', 'result'}, or None."""
+    if not os.path.exists(os.path.join(folder, "result.json")):
         return None
-    with open(path) as f:
-        return list(csv.DictReader(f))
+    return {k: read_json(os.path.join(folder, f"{k}.json")) for k in ("config", "history", "result")}
+
+
+def seeds(folder):
+    """Every finished seed of a run: folder, folder_seed1, folder_seed2, ... (up to the first missing one)."""
+    runs = []
+    while run_ := load(folder + (f"_seed{len(runs)}" if runs else "")):
+        runs.append(run_)
+    return runs
+
+
+def gather(out):
+    """Everything the report is made of: the teacher, the KD table's students, the sweep, the Q2 methods
+    and the LwF λo sweep, each a list of its seeds' runs (empty when not run)."""
+    kd, cl = os.path.join(out, "kd"), os.path.join(out, "continual")
+    g = {"out": out, "teacher": load(os.path.join(out, "teacher")),
+         "students": {label: seeds(os.path.join(kd, q1b.name(T, lam))) for label, T, lam in q1b.TABLE},
+         "methods": {m: seeds(os.path.join(cl, m)) for m in q2.METHODS}, "sweep": None, "lwf_sweep": {}}
+    if os.path.exists(os.path.join(kd, "sweep.json")):
+        grid = read_json(os.path.join(kd, "sweep.json"))
+        g["sweep"] = {"grid": grid, "cells": {(T, lam): seeds(os.path.join(kd, q1b.name(T if lam else 1.0, lam)))
+                                              for T in grid["T"] for lam in grid["lam"]}}
+    lams = sorted(float(d[len("lwf_lam"):]) for d in (os.listdir(cl) if os.path.isdir(cl) else [])
+                  if re.fullmatch(r"lwf_lam[0-9.e+-]+", d))
+    if lams and g["methods"]["lwf"]:
+        g["lwf_sweep"] = {v: seeds(os.path.join(cl, f"lwf_lam{v:g}")) for v in lams}
+        g["lwf_sweep"][g["methods"]["lwf"][0]["config"]["lwf_lambda"]] = g["methods"]["lwf"]
+        g["lwf_sweep"] = {v: r for v, r in sorted(g["lwf_sweep"].items()) if r}
+    return g
+
+
+# =============================================================================
+# Numbers with their uncertainty
+# =============================================================================
+
+
+def pct(x):
+    return f"{x:.2f}"
 
 
 def stats(values):
-    """(mean, sample variance or None for one value, n)."""
-    n = len(values)
-    mean = sum(values) / n
-    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else None), n
+    """(mean, sample standard deviation or None for one value, n)."""
+    n, mean = len(values), sum(values) / len(values)
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None), n
 
 
-def verdict(a, b, what):
-    """'<what>: better by 1.20 ± 0.40 points' (difference of means ± its standard error over seeds), or
-    'within noise' when the difference is under two standard errors. a, b: per-seed values."""
-    (ma, va, na), (mb, vb, nb) = stats(a), stats(b)
-    d = ma - mb
-    if va is None and vb is None:
-        return f"{what}: {d:+.2f} points from one seed each, so no spread to judge it by (SEEDS=3 gives one)"
-    se = math.sqrt((va or 0) / na + (vb or 0) / nb)
-    seeds = f"n = {na} and {nb}" if vb is not None and va is not None else f"n = {max(na, nb)}, against one run"
-    if abs(d) < 2 * se:
-        return f"{what}: within noise ({d:+.2f} ± {se:.2f} points, {seeds})"
-    return f"{what}: {'better' if d > 0 else 'worse'} by {abs(d):.2f} ± {se:.2f} points ({seeds})"
+def mean_sd(values):
+    """'72.31 ± 0.45' (mean ± sample standard deviation over seeds); one value alone: '72.31'."""
+    m, sd, _ = stats(values)
+    return pct(m) if sd is None else f"{pct(m)} ± {pct(sd)}"
 
 
-def q1_observations(out):
-    rows = read_csv(out, "kd_table")
-    if not rows:
-        return []
-    acc = {}
-    for r in rows:
-        if not r["diverged"]:
-            acc.setdefault(r["model"], []).append(float(r["test_acc"]))
-    labels = {label: (T, lam) for label, T, lam in TABLE}
-    base, teacher = TABLE[0][0], acc.get("Teacher Network (Part A)")
-    named = {label: label + (f" (T = {T:g}, λ = {lam:g})" if label.startswith("KD") else f", T = {T:g},")
-             for label, T, lam in TABLE}
-    obs = [verdict(acc[label], acc[base], f"{named[label]} against λ = 0, test accuracy")
-           for label, *_ in TABLE[1:] if label in acc and base in acc]
-    kd = [(label, T) for label, T, lam in TABLE if lam == 0.1 and label in acc]
-    obs += [verdict(acc[b], acc[a], f"effect of T at λ = 0.1: T = {tb:g} against T = {ta:g}")
-            for (a, ta), (b, tb) in zip(kd, kd[1:])]
-    students = {label: v for label, v in acc.items() if label in labels}
-    if teacher and students:
-        best = max(students, key=lambda k: sum(students[k]) / len(students[k]))
-        obs.append(verdict(students[best], teacher, f"teacher-student gap: the best student of the table ({best}) "
-                                                    "against the teacher"))
-    sweep = read_csv(out, "kd_sweep")
-    if teacher and sweep:
-        cells = {}
-        for r in sweep:
-            if not r["diverged"]:
-                cells.setdefault((float(r["T"]), float(r["lam"])), []).append(float(r["test_acc"]))
-        if cells:
-            (T, lam), v = max(cells.items(), key=lambda kv: sum(kv[1]) / len(kv[1]))
-            obs.append(verdict(v, teacher, f"the best sweep cell (T = {T:g}, λ = {lam:g}) against the teacher"))
-    return obs
+def cells(runs, keys):
+    """Table cells of a run's seeds for `keys` of their results; a run that diverged says so."""
+    bad = [r["result"]["diverged"] for r in runs if "diverged" in r["result"]]
+    if bad:
+        return [bad[0] if len(runs) == 1 else f"{len(bad)} of {len(runs)} seeds diverged ({bad[0]})"] * len(keys)
+    return [mean_sd([r["result"][k] for r in runs]) for k in keys]
 
 
-def q2_observations(out):
-    rows = read_csv(out, "continual_table")
-    if not rows:
-        return []
-    runs = {}
-    for r in rows:
-        runs.setdefault(r["method"], []).append({k: float(v) for k, v in r.items() if k not in ("method", "seed")})
-    obs = []
-    for method, rs in runs.items():
-        drop = [r["old_test_acc_before"] - r["old_test_acc"] for r in rs]
-        (md, vd, n), (mn, vn, _) = stats(drop), stats([r["new_test_acc"] for r in rs])
-        sd = lambda v: f" ± {math.sqrt(v):.2f}" if v is not None else ""  # noqa: E731
-        obs.append(f"{method}: the old task drops by {md:.2f}{sd(vd)} points while the new task reaches {mn:.2f}{sd(vn)}% "
-                   f"(test, n = {n})")
-    for b, a in (("LwF", "Fine Tuning"), ("LwF", METHODS["ft-all"]), (METHODS["joint"], "LwF")):
-        if a in runs and b in runs:
-            for task in ("old", "new"):
-                obs.append(verdict([r[f"{task}_test_acc"] for r in runs[b]], [r[f"{task}_test_acc"] for r in runs[a]],
-                                   f"{task} task ({'kept' if task == 'old' else 'learnt'}), {b} against {a}"))
-    return obs
+def difference(a, b):
+    """(mean of a - mean of b, its standard error or None): a, b per-seed values; a single value is a
+    fixed reference (the one teacher), whose spread is not part of the error."""
+    (ma, sa, na), (mb, sb, nb) = stats(a), stats(b)
+    if sa is None and sb is None:
+        return ma - mb, None
+    return ma - mb, math.sqrt((sa or 0) ** 2 / na + (sb or 0) ** 2 / nb)
 
 
-OBSERVATIONS = {"tables/kd_table.md": q1_observations, "tables/continual_table.md": q2_observations}
+def compared(a, b):
+    """A difference as the report words it: '+2.00 ± 0.50 points, more than two standard errors', '... within
+    noise' under two, or '+2.00 points' from one seed each (the section says that it cannot be judged)."""
+    d, se = difference(a, b)
+    if se is None:
+        return f"{d:+.2f} points"
+    return f"{d:+.2f} ± {se:.2f} points, " + ("within noise" if abs(d) < 2 * se else "more than two standard errors")
 
 
-# ----------------------------------------------------------------------------- the report
-
-def provenance(out):
-    """Which teacher (sha256 of its weights) and which code (git commit) made these results."""
-    teacher = os.path.join(out, "teacher", "model.pt")
-    sha = file_sha256(teacher) if os.path.exists(teacher) else "missing (make teacher)"
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        commit += " (with uncommitted changes)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown (not a git checkout)"
-    return f"Teacher weights: sha256 {sha}. Code: git commit {commit}."
+def accs(runs, key="test_acc"):
+    return [r["result"][key] for r in runs if "diverged" not in r["result"]]
 
 
-def run_config(out, path):
-    """'key=value, ...' of the run that made a figure (its folder's config.json)."""
-    m = re.fullmatch(r"(?:continual|kd/table)/(.+)_(?:loss|accuracy)\.png", path)  # a run's curves over its seeds
-    folder = os.path.join("kd" if path.startswith("kd") else "continual", m[1]) if m else os.path.dirname(path)
-    cfg_path = os.path.join(out, folder, "config.json")
-    if not os.path.exists(cfg_path):
-        return ""
-    cfg = read_json(cfg_path)
-    keys = ("method", "T", "lam", "epochs", "lr", "batch", "pretrained", "bn", "dropout", "ft_layers", "lwf_lr",
-            "lwf_T", "lwf_lambda", "lwf_warmup", "seed")
-    return ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
+def noise_note(n, n_test, p=0.6):
+    """What one seed or n seeds let a reader conclude, said once per section."""
+    if n > 1:
+        return (f"Each number is the mean ± standard deviation over {n} seeds; each difference is given ± its "
+                "standard error, and called within noise when it is under two standard errors.")
+    se = 100 * math.sqrt(p * (1 - p) / n_test)
+    return (f"Each run was made with one seed, so differences between runs cannot be judged against seed-to-seed "
+            f"noise. For scale: on {n_test:,} test images, one binomial standard error of an accuracy near "
+            f"{100 * p:.0f}% is {se:.1f} points.")
 
 
-def parse_table(text):
-    """A table file written by common.write_table -> (title, header + rows, note lines)."""
-    lines = text.strip().splitlines()
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines
-            if line.startswith("|") and not line.startswith("|---")]
-    notes = [line for line in lines[1:] if line.strip() and not line.startswith("|")]
-    return lines[0].lstrip("# "), rows, notes
+# =============================================================================
+# Tables: their wording, and out/tables/*.md, .tex, .csv
+# =============================================================================
+
+PRECISION = {"fp32": "32-bit floating point", "bf16": "bfloat16 mixed precision (autocast), 32-bit weights",
+             "fp16": "float16 mixed precision (autocast) with loss scaling, 32-bit weights"}
 
 
-def column_widths(rows, width):
-    """Characters per column: natural widths, the longest cut first so that the table fits `width`."""
-    n = len(rows[0])
-    natural = [max(len(r[i].replace("**", "")) for r in rows) for i in range(n)]
-    widths = [min(w, max(10, width // n)) for w in natural]
-    spare = width - sum(widths)
-    for i in sorted(range(n), key=lambda i: natural[i] - widths[i], reverse=True):
-        extra = max(0, min(spare, natural[i] - widths[i]))
-        widths[i], spare = widths[i] + extra, spare - extra
-    return widths
+def table(name, label, caption, header, rows, note="", csv_rows=None, widths=None):
+    """A table of the report, written to out/tables/<name>.{md,tex,csv} too."""
+    return {"kind": "table", "name": name, "label": label, "caption": caption, "header": header, "rows": rows,
+            "note": note, "csv": csv_rows, "widths": widths}
 
 
-def text_table(rows, width=118):
-    """Aligned monospace lines of a table (the terminal summary), long cells wrapped within their column."""
-    widths = column_widths(rows, width - 3 * len(rows[0]))
-    out = []
-    for k, row in enumerate(rows):
-        cells = [textwrap.wrap(c.replace("**", ""), w) or [""] for c, w in zip(row, widths)]
-        for line in range(max(map(len, cells))):
-            out.append(" | ".join((c[line] if line < len(c) else "").ljust(w) for c, w in zip(cells, widths)))
-        if k == 0:
-            out.append("-+-".join("-" * w for w in widths))
+def schedule(cfg):
+    peak, w = cfg["lr"], cfg.get("warmup", 0)
+    warm = f"linear warm-up from 0 to {peak:g} over the first {w} epoch{'s' * (w != 1)}, then " if w else f"from {peak:g}, "
+    return warm + "cosine decay to 0, updated after every step"
+
+
+def data_words(teacher):
+    r = teacher["result"]
+    if r.get("cifar10_official", True):
+        return f"CIFAR-10: {r.get('train_images', 50000):,} training and {r.get('test_images', 10000):,} test images"
+    return (f"a synthetic stand-in for CIFAR-10 (not the real images): {r['train_images']:,} training and "
+            f"{r['test_images']:,} test images")
+
+
+def seeds_words(runs):
+    first = runs[0]["config"]["seed"]
+    if len(runs) == 1:
+        return f"one (seed {first})"
+    return (f"{len(runs)} (seeds {first}-{first + len(runs) - 1}), each changing the initial weights, the data order "
+            "and the augmentation; one teacher")
+
+
+def teacher_tables(t):
+    cfg, r = t["config"], t["result"]
+    changes = stride_changes(32)
+    init = ("ImageNet weights (torchvision IMAGENET1K_V1) for every convolution and BatchNorm"
+            if cfg["pretrained"] else "random (PyTorch's default initialisation; no ImageNet weights)")
+    setup = [["Data", data_words(t)],
+             ["Pre-processing", "32×32×3 images as they are (no resize), scaled to [0, 1] and normalised with the "
+                                "ImageNet mean and standard deviation"],
+             ["Augmentation", "random 32×32 crop of the image padded with 4 pixels of zeros, horizontal flip with "
+                              "probability 0.5"],
+             ["Initialisation", init + "; the new 512→10 fully connected layer: PyTorch's default"],
+             ["Layers trained", "all: the 17 convolutions and their BatchNorms fine-tuned, the fully connected layer "
+                                "from scratch"],
+             ["Loss", "cross-entropy" + (f", label smoothing {cfg['label_smoothing']:g}" if cfg["label_smoothing"] else "")],
+             ["Optimiser", f"SGD, Nesterov momentum {cfg['momentum']:g}"],
+             ["Learning-rate schedule", schedule(cfg)],
+             ["Weight decay (L2)", f"{cfg['wd']:g}"],
+             ["Dropout", "none (ResNet18 has none)"],
+             ["Batch size", f"{cfg['batch']}"], ["Epochs", f"{cfg['epochs']}"],
+             ["Precision", PRECISION[cfg.get("precision", "fp32")]], ["Seed", f"{cfg['seed']}"],
+             ["Training accuracy and loss", "after every epoch, in evaluation mode on the un-augmented training "
+                                            "images, so that they compare with the test set's"]]
+    return [
+        table("teacher_changes", "tab-changes", "Changes to torchvision's ResNet18 for 32×32 inputs (output sizes "
+              "H×W×C measured by running both networks on a 32×32×3 input).",
+              ["Layer (paper)", "torchvision", "Kernel", "Original", "New", "Output before", "Output after"],
+              [[re.sub(r"(?<=\d)x(?=\d)", "×", c or "") for c in row] for row in changes]),
+        table("teacher_setup", "tab-teacher-setup", "Teacher: training setup.", ["Item", "Setting"], setup,
+              widths=("auto", "1fr")),
+        table("teacher_accuracy", "tab-teacher-acc", f"Teacher: final accuracy (epoch {r['epochs']}, the last "
+              "points of the curves).", ["Training Accuracy (%)", "Testing Accuracy (%)"],
+              [[pct(r["train_acc"]), pct(r["test_acc"])]]),
+    ]
+
+
+def student_layers(bn):
+    """(stage, layer, output H×W×C, parameters) of the student, measured by running it on a 32×32×3 input."""
+    model, rows, x = common.StudentCNN(bn=bn).eval(), [], torch.zeros(1, 3, 32, 32)
+    stage, params = 0, 0
+    with torch.no_grad():
+        for m in model.features:
+            x = m(x)
+            params += sum(q.numel() for q in m.parameters())
+            if isinstance(m, torch.nn.Conv2d):
+                stage += 1
+                k, c = m.kernel_size[0], m.out_channels
+                text = f"conv {k}×{k}, {c} filters, stride {m.stride[0]}, pad {m.padding[0]}, ReLU" + (" (BatchNorm before it)" if bn else "")
+            if isinstance(m, torch.nn.MaxPool2d):
+                rows.append([f"{stage}", text, "", f"{params:,}"])
+                rows.append(["", f"max-pool {m.kernel_size}×{m.kernel_size}, stride {m.stride}, pad {m.padding}",
+                             f"{x.shape[2]}×{x.shape[3]}×{x.shape[1]}", ""])
+                params = 0
+        fc1, fc2 = model.classifier[0], model.classifier[3]
+        rows.append(["4", f"fully connected {fc1.in_features:,}→{fc1.out_features}, ReLU", f"{fc1.out_features}",
+                     f"{sum(q.numel() for q in fc1.parameters()):,}"])
+        rows.append(["5", f"fully connected {fc2.in_features}→{fc2.out_features}, softmax (in the loss)",
+                     f"{fc2.out_features}", f"{sum(q.numel() for q in fc2.parameters()):,}"])
+    return rows, sum(q.numel() for q in model.parameters())
+
+
+def kd_tables(g):
+    t, students = g["teacher"], g["students"]
+    first = next(runs for runs in students.values() if runs)
+    cfg = first[0]["config"]
+    layers, n = student_layers(bool(cfg["bn"]))
+    setup = [["Architecture", f"as the assignment's table (Table {{ref:tab-student}}): {n:,} parameters"],
+             ["Tricks carried over from the teacher", "augmentation (the teacher's crop and flip)" if cfg["augment"] else
+              "no augmentation"],
+             ["BatchNorm", "after each convolution, as in the teacher" if cfg["bn"] else "none"],
+             ["Dropout", f"{cfg['dropout']:g} before the last layer" if cfg["dropout"] else "none, as in the teacher"],
+             ["Pre-processing", "as the teacher's"],
+             ["Initialisation", "PyTorch's default; the students of one seed start from the same weights, so they "
+                                "differ only in T and λ"],
+             ["Soft targets", "softmax(t/T) of the teacher's logits t, in evaluation mode and without gradient, on "
+                              "the same augmented batch as the student"],
+             ["Loss", "λ·T²·CE(softmax(t/T), softmax(s/T)) + (1−λ)·CE(y, softmax(s)); T = 1 at test time"],
+             ["Optimiser", f"SGD, Nesterov momentum {cfg['momentum']:g}, weight decay {cfg['wd']:g}"],
+             ["Learning-rate schedule", schedule(cfg)],
+             ["Gradient clipping", f"each student's gradient norm clipped to {cfg['clip']:g}" if cfg["clip"] else "none"],
+             ["Batch size", f"{cfg['batch']}"], ["Epochs", f"{cfg['epochs']}"],
+             ["Precision", PRECISION[cfg.get("precision", "fp32")]], ["Seeds", seeds_words(first)],
+             ["Training", "the five students (and their seeds) side by side on the same batches, one teacher forward "
+                          "pass per step for all of them"],
+             ["Loss curves", "λ·T²·KL(teacher‖student) + (1−λ)·CE: the loss without the teacher's entropy (a constant, "
+                             "so the same gradients), 0 when the student matches teacher and labels"]]
+    out = [table("kd_student", "tab-student", "Student network (output sizes measured by running it).",
+                 ["Stage", "Layer", "Output", "Parameters"], layers),
+           table("kd_setup", "tab-student-setup", "Student: training setup.", ["Item", "Setting"], setup,
+                 widths=("auto", "1fr"))]
+    rows = [["Teacher Network (Part A)", "-", "-", pct(t["result"]["train_acc"]), pct(t["result"]["test_acc"])]]
+    per_seed = [["Teacher Network (Part A)", "", "", "", t["result"]["train_acc"], t["result"]["test_acc"], ""]]
+    for label, T, lam in q1b.TABLE:
+        runs = students[label]
+        rows.append([label, f"{T:g}" if lam else "-", f"{lam:g}",
+                     *(cells(runs, ("train_acc", "test_acc")) if runs else ["not run yet (make kd-table)"] * 2)])
+        per_seed += [[label, T, lam, r["result"]["seed"], r["result"]["train_acc"], r["result"]["test_acc"],
+                      r["result"].get("diverged", "")] for r in runs]
+    n = len(first)
+    out.append(table("kd_table", "tab-kd", "Knowledge distillation: final accuracy (last epoch; test at T = 1)"
+                     + (f", mean ± standard deviation over {n} seeds." if n > 1 else "."),
+                     ["Model", "Temperature, T", "λ", "Training Accuracy (%)", "Testing Accuracy (%)"], rows,
+                     csv_rows=(["model", "T", "lam", "seed", "train_acc", "test_acc", "diverged"], per_seed)))
     return out
 
 
-def pdf_table_page(pdf, heading, title, rows, notes, observations):
-    """A table drawn as a table (wrapped cells, header shaded, 9 pt), its notes, then its observations."""
-    fig = plt.figure(figsize=A4)
-    fig.text(0.04, 0.96, heading, fontsize=10, color="0.4", va="top")
-    fig.text(0.04, 0.92, title, fontsize=13, weight="bold", va="top")
-    widths = column_widths(rows, 150)
-    plain = lambda c: re.sub(r"^\*(.+)\*$", r"\1", c.replace("**", ""))  # noqa: E731  (Markdown emphasis)
-    cells = [["\n".join(textwrap.wrap(plain(c), w) or [""]) for c, w in zip(r, widths)] for r in rows]
-    lines = [max(c.count("\n") + 1 for c in r) for r in cells]
-    line_h = 0.024  # figure fraction per text line at 9 pt
-    height = line_h * (sum(lines) + len(lines) * 0.6)
-    ax = fig.add_axes((0.04, 0.88 - height, 0.92, height))
-    ax.axis("off")
-    table = ax.table(cellText=cells[1:], colLabels=cells[0], colWidths=[w / sum(widths) for w in widths],
-                     cellLoc="left", loc="upper left", bbox=(0, 0, 1, 1))
-    table.auto_set_font_size(False)
-    table.set_fontsize(9)
-    for (r, _), cell in table.get_celld().items():
-        cell.set_height((lines[r] + 0.6) / (sum(lines) + len(lines) * 0.6))
-        cell.set_edgecolor("0.75")
-        if r == 0:
-            cell.set_facecolor("0.92")
-            cell.set_text_props(weight="bold")
-    text = [w for n in notes for w in textwrap.wrap(n.replace("\\*", "*"), 170)]
-    if observations:
-        text += ["", "Observations (computed from the runs under out/):"] + \
-                [w for o in observations for w in textwrap.wrap(o, 165, initial_indent="- ", subsequent_indent="  ")]
-    fig.text(0.04, 0.86 - height, "\n".join(text), fontsize=9, va="top")
-    pdf.savefig(fig)
-    plt.close(fig)
+def best_cell(sweep):
+    ok = {k: accs(v) for k, v in sweep["cells"].items() if v and len(accs(v)) == len(v)}
+    return max(ok, key=lambda k: stats(ok[k])[0], default=None), ok
 
 
-def pdf_figures_page(pdf, heading, images, caption):
-    """One or two figures side by side, with their caption."""
-    fig = plt.figure(figsize=A4)
-    fig.text(0.04, 0.96, heading, fontsize=10, color="0.4", va="top")
-    for k, image in enumerate(images):
-        w = 0.92 / len(images)
-        ax = fig.add_axes((0.04 + k * w, 0.14, w, 0.78))
-        ax.imshow(plt.imread(image))
-        ax.axis("off")
-    fig.text(0.5, 0.07, "\n".join(textwrap.wrap(caption, 150)), ha="center", fontsize=10)
-    pdf.savefig(fig)
-    plt.close(fig)
+def sweep_table(g):
+    sweep = g["sweep"]
+    grid, (best, ok) = sweep["grid"], best_cell(sweep)
+    rows = []
+    for T in grid["T"]:
+        row = [f"{T:g}"]
+        for lam in grid["lam"]:
+            runs = sweep["cells"][(T, lam)]
+            text = (mean_sd(ok[T, lam]) if (T, lam) in ok else cells(runs, ["test_acc"])[0]) if runs else "not run"
+            row.append(f"**{text}**" if (T, lam) == best else text)
+        rows.append(row)
+    epochs = next(r for v in sweep["cells"].values() for r in v)["result"]["epochs"]
+    return table("kd_sweep", "tab-sweep", f"Bonus: student test accuracy (%) over T and λ, {epochs} epoch(s) per "
+                 "student" + (f", mean ± standard deviation over {grid['seeds']} seeds" if grid["seeds"] > 1 else "")
+                 + "; the best cell in bold.", ["T \\ λ"] + [f"{lam:g}" for lam in grid["lam"]], rows,
+                 csv_rows=(["T", "lam", "seed", "test_acc", "diverged"],
+                           [[T, lam, r["result"]["seed"], r["result"]["test_acc"], r["result"].get("diverged", "")]
+                            for (T, lam), v in sweep["cells"].items() for r in v]))
+
+
+RESULT_KEYS = ("old_train_acc", "old_test_acc", "new_train_acc", "new_test_acc", "old_train_acc_before",
+               "old_test_acc_before")
+
+
+def q2_tables(g):
+    methods = g["methods"]
+    ref = next(runs for runs in methods.values() if runs)
+    cfg = ref[0]["config"]
+    faces = ("DigiFace-1M (synthetic faces, Bae et al. 2023)" if cfg["faces"] == q2.DIGIFACE_URL or
+             cfg["faces"].endswith(".zip") else "the face images given for the run")
+    ft, lwf = (methods[m][0]["config"] if methods[m] else None for m in ("ft", "lwf"))
+    bn = "running statistics frozen (evaluation mode)" if not cfg.get("adapt_bn") else "statistics adapt to faces"
+    size = cfg["face_size"]
+    setup = [["New task", f"{faces}: the first {cfg['subjects']} subjects with at least {cfg['per_subject']} readable "
+                          f"images, {cfg['per_subject']} per subject picked with seed {cfg['split_seed']}: "
+                          f"{cfg['train_per_subject']} for training, {cfg['per_subject'] - cfg['train_per_subject']} "
+                          "for test"],
+             ["Old task", data_words(g["teacher"]) if g["teacher"] else "CIFAR-10"],
+             ["Pre-processing", f"RGB, resized to {size}×{size} (bilinear), scaled to [0, 1], ImageNet mean and "
+                                "standard deviation"],
+             ["Augmentation", f"random {size}×{size} crop of the image padded with {size // 8} pixels, horizontal flip"],
+             ["Network", "the teacher of Question 1 with two heads on its 512 features: the old head (its 10-way "
+                         f"layer) and a new 512→{cfg['subjects']} layer, freshly initialised (Listing {{ref:lst-net}})"],
+             ["Original learning rate (100%)", f"{cfg['lr']:g}, the teacher's peak learning rate"],
+             ["Optimiser", f"SGD, Nesterov momentum {cfg['momentum']:g}, weight decay (L2) {cfg['wd']:g}"],
+             ["Schedule", "cosine decay to 0, updated after every step"],
+             ["Batch size, epochs", f"{cfg['batch']}, {cfg['epochs']}"],
+             ["BatchNorm", f"frozen layers in evaluation mode; trained layers: {bn}"],
+             ["Precision", PRECISION[cfg.get("precision", "fp32")]], ["Seeds", seeds_words(ref)],
+             ["Old-task accuracy", "the old head on CIFAR-10: test set after every epoch, training set at the end"]]
+    out = [table("continual_setup", "tab-q2-setup", "Continual learning: setup shared by every method.",
+                 ["Item", "Setting"], setup, widths=("auto", "1fr"))]
+    if ft:
+        names = common.resnet_layers()
+        rows = [[f"{layer} ({', '.join(names[layer])})", f"{rate:g}% ({ft['lr'] * rate / 100:g})",
+                 "fine-tuned; BatchNorm " + ("statistics adapt" if ft.get("adapt_bn") else "statistics frozen")]
+                for layer, rate in ft["ft_layers"]]
+        rows += [[f"new fully connected layer + softmax ({ft['subjects']} outputs)", f"100% ({ft['lr']:g})",
+                  "trained from scratch"], ["all other layers, old head", "0%", "frozen"]]
+        out.append(table("finetune_layers", "tab-ft", "Fine-tuning: the layers chosen and their learning rates.",
+                         ["Conv layers that you choose to fine-tune", "Learning Rate (x% of the original)",
+                          "Remark"], rows))
+    if lwf:
+        a, w, e, base = lwf["lwf_lr"], lwf["lwf_warmup"], lwf["epochs"], lwf["lr"]
+        out.append(table("lwf_setup", "tab-lwf", "Learning without Forgetting: parameters.", ["Parameter", "Value"], [
+            ["Learning rate, backbone and old head", f"{a:g}% of the original ({base * a / 100:g})"],
+            ["Learning rate, new head", f"100% of the original ({base:g})"],
+            ["Temperature T", f"{lwf['lwf_T']:g}"], ["λo (weight of the old-task loss)", f"{lwf['lwf_lambda']:g}"],
+            ["L2 regulariser (weight decay)", f"{lwf['wd']:g}"],
+            ["Epochs", f"{w} warm-up + {e - w} joint"], ["Batch size", f"{lwf['batch']}"]]))
+    rows, per_seed = [], []
+    for m, label in q2.METHODS.items():
+        if m == "joint":
+            rows.append(["**References beyond the assignment**", "", "", ""])
+        runs = methods[m]
+        for task in ("old", "new"):
+            values = cells(runs, (f"{task}_train_acc", f"{task}_test_acc")) if runs else [f"not run yet (make {m})"] * 2
+            rows.append([label if task == "old" else "", "Old Task*" if task == "old" else "New Task", *values])
+        per_seed += [[label, r["result"]["seed"], *(r["result"][k] for k in RESULT_KEYS)] for r in runs]
+    before = ref[0]["result"]
+    n = len(ref)
+    out.append(table("continual_table", "tab-q2", "Continual learning: final accuracy (last epoch)"
+                     + (f", mean ± standard deviation over {n} seeds" if n > 1 else "") + ". *Old task: CIFAR-10 "
+                     "through the old head after the network was changed for faces; before any change the teacher "
+                     f"scores {pct(before['old_train_acc_before'])}% (training) and {pct(before['old_test_acc_before'])}%"
+                     " (test).", ["Method", "Task", "Training Accuracy (%)", "Testing Accuracy (%)"], rows,
+                     csv_rows=(["method", "seed", *RESULT_KEYS], per_seed)))
+    if g["lwf_sweep"]:
+        sweep = g["lwf_sweep"]
+        out.append(table("lwf_sweep", "tab-lwf-sweep", "LwF's trade-off over λo (λo = 0: every layer fine-tuned at "
+                         "LwF's rates, after its warm-up), test accuracy (%).", ["λo", "Old task", "New task"],
+                         [[f"{v:g}", *cells(r, ("old_test_acc", "new_test_acc"))] for v, r in sweep.items()],
+                         csv_rows=(["lambda_o", "seed", *RESULT_KEYS],
+                                   [[v, r["result"]["seed"], *(r["result"][k] for k in RESULT_KEYS)]
+                                    for v, runs in sweep.items() for r in runs])))
+    return out
+
+
+def write_tables(out, tables):
+    """out/tables/<name>.md, .tex and (per-seed numbers) .csv of every table."""
+    folder = os.path.join(out, "tables")
+    os.makedirs(folder, exist_ok=True)
+    for t in tables:
+        plain = [[unref(c) for c in row] for row in [t["header"]] + t["rows"]]
+        md = f"### {unref(t['caption'])}\n\n" + common.md_table(plain[0], plain[1:])
+        tex = "\n".join([f"% {unref(t['caption'])}", r"\begin{tabular}{" + "l" * len(t["header"]) + "}", r"\toprule",
+                         " & ".join(map(latex, plain[0])) + r" \\", r"\midrule",
+                         *[" & ".join(map(latex, r)) + r" \\" for r in plain[1:]], r"\bottomrule", r"\end{tabular}", ""])
+        files = {".md": md, ".tex": tex}
+        if t["csv"]:
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="\n").writerows([t["csv"][0], *t["csv"][1]])
+            files[".csv"] = buf.getvalue()
+        for ext, text in files.items():
+            write_text(os.path.join(folder, t["name"] + ext), text)
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+        "~": r"\textasciitilde{}", "^": r"\^{}", "λ": r"$\lambda$", "±": r"$\pm$", "²": r"$^2$", "·": r"$\cdot$",
+        "‖": r"$\|$", "→": r"$\to$", "≥": r"$\geq$", "≤": r"$\leq$", "−": "-", "×": r"$\times$"}
+
+
+def latex(text):
+    """Plain text -> LaTeX (special characters escaped, **bold** -> \\textbf)."""
+    return re.sub(r"\*\*(.+?)\*\*", r"\\textbf{\1}", "".join(_TEX.get(c, c) for c in text))
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    common._atomic(write, path)
+
+
+# =============================================================================
+# Figures: out/figures/<name>.svg (the PDF's) and .png (the Markdown's)
+# =============================================================================
+
+
+def figure(name, label, caption):
+    return {"kind": "figure", "name": name, "label": label, "caption": caption}
+
+
+def save(fig, out, name):
+    folder = os.path.join(out, "figures")
+    os.makedirs(folder, exist_ok=True)
+    for ext, kw in (("svg", {}), ("png", {"dpi": 150})):
+        fig.savefig(os.path.join(folder, f"{name}.{ext}"), **kw)
+    pyplot().close(fig)
+
+
+def style():
+    plt = pyplot()
+    plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "axes.grid": True,
+                         "grid.alpha": 0.3, "svg.hashsalt": "report", "svg.fonttype": "path"})
+    return plt
+
+
+def histories(runs):
+    return [r["history"] for r in runs]
+
+
+def pair_figure(out, name, runs, loss_label):
+    """A run's loss and accuracy side by side."""
+    fig, axes = style().subplots(1, 2, figsize=(6.6, 1.95))
+    common.curve_axes(axes, histories(runs), loss_label)
+    fig.tight_layout()
+    save(fig, out, name)
+
+
+def students_figure(out, students):
+    """The five students' curves as small multiples: a row each, loss and test accuracy."""
+    present = [(label, T, lam, students[label]) for label, T, lam in q1b.TABLE if students[label]]
+    fig, axes = style().subplots(len(present), 2, figsize=(6.6, 1.55 * len(present)), squeeze=False, sharex=True)
+    for row, (label, T, lam, runs) in zip(axes, present):
+        name = label + (f", T = {T:g}" if lam else "")
+        common.curve_axes(row, histories(runs), "loss", ("test",), (f"{name}: loss", f"{name}: test accuracy"))
+    for ax in axes[:-1].flat:
+        ax.set_xlabel("")
+    fig.tight_layout()
+    save(fig, out, "kd_students")
+
+
+def compare_figure(out, g):
+    """Every student's test accuracy (and the teacher's) and test cross-entropy with the labels, per epoch."""
+    from matplotlib.ticker import MaxNLocator
+    fig, (a, b) = style().subplots(1, 2, figsize=(6.6, 2.6))
+    for label, T, lam in q1b.TABLE:
+        runs = g["students"][label]
+        if runs:
+            name = (label if label.startswith("KD") else f"λ={lam:g}") + (f", T={T:g}" if lam else "")
+            x = [e["epoch"] for e in runs[0]["history"]]
+            common._band(a, x, [[e["test_acc"] for e in r["history"]] for r in runs], name)
+            common._band(b, x, [[e["test_ce"] for e in r["history"]] for r in runs], name)
+    a.axhline(g["teacher"]["result"]["test_acc"], color="k", ls="--", lw=1, label="teacher")
+    a.set(title="(a) test accuracy (T = 1)", xlabel="epoch", ylabel="%")
+    b.set(title="(b) test cross-entropy with the labels", xlabel="epoch", ylabel="cross-entropy")
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(*a.get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    save(fig, out, "kd_compare")
+
+
+def sweep_figure(out, g):
+    sweep = g["sweep"]
+    grid, (_, ok) = sweep["grid"], best_cell(sweep)
+    values = [[stats(ok[T, lam])[0] if (T, lam) in ok else math.nan for lam in grid["lam"]] for T in grid["T"]]
+    finite = [v for row in values for v in row if not math.isnan(v)] or [0.0]
+    fig, ax = style().subplots(figsize=(0.7 * len(grid["lam"]) + 2.0, 0.3 * len(grid["T"]) + 1.3))
+    im = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.grid(False)
+    ax.set(xticks=range(len(grid["lam"])), xticklabels=[f"{v:g}" for v in grid["lam"]], xlabel="λ (weight of the soft "
+           "targets)", yticks=range(len(grid["T"])), yticklabels=[f"{v:g}" for v in grid["T"]], ylabel="temperature T")
+    mid = (min(finite) + max(finite)) / 2
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, "diverged" if math.isnan(v) else f"{v:.1f}", ha="center", va="center",
+                    color="w" if math.isnan(v) or v < mid else "k")
+    fig.colorbar(im, ax=ax, label="test accuracy (%)")
+    fig.tight_layout()
+    save(fig, out, "kd_sweep")
+
+
+def forgetting_figure(out, g):
+    """(a) the old task's test accuracy per epoch for every method; (b) old against new task at the end."""
+    fig, (a, b) = style().subplots(1, 2, figsize=(6.6, 2.5))
+    before = None
+    for m, label in q2.METHODS.items():
+        runs = g["methods"][m]
+        if not runs:
+            continue
+        before = runs[0]["result"]["old_test_acc_before"]
+        x = [0] + [e["epoch"] for e in runs[0]["history"]]
+        common._band(a, x, [[r["result"]["old_test_acc_before"]] + [e["old_test_acc"] for e in r["history"]]
+                            for r in runs], label.replace(" (reference)", "*"))
+        old, new = accs(runs, "old_test_acc"), accs(runs, "new_test_acc")
+        (mo, so, _), (mn, sn, _) = stats(old), stats(new)
+        b.errorbar(mn, mo, xerr=sn or 0, yerr=so or 0, fmt="o", capsize=3, label=label.replace(" (reference)", "*"))
+    if g["lwf_sweep"]:
+        pts = [(stats(accs(r, "new_test_acc"))[0], stats(accs(r, "old_test_acc"))[0]) for r in g["lwf_sweep"].values()]
+        b.plot([p[0] for p in pts], [p[1] for p in pts], "k--", lw=1, label="LwF over λo")
+        for v, p in zip(g["lwf_sweep"], pts):
+            b.annotate(f"λo={v:g}", p, textcoords="offset points", xytext=(3, 3), fontsize=6)
+    b.axhline(before, color="0.5", ls=":", lw=1, label="old task before")
+    from matplotlib.ticker import MaxNLocator
+    a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    a.set(title="(a) old task while learning faces", xlabel="epoch", ylabel="CIFAR-10 test accuracy (%)")
+    b.set(title="(b) what each method keeps and learns", xlabel="faces: test accuracy (%)",
+          ylabel="CIFAR-10 test accuracy (%)")
+    a.legend(fontsize=6)
+    b.legend(fontsize=6)
+    fig.tight_layout()
+    save(fig, out, "q2_forgetting")
+
+
+# =============================================================================
+# The code, taken from the source when the report is made
+# =============================================================================
+
+
+def listing(label, caption, *objects):
+    """The source of functions or classes as one listing, with their line numbers in the file; docstrings
+    are left out (the text around the listing says what they would), comments kept."""
+    parts = []
+    for obj in objects:
+        lines, first = inspect.getsourcelines(obj)
+        skip = set()
+        for node in ast.walk(ast.parse(textwrap.dedent("".join(lines)))):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                    isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+                skip |= set(range(body[0].lineno - 1, body[0].end_lineno))
+        kept = [(first + i, line) for i, line in enumerate(lines) if i not in skip]
+        parts.append({"file": os.path.basename(inspect.getsourcefile(obj)), "numbers": [n for n, _ in kept],
+                      "text": "".join(line for _, line in kept)})
+    where = "; ".join(f"{obj.__name__} in {p['file']}, lines {p['numbers'][0]}-{p['numbers'][-1]}"
+                      for obj, p in zip(objects, parts))
+    return {"kind": "code", "label": label, "caption": f"{caption} ({where}).", "parts": parts}
+
+
+# =============================================================================
+# The document
+# =============================================================================
+
+
+def h(level, text):
+    return {"kind": "h", "level": level, "text": text}
+
+
+def p(text):
+    return {"kind": "p", "text": text}
+
+
+def items(texts, ordered=False):
+    return {"kind": "list", "items": texts, "ordered": ordered}
+
+
+def missing(what, command):
+    return p(f"_Not run yet: {what} (`{command}` makes it)._")
+
+
+def document(g, author, student_id):
+    """The report as a list of blocks, in the assignment's order and numbering."""
+    out, t = g["out"], g["teacher"]
+    doc = [{"kind": "title", "author": author, "student_id": student_id}]
+    doc += introduction(g)
+    doc.append(h(1, "Question 1: Knowledge Distillation"))
+    doc.append(h(2, "Part A: the teacher network"))
+    if not t:
+        doc.append(missing("the teacher", "make teacher"))
+    else:
+        changes, setup, acc = teacher_tables(t)
+        r = t["result"]
+        doc += [h(3, "What was changed for 32×32 inputs"),
+                p("torchvision's ResNet18 halves the resolution five times (conv1, the max-pool, and the first block of "
+                  "conv3_x, conv4_x and conv5_x), which leaves 1×1 of a 32×32 image. Reaching 8×8×512 needs three of the "
+                  "five stride-2 steps removed. Strides 2 → 1 in the stem's two (conv1 and the max-pool), the usual "
+                  "adaptation of ResNets to CIFAR's small images, and in conv5_1 (its first 3×3 convolution and its 1×1 "
+                  "shortcut); conv3_1 and conv4_1 keep stride 2, so the stages run 32-32-32-16-8-8 "
+                  "(Table {ref:tab-changes}). The 17 convolutions, their kernel sizes and paddings and the single "
+                  "max-pool are unchanged; the 1000-way ImageNet layer is replaced by a 10-way one (Listing "
+                  "{ref:lst-teacher})."),
+                changes, listing("lst-teacher", "The teacher", common.teacher_resnet18),
+                h(3, "(1) Training setup"), p("Table {ref:tab-teacher-setup} lists the setup; every layer is "
+                                              "fine-tuned and the new fully connected layer is trained from scratch."),
+                setup, h(3, "(2), (3) Loss and accuracy against epoch"),
+                figure("teacher", "fig-teacher", "Teacher: (a) training and test loss (cross-entropy) and (b) training "
+                       "and test accuracy against epoch. Training metrics are measured in evaluation mode on the "
+                       "un-augmented training images after each epoch."),
+                p("Figure {ref:fig-teacher} shows both curves; their last points are the numbers of Table "
+                  "{ref:tab-teacher-acc}."),
+                h(3, "(4) Final accuracy"), acc,
+                p(f"The teacher ends at {pct(r['test_acc'])}% test accuracy "
+                  + ("(the assignment requires at least 90%)" if r["test_acc"] >= 90 else
+                     "(below the 90% that the assignment requires)")
+                  + f", and at {pct(r['train_acc'])}% on the training images, a gap of "
+                  f"{r['train_acc'] - r['test_acc']:+.2f} points (training minus test).")]
+        pair_figure(out, "teacher", [t], "cross-entropy")
+    doc += part_b(g)
+    doc += question_2(g)
+    doc += reproducibility(g)
+    doc.append({"kind": "appendix"})
+    return doc
+
+
+def introduction(g):
+    t = g["teacher"]
+    data = ""
+    if t and not t["result"].get("cifar10_official", True):
+        data = (" **These runs did not use the real data**: they ran on synthetic stand-ins for CIFAR-10 "
+                f"({t['result']['train_images']:,} training and {t['result']['test_images']:,} test images) and for "
+                "the faces, so the numbers show what the methods do, not results on CIFAR-10.")
+    return [h(1, "Introduction"),
+            p("Question 1 fine-tunes an ImageNet ResNet18 on CIFAR-10 as a teacher (Part A) and distils it into the "
+              "assignment's student network with a mix of soft and hard targets (Part B), for the temperatures and "
+              "weights of the assignment's table and, as the bonus, over a grid of them. Question 2 adds a "
+              "100-subject face-recognition task to the teacher by feature extraction, fine-tuning and Learning "
+              "without Forgetting (LwF), and measures how much of CIFAR-10 each keeps; two references beyond the "
+              "assignment, joint training and fine-tuning every layer, bracket LwF. Every number, table and figure "
+              "was computed from the recorded runs, and the code that answers each item is shown beside it "
+              "(the whole code is in Appendix A)." + data)]
+
+
+def part_b(g):
+    doc = [h(2, "Part B: the student network and knowledge distillation")]
+    if not g["teacher"]:
+        return doc + [missing("the students", "make kd-table")]
+    doc += table_part(g) if any(g["students"].values()) else [missing("the students of the table", "make kd-table")]
+    doc.append(h(3, "(5) Bonus: more temperatures and weights"))
+    if g["sweep"] and any(g["sweep"]["cells"].values()):
+        doc += [sweep_table(g), figure("kd_sweep", "fig-sweep", "Bonus sweep: student test accuracy (%) over T and λ.")
+                | {"width": f"{min(100, 18 + 12 * len(g['sweep']['grid']['lam']))}%"}]
+        sweep_figure(g["out"], g)
+        doc += [p(t) for t in bonus_observations(g)]
+    else:
+        doc.append(missing("the sweep", "make kd-sweep"))
+    return doc
+
+
+def table_part(g):
+    """Part B (1)-(4): the student, its soft targets, setup, loss and curves, and the table."""
+    out = g["out"]
+    student, setup, kd = kd_tables(g)
+    doc = [p("The student follows the assignment's table exactly (Table {ref:tab-student}, Listing {ref:lst-student}). "
+              "With stride-1 pools the last feature map is 27×27×128, so the first fully connected layer has 93,312 "
+              "inputs and holds 46.7 million of the student's weights."),
+            student, listing("lst-student", "The student", common.StudentCNN),
+            h(3, "(1) Soft targets"),
+            p("For each training batch the teacher of Part A runs once, in evaluation mode and without gradients, on "
+              "the same augmented images the students see; its logits t give the soft targets softmax(t/T) at each "
+              "student's temperature (Listing {ref:lst-soft}). At test time T = 1."),
+            listing("lst-soft", "Soft targets: the teacher's forward pass and each student's loss", common.distill_loss),
+            h(3, "(2) Training setup"),
+            p("Table {ref:tab-student-setup}. The tricks of the teacher are carried over: the same augmentation and "
+              "pre-processing; BatchNorm and dropout are as the table says."),
+            setup,
+            h(3, "(3) Loss and curves"),
+            p("The loss of Lecture 7 mixes the soft and the hard cross-entropy, λ weighting the soft term and T² "
+              "keeping its gradients comparable across temperatures (Hinton et al. 2015); Listing {ref:lst-kd}. "
+              "Figure {ref:fig-students} shows each student's training and test loss and its test accuracy per epoch; "
+              "Figure {ref:fig-compare} puts every student on one plot."),
+            listing("lst-kd", "The KD loss", common.soft_cross_entropy, common.kd_loss),
+            figure("kd_students", "fig-students", "The five students of Table {ref:tab-kd}: (left) training and test "
+                   "loss λ·T²·KL(teacher‖student) + (1−λ)·CE, (right) test accuracy, against epoch."),
+            figure("kd_compare", "fig-compare", "Every student: (a) test accuracy with the teacher's as a dashed line, "
+                   "(b) test cross-entropy with the labels (comparable across T and λ), against epoch."),
+            h(3, "(4) Results"),
+            p("Table {ref:tab-kd} fills in the assignment's table; the last points of Figure {ref:fig-students} are its "
+              "test accuracies."), kd]
+    students_figure(out, g["students"])
+    compare_figure(out, g)
+    return doc + [p(t) for t in q1_observations(g)]
+
+
+def q1_observations(g):
+    """The discussion of Table (4), each comparison with its noise."""
+    t, students = g["teacher"]["result"], g["students"]
+    acc = {label: accs(runs) for label, runs in students.items() if runs and accs(runs)}
+    n = max(len(r) for r in students.values())
+    base, lam1 = q1b.TABLE[0][0], q1b.TABLE[1][0]
+    obs = [noise_note(n, t["test_images"] if "test_images" in t else 10000)]
+    if acc:
+        best = max(acc, key=lambda k: stats(acc[k])[0])
+        obs.append(f"The teacher reaches {pct(t['test_acc'])}% on the test set. The best student of the table, {best}, "
+                   f"reaches {mean_sd(acc[best])}%: {compared(acc[best], [t['test_acc']])} from the teacher.")
+    if base in acc:
+        kd = [f"{label} (T = {T:g}) {compared(acc[label], acc[base])}" for label, T, lam in q1b.TABLE if lam == 0.1
+              and label in acc]
+        text = (f"Against the student trained on the labels alone (λ = 0, {mean_sd(acc[base])}%), the KD students at "
+                f"λ = 0.1 differ by: " + "; ".join(kd) + ".")
+        if lam1 in acc:
+            text += (f" The student trained on the soft targets alone (λ = 1, T = 20) reaches {mean_sd(acc[lam1])}%: "
+                     f"{compared(acc[lam1], acc[base])} from λ = 0.")
+        obs.append(text)
+    kd = [(label, T) for label, T, lam in q1b.TABLE if lam == 0.1 and label in acc]
+    if len(kd) > 1:
+        obs.append("At λ = 0.1, the temperature: " + "; ".join(
+            f"T = {tb:g} against T = {ta:g}: {compared(acc[b], acc[a])}" for (a, ta), (b, tb) in zip(kd, kd[1:])) + ".")
+    if lam1 in acc and acc[lam1] and all(stats(acc[lam1])[0] < stats(v)[0] for k, v in acc.items() if k != lam1):
+        obs.append("The student taught by the soft targets alone (λ = 1, T = 20) is the weakest: at T = 20 the "
+                   "teacher's softened distribution is close to uniform, so the targets carry little of which class "
+                   "is right, and without the hard term nothing else does.")
+    gaps = {label: stats([r["result"]["train_acc"] - r["result"]["test_acc"] for r in runs])[0]
+            for label, runs in students.items() if runs and label in acc}
+    if gaps:
+        obs.append(f"Training minus test accuracy is {min(gaps.values()):+.1f} to {max(gaps.values()):+.1f} points "
+                   f"for the students and {t['train_acc'] - t['test_acc']:+.1f} for the teacher"
+                   + (": the students' 46.7-million-weight fully connected layer fits the training images more than "
+                      "it generalises." if min(gaps.values()) > t["train_acc"] - t["test_acc"] else "."))
+    return obs
+
+
+def bonus_observations(g):
+    sweep, t = g["sweep"], g["teacher"]["result"]
+    best, ok = best_cell(sweep)
+    if best is None:
+        return ["Every student of the sweep diverged (Table {ref:tab-sweep}): none can be compared with the teacher."]
+    v = ok[best]
+    grid = sweep["grid"]
+    reach = difference(v, [t["test_acc"]])
+    verdict = ("reaches the teacher" if reach[0] >= 0 or (reach[1] and abs(reach[0]) < 2 * reach[1])
+               else "does not reach the teacher")
+    return [f"The sweep (Table {{ref:tab-sweep}}, Figure {{ref:fig-sweep}}) trained {len(ok)} students over T ∈ {{{', '.join(f'{x:g}' for x in grid['T'])}}} and "
+            f"λ ∈ {{{', '.join(f'{x:g}' for x in grid['lam'])}}}. The best cell, T = {best[0]:g} and λ = {best[1]:g}, "
+            f"reaches {mean_sd(v)}%, {compared(v, [t['test_acc']])} from the teacher's {pct(t['test_acc'])}%: the "
+            f"student {verdict}.",
+            f"That cell was picked as the best of {len(ok)} on the test set itself, which flatters it: its accuracy is "
+            "an optimistic estimate. An unbiased one would choose the cell on a validation split of the training "
+            "images and then measure it once on the test set."]
+
+
+def question_2(g):
+    out, methods = g["out"], g["methods"]
+    doc = [h(1, "Question 2: Continual Learning")]
+    if not any(methods.values()) or not g["teacher"]:
+        return doc + [missing("the continual-learning methods", "make continual")]
+    tables = {t["name"]: t for t in q2_tables(g)}
+    doc += [p("All methods start from the teacher of Question 1 with a second head for the 100 face subjects "
+              "(Listing {ref:lst-net}); Table {ref:tab-q2-setup} gives what they share. The old task is CIFAR-10 "
+              "through the old head, measured after the network was changed for faces."),
+            tables["continual_setup"], listing("lst-net", "The two-headed network", common.ContinualNet),
+            listing("lst-methods", "What each method trains, and LwF's two stages", q2.trained_layers, q2.lwf_stage)]
+    loss_words = {"fe": "new-task cross-entropy", "ft": "new-task cross-entropy", "ft-all": "new-task cross-entropy",
+                  "joint": "new-task cross-entropy; the CIFAR-10 term is not part of the face evaluation",
+                  "lwf": "the LwF objective CE(new) + λo·CE(old soft targets), on faces"}
+    for m, heading in (("fe", "(1) Feature extraction"), ("ft", "(2) Fine-tuning"),
+                       ("lwf", "(3) Learning without Forgetting (LwF)"), ("joint", None)):
+        if heading is None:
+            doc.append(h(3, "References beyond the assignment"))
+        else:
+            doc.append(h(3, heading))
+        doc += method_text(g, m, tables)
+        for k in ((m,) if m != "joint" else ("joint", "ft-all")):
+            if methods[k]:
+                pair_figure(out, f"q2_{k}", methods[k], "loss")
+                doc.append(figure(f"q2_{k}", f"fig-{k}", f"{q2.METHODS[k]}: (a) training and test loss "
+                                  f"({loss_words[k]}) and (b) training and test accuracy on the new task, against epoch."))
+            else:
+                doc.append(missing(q2.METHODS[k], f"make {k}"))
+    doc += [h(3, "(4) Results"),
+            p("Table {ref:tab-q2} gives each method's final accuracy on both tasks, and Figure {ref:fig-forgetting} "
+              "how the old task fared epoch by epoch and where each method ends on both."),
+            tables["continual_table"]]
+    if "lwf_sweep" in tables:
+        doc.append(tables["lwf_sweep"])
+    forgetting_figure(out, g)
+    doc.append(figure("q2_forgetting", "fig-forgetting", "(a) Old-task (CIFAR-10) test accuracy before (epoch 0) and "
+                      "after each epoch, every method; (b) old-task against new-task test accuracy at the end"
+                      + (", with LwF over λo as a dashed line" if g["lwf_sweep"] else "") + "; * references."))
+    doc += [p(t) for t in q2_observations(g)]
+    return doc
+
+
+def method_text(g, m, tables):
+    runs = g["methods"][m]
+    if not runs:
+        return []
+    cfg = runs[0]["config"]
+    if m == "fe":
+        return [p("Only the new 512→100 layer is trained, at 100% of the original learning rate; the backbone and the "
+                  "old head are frozen and kept in evaluation mode, so that not even the BatchNorm statistics move "
+                  f"(Listing {{ref:lst-methods}}, the last case). It is evaluated on the face test set, "
+                  f"{cfg['per_subject'] - cfg['train_per_subject']} images per subject; Figure {{ref:fig-fe}} shows "
+                  "its loss and accuracy per epoch.")]
+    if m == "ft":
+        layers = ", ".join(f"{layer} at {rate:g}%" for layer, rate in cfg["ft_layers"])
+        why = (" The last stage holds the most task-specific features of the old task (Yosinski et al. 2014), the "
+               "first to adapt to faces." if any(layer.startswith("conv5") for layer, _ in cfg["ft_layers"]) else "")
+        return [p(f"This run fine-tuned {layers} of the original learning rate, with the new layer at 100% and every "
+                  f"other layer frozen (Table {{ref:tab-ft}}; its curves: Figure {{ref:fig-ft}}).{why}"),
+                tables["finetune_layers"]]
+    if m == "lwf":
+        w, e, lam = cfg["lwf_warmup"], cfg["epochs"], cfg["lwf_lambda"]
+        return [p("What was done, following Li and Hoiem (Table {ref:tab-lwf}, Listings {ref:lst-methods} and "
+                  "{ref:lst-lwf}; its curves: Figure {ref:fig-lwf}):"),
+                items(["Keep a frozen copy of the original network (the teacher with its old head), in evaluation mode.",
+                       f"Add the new head ({cfg['subjects']} outputs), freshly initialised.",
+                       f"Warm-up, epochs 1-{w}: train the new head alone, backbone and old head frozen, as in feature "
+                       "extraction.",
+                       f"Joint stage, epochs {w + 1}-{e}: train every layer. For each augmented face batch, the frozen "
+                       "original gives y_o, its old-head outputs on the same images.",
+                       f"Minimise CE(new head, face label) + λo·CE(softmax(y_o/T), softmax(old head/T)) with T = "
+                       f"{cfg['lwf_T']:g} and λo = {lam:g} (no T² factor, as in the paper), plus the L2 regulariser "
+                       f"{cfg['wd']:g} as weight decay.",
+                       "BatchNorm: " + ("statistics adapt to faces." if cfg.get("adapt_bn") else
+                                        "running statistics frozen, as in feature extraction."),
+                       "Evaluate the new head on the face test set and the old head on CIFAR-10's test set after every "
+                       "epoch."], ordered=True),
+                tables["lwf_setup"],
+                listing("lst-lwf", "The LwF loss", common.lwf_loss)]
+    joint, ftall = g["methods"]["joint"], g["methods"]["ft-all"]
+    text = ("Two references bracket LwF. Joint training uses LwF's rates, warm-up and epochs, but trains on the old "
+            "data too: each step a face batch and a CIFAR-10 batch of the same size, loss CE(new head, faces) + "
+            "CE(old head, CIFAR-10). Having the old data, it bounds from above what any method could keep"
+            + (" (Figure {ref:fig-joint})." if joint else "."))
+    if ftall:
+        text += (f" Fine-tuning every layer trains the whole backbone at {ftall[0]['config']['ft_all_lr']:g}% on faces "
+                 "alone, with no term for the old task: what LwF's λo·CE term protects against (Figure "
+                 "{ref:fig-ft-all}).")
+    return [p(text)] if joint or ftall else []
+
+
+def q2_observations(g):
+    methods = g["methods"]
+    runs = {m: r for m, r in methods.items() if r}
+    ref = next(iter(runs.values()))
+    n, n_test = max(len(r) for r in runs.values()), g["teacher"]["result"].get("test_images", 10000)
+    before = ref[0]["result"]["old_test_acc_before"]
+    typical = stats([v for r in runs.values() for v in accs(r, "old_test_acc")])[0]
+    obs = [noise_note(n, n_test, typical / 100)]
+    if "fe" in runs:
+        fe = runs["fe"]
+        same = all(r["result"]["old_test_acc"] == r["result"]["old_test_acc_before"] for r in fe)
+        obs.append(("Check: feature extraction keeps the old task exactly " if same else
+                    "CHECK FAILED: feature extraction changed the old task ")
+                   + f"({pct(before)}% before, {mean_sd(accs(fe, 'old_test_acc'))}% after), as it must: no weight "
+                   "or BatchNorm statistic of the backbone or the old head can change. This tests the freezing, "
+                   f"it is not a finding. On the new task it reaches {mean_sd(accs(fe, 'new_test_acc'))}%.")
+    words = {"ft": "Fine-tuning", "lwf": "LwF", "joint": "Joint training", "ft-all": "Fine-tuning every layer"}
+    keep = [f"{words[m]} reaches {mean_sd(accs(r, 'new_test_acc'))}% on faces and keeps "
+            f"{mean_sd(accs(r, 'old_test_acc'))}% of the old task ({compared(accs(r, 'old_test_acc'), [before])} "
+            "from before)"
+            for m, r in runs.items() if m != "fe"]
+    if keep:
+        obs.append("; ".join(keep) + ".")
+    if "ft" in runs and "fe" in runs:
+        d = difference(accs(runs["ft"], "old_test_acc"), accs(runs["fe"], "old_test_acc"))[0]
+        obs.append("Fine-tuning " + ("forgets: " if d < 0 else "does not forget here: ")
+                   + f"its old task moves {d:+.2f} points against feature extraction's, because the layers it changes "
+                   "are shared by both heads and nothing in its loss holds the old head's outputs in place.")
+    for b, a, why in (("lwf", "ft", "the assignment's two methods that change the backbone"),
+                      ("lwf", "ft-all", "the same rates, without and with LwF's old-task term"),
+                      ("joint", "lwf", "the old data itself against LwF's stand-in for it")):
+        if a in runs and b in runs:
+            obs.append(f"{words[b]} against {words[a][0].lower() + words[a][1:]} ({why}): old task "
+                       f"{compared(accs(runs[b], 'old_test_acc'), accs(runs[a], 'old_test_acc'))}; new task "
+                       f"{compared(accs(runs[b], 'new_test_acc'), accs(runs[a], 'new_test_acc'))}.")
+    if "lwf" in runs and "ft-all" in runs:
+        d = difference(accs(runs["lwf"], "old_test_acc"), accs(runs["ft-all"], "old_test_acc"))[0]
+        obs.append(("LwF keeps more of the old task than the same training without its old-task term: that term "
+                    "holds the old head's responses on the face images close to the original network's, a stand-in for "
+                    "the old data it does not have." if d > 0 else
+                    "Here LwF does not keep more of the old task than the same training without its old-task term.")
+                   + " Joint training, which has the old data, shows what such a stand-in can at best achieve."
+                   * ("joint" in runs))
+    if g["lwf_sweep"]:
+        sweep = g["lwf_sweep"]
+        obs.append("Over λo (Table {ref:tab-lwf-sweep}), the old task's test accuracy goes " + ", ".join(
+            f"{mean_sd(accs(r, 'old_test_acc'))}% at λo = {v:g}" for v, r in sweep.items()) + ".")
+    return obs
+
+
+def reproducibility(g):
+    """The short provenance section: which teacher, which code, which device, which commands."""
+    t = g["teacher"]
+    rows = [["Teacher weights (sha256)", file_sha256(os.path.join(g["out"], "teacher", "model.pt")) if t else "none"],
+            ["Code", git_commit()], ["PyTorch", torch.__version__]]
+    devices = sorted({r["result"]["device"] for runs in [[t] if t else [], *g["students"].values(),
+                                                           *g["methods"].values()] for r in runs})
+    rows.append(["Device", ", ".join(devices) or "none"])
+    cmds = commands(g)
+    return [h(1, "Reproducibility"),
+            p("Each student and continual-learning run recorded the sha256 of the teacher it learnt from, and a run "
+              "made from another teacher is refused. The results were made by the code and on the device of Table "
+              "{ref:tab-repro}, with these commands (the Makefile's targets run them, adding the data and output "
+              "folders):"),
+            table("reproducibility", "tab-repro", "Provenance of the results.", ["", ""], rows, widths=("auto", "1fr")),
+            {"kind": "commands", "lines": cmds}]
+
+
+def commands(g):
+    """The scripts' command lines that made the results, rebuilt from the runs' configs (options at their
+    default left out; data and output folders too, as they do not change a run)."""
+    def line(script, parse, cfg, extra=(), skip=()):
+        defaults = vars(parse([]))
+        opts = list(extra)
+        for k, v in cfg.items():
+            if k in defaults and k not in ("data", "out", "faces", "teacher", *skip) and defaults[k] != v:
+                v = " ".join(f"{a}:{b:g}" for a, b in v) if k == "ft_layers" else v
+                v = " ".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else v
+                opts.append(f"--{k.replace('_', '-')} " + (f'"{v}"' if " " in str(v) else str(v)))
+        return f"python3 {script} " + " ".join(opts)
+    out = []
+    if g["teacher"]:
+        out.append(line("q1a_teacher.py", q1a.parse, g["teacher"]["config"]))
+    first = next((r for r in g["students"].values() if r), None)
+    if first:
+        out.append(line("q1b_kd.py", q1b.parse, first[0]["config"], ["--table", f"--seeds {len(first)}"], ("T", "lam")))
+    if g["sweep"]:
+        grid = g["sweep"]["grid"]
+        runs = next((r for r in g["sweep"]["cells"].values() if r), None)
+        if runs:
+            out.append(line("q1b_kd.py", q1b.parse, runs[0]["config"], [
+                "--sweep", "--sweep-T " + " ".join(f"{x:g}" for x in grid["T"]),
+                "--sweep-lam " + " ".join(f"{x:g}" for x in grid["lam"]), f"--sweep-seeds {grid['seeds']}"], ("T", "lam")))
+    cfgs = {}
+    for m, runs in g["methods"].items():
+        for k, v in (runs[0]["config"] if runs else {}).items():
+            cfgs.setdefault(k, v)
+    if cfgs:
+        n = max(len(r) for r in g["methods"].values())
+        faces = [] if cfgs["faces"] == q2.DIGIFACE_URL else ["--faces <the face folder>"]
+        cfgs.pop("seed", None)
+        cfgs["seed"] = cfgs.pop("split_seed")
+        out.append(line("q2_continual.py", q2.parse, cfgs, faces + [f"--seeds {n}"]))
+    return out
+
+
+def git_commit():
+    try:
+        commit = subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", HERE, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return commit + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+# =============================================================================
+# Rendering: Typst and Markdown
+# =============================================================================
+
+
+def numbering(doc):
+    """'tab-kd' -> 'Table 6', ... in document order, as Typst numbers figures (tables, images, listings apart)."""
+    counts, names = {}, {"table": "Table", "figure": "Figure", "code": "Listing"}
+    out = {}
+    for b in doc:
+        if b["kind"] in names and b.get("label"):
+            counts[b["kind"]] = counts.get(b["kind"], 0) + 1
+            out[b["label"]] = f"{names[b['kind']]} {counts[b['kind']]}"
+    return out
+
+
+def unref(text, refs=None):
+    """Plain text: {ref:label} -> its number ('6'), Markdown emphasis kept."""
+    return re.sub(r"\{ref:([\w-]+)\}", lambda m: (refs or {}).get(m[1], "?").split()[-1], text)
+
+
+def esc(text):
+    """Plain text -> Typst markup: every markup character escaped ('--' would be a dash, '//' a comment)."""
+    text = re.sub(r"([\\#*_$@<>\[\]`~])", r"\\\1", text)
+    return text.replace("//", "\\/\\/").replace("/*", "\\/*").replace("--", "-\\-")
+
+
+def typ_inline(text):
+    """The report's inline markup in Typst: {ref:label} -> @label's number, `code`, **bold**, _italic_."""
+    out = []
+    for part in re.split(r"(\{ref:[\w-]+\}|`[^`]+`|\*\*.+?\*\*|(?<!\w)_[^_]+_(?!\w))", text):
+        if not part:
+            continue
+        if part.startswith("{ref:"):
+            out.append(f"#ref(<{part[5:-1]}>, supplement: none)")
+        elif part.startswith("`"):
+            out.append(part)
+        elif part.startswith("**"):
+            out.append(f"*{typ_inline(part[2:-2])}*")
+        elif part.startswith("_") and part.endswith("_") and len(part) > 2:
+            out.append(f"_{typ_inline(part[1:-1])}_")
+        else:
+            out.append(esc(part))
+    return "".join(out)
+
+
+def md_inline(text, refs):
+    return unref(text, refs)
+
+
+PREAMBLE = r"""#set document(title: [%(title)s], author: "%(author)s")
+#set page(paper: "a4", margin: (x: 1.8cm, top: 1.8cm, bottom: 2cm), numbering: "1")
+#set text(size: 10pt, lang: "en")
+#set par(justify: true)
+#set list(indent: 0.6em)
+#set enum(indent: 0.6em)
+#show heading.where(level: 1): set text(size: 13pt)
+#show heading.where(level: 2): set text(size: 11.5pt)
+#show heading.where(level: 3): set text(size: 10pt)
+#show heading: set block(above: 1.2em, below: 0.7em)
+#show raw: set text(font: "DejaVu Sans Mono", size: 6.6pt)
+#show figure.where(kind: table): set figure.caption(position: top)
+#show figure.where(kind: raw): set figure.caption(position: top)
+#show figure.caption: set text(size: 9pt)
+#show figure.where(kind: raw): set block(breakable: true)
+#set table(stroke: none, inset: (x: 5pt, y: 3pt))
+#show table: set par(justify: false)
+// Code with the line numbers of its source file (`numbers`: one per line; none: 1, 2, 3, ...).
+#let code(numbers: none, body) = {
+  show raw.line: it => box(width: 2.4em, align(right, text(fill: luma(130))[#(
+    if numbers == none { it.number } else { numbers.at(it.number - 1) })])) + h(0.8em) + it.body
+  block(fill: luma(246), inset: 5pt, radius: 2pt, width: 100%%, align(left, body))
+}
+"""
+
+
+def fence(text):
+    ticks = "`" * max(3, max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+    return ticks, text
+
+
+def typst(doc, refs):
+    """The report in Typst markup."""
+    title = next(b for b in doc if b["kind"] == "title")
+    lines = [PREAMBLE % {"title": esc(TITLE), "author": title["author"].replace('"', "'") or "(name)"}]
+    for b in doc:
+        k = b["kind"]
+        if k == "title":
+            blank = lambda v, w: f"[{esc(v)}]" if v else f"box(width: {w}, stroke: (bottom: 0.5pt))[]"  # noqa: E731
+            lines += ["#align(center)[",
+                      f"  #text(size: 9pt)[{esc(COURSE)}]", "  #v(2pt)",
+                      f"  #text(size: 16pt, weight: \"bold\")[{esc(TITLE)}]", "  #v(8pt)",
+                      f"  Name: #{blank(b['author'], '6cm')} #h(1.5cm) Student ID: #{blank(b['student_id'], '3.5cm')}",
+                      "]", ""]
+        elif k == "h":
+            if b["level"] == 1:
+                lines += ["#place.flush()"]  # the figures of a question stay with it
+            lines += ["=" * b["level"] + " " + typ_inline(b["text"]), ""]
+        elif k == "p":
+            lines += [typ_inline(b["text"]), ""]
+        elif k == "list":
+            lines += [("+ " if b["ordered"] else "- ") + typ_inline(t) for t in b["items"]] + [""]
+        elif k == "table":
+            n = len(b["header"])
+            cols = "(" + ", ".join(b["widths"] or ["auto"] * n) + ",)"
+            body = [f"  table(columns: {cols}, align: left,", "    table.hline(),"]
+            if any(b["header"]):
+                body += ["    table.header(" + ", ".join(f"strong[{typ_inline(c)}]" for c in b["header"]) + "),",
+                         "    table.hline(stroke: 0.5pt),"]
+            for row in b["rows"]:
+                body.append("    " + ", ".join(f"[{typ_inline(c)}]" for c in row) + ",")
+            body += ["    table.hline(),", "  ),"]
+            lines += ["#figure(", *body, f"  caption: [{typ_inline(b['caption'])}],", f") <{b['label']}>", ""]
+        elif k == "figure":
+            lines += [f'#figure(image("figures/{b["name"]}.svg", width: {b.get("width", "100%")}), placement: auto,',
+                      f"  caption: [{typ_inline(b['caption'])}],", f") <{b['label']}>", ""]
+        elif k == "code":
+            body = []
+            for part in b["parts"]:
+                ticks, text = fence(part["text"])
+                numbers = ", ".join(map(str, part["numbers"]))
+                body += [f"#code(numbers: ({numbers},))[{ticks}python", text.rstrip("\n"), f"{ticks}]"]
+            lines += ["#figure(", "  [", *body, "  ],", f"  caption: [{typ_inline(b['caption'])}],",
+                      f") <{b['label']}>", ""]
+        elif k == "commands":
+            ticks, text = fence("\n".join(b["lines"]))
+            lines += [f"{ticks}sh", text, ticks, ""]
+        elif k == "appendix":
+            lines += ["#pagebreak()", "#context [#metadata(here().page()) <appendix-page>]",
+                      "= Appendix A: the code", "",
+                      "The scripts as they were when this report was made, with their line numbers (the listings "
+                      "above give theirs).", ""]
+            for name in APPENDIX:
+                lang = "make" if name == "Makefile" else "python"
+                lines += [f"== {esc(name)}", "", f'#code(raw(read("code/{name}"), lang: "{lang}", block: true))', ""]
+    return "\n".join(lines)
+
+
+def markdown(doc, refs):
+    """The report in Markdown, for reading on the web."""
+    lines = []
+    for b in doc:
+        k = b["kind"]
+        if k == "title":
+            lines += [f"# {TITLE}", "", COURSE, "",
+                      f"Name: {b['author'] or '________'} · Student ID: {b['student_id'] or '________'}", ""]
+        elif k == "h":
+            lines += ["#" * (b["level"] + 1) + " " + b["text"], ""]
+        elif k == "p":
+            lines += [md_inline(b["text"], refs), ""]
+        elif k == "list":
+            lines += [(f"{i}. " if b["ordered"] else "- ") + md_inline(t, refs) for i, t in enumerate(b["items"], 1)] + [""]
+        elif k == "table":
+            lines += [f"**{refs[b['label']]}.** {md_inline(b['caption'], refs)}", "",
+                      common.md_table([md_inline(c, refs) for c in b["header"]],
+                                      [[md_inline(c, refs) for c in row] for row in b["rows"]])]
+        elif k == "figure":
+            lines += [f"![{refs[b['label']]}](figures/{b['name']}.png)", "",
+                      f"*{refs[b['label']]}. {md_inline(b['caption'], refs)}*", ""]
+        elif k == "code":
+            lines += [f"**{refs[b['label']]}.** {md_inline(b['caption'], refs)}", ""]
+            for part in b["parts"]:
+                lines += ["```python", part["text"].rstrip("\n"), "```", ""]
+        elif k == "commands":
+            lines += ["```sh", *b["lines"], "```", ""]
+        elif k == "appendix":
+            lines += ["## Appendix A: the code", "", "The code is in the repository: "
+                      + ", ".join(f"`{n}`" for n in APPENDIX) + " (and in the PDF's appendix).", ""]
+    return "\n".join(lines)
+
+
+# =============================================================================
+# make report
+# =============================================================================
+
+HEADER = "// Written by make report (report.py); sha256 of what follows: {}\n"
+NOTE = ("// The report of the runs in this folder. Edit it as you like: once it differs from what make report\n"
+        "// wrote, make report leaves it alone and writes report.new.typ beside it. Compile it with the typst\n"
+        "// package (python -m typst compile report.typ) or at typst.app, with figures/ and code/ beside it.\n\n")
+
+
+def written(path):
+    """Whether the .typ at `path` is as make report wrote it (its header's hash matches), or absent."""
+    if not os.path.exists(path):
+        return True
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first, rest = f.readline(), f.read()
+    m = re.fullmatch(r"// Written by make report \(report\.py\); sha256 of what follows: ([0-9a-f]{64})\n", first)
+    return bool(m) and hashlib.sha256(rest.encode()).hexdigest() == m[1]
+
+
+def compile_pdf(typ, pdf, root):
+    """typ -> pdf with the typst package (atomic), or None with the reason when it cannot."""
+    try:
+        import typst
+    except ImportError:
+        return "the typst package is not installed (pip install typst)"
+    try:
+        common._atomic(lambda tmp: typst.compile(typ, output=tmp, root=root, format="pdf"), pdf)
+    except Exception as e:  # typst reports a bad document as its own error, with the line
+        return f"typst could not compile it ({str(e).strip().splitlines()[0][:300]})"
+    return None
 
 
 def main(argv=None):
-    p = Parser(description=__doc__)
-    p.add_argument("--out", default="out")
-    args = p.parse_args(argv)
+    p_ = Parser(description=__doc__)
+    p_.add_argument("--out", default="out")
+    p_.add_argument("--author", default="", help="the student's name on the title page (empty: a line to fill in)")
+    p_.add_argument("--student-id", default="", help="the student's ID on the title page")
+    args = p_.parse_args(argv)
     out = args.out
-    prov = provenance(out)
-    md, missing = ["# Assignment 2: knowledge distillation and continual learning", "",
-                   f"Every table and figure below was written by a run under `{out}/`; "
-                   "each figure's caption names the run and its configuration.", "", prov, ""], []
-    with PdfPages(os.path.join(out, "report.pdf") + ".tmp") as pdf:
-        fig = plt.figure(figsize=A4)
-        fig.text(0.04, 0.9, "Assignment 2: knowledge distillation and continual learning", fontsize=18, weight="bold")
-        fig.text(0.04, 0.8, "\n".join([f"Report of the runs under {os.path.abspath(out)}/.", *textwrap.wrap(prov, 120), ""]
-                                      + [h for h, _ in sections()]), fontsize=11, va="top")
-        pdf.savefig(fig)
-        plt.close(fig)
-        for heading, items in sections():
-            md += [f"## {heading}", ""]
-            for kind, paths, caption, command in items:
-                absent = [p for p in paths if not os.path.exists(os.path.join(out, p))]
-                if absent and kind == "optional":  # a bonus that make all does not run
-                    continue
-                if absent:
-                    md += [f"*Missing: `{p}` (run `{command}`).*" for p in absent] + [""]
-                    missing += [f"{p}  (run `{command}`)" for p in absent]
-                elif kind in ("table", "optional"):
-                    text = open(os.path.join(out, paths[0])).read()
-                    obs = OBSERVATIONS.get(paths[0], lambda out: [])(out)
-                    md += [text] + (["**Observations** (computed from the runs under out/):", ""]
-                                    + [f"- {o}" for o in obs] + [""] if obs else [""])
-                    pdf_table_page(pdf, heading, *parse_table(text), obs)
-                else:
-                    cfg = run_config(out, paths[0])
-                    full = caption + (f". Run configuration: {cfg}." if cfg else ".")
-                    md += [f"![{caption}]({p})" for p in paths] + ["", f"*Figure: {full}*", ""]
-                    pdf_figures_page(pdf, heading, [os.path.join(out, p) for p in paths], full.replace("`", ""))
-        if missing:
-            md += ["## Missing", ""] + [f"- `{m}`" for m in missing] + [""]
-            pdf_table_page(pdf, "", "Missing parts", [["part", "made by"]] + [m.split("  ") for m in missing], [], [])
-    os.replace(os.path.join(out, "report.pdf") + ".tmp", os.path.join(out, "report.pdf"))
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(md))
-    print(f"\n== report: {out}/report.md and {out}/report.pdf" + (f" ({len(missing)} parts missing)" if missing else ""))
-    for table in ("teacher_accuracy", "kd_table", "kd_sweep", "continual_table"):
-        path = os.path.join(out, "tables", f"{table}.md")
-        if os.path.exists(path):
-            title, rows, notes = parse_table(open(path).read())
-            print(f"\n{title}\n" + "\n".join(text_table(rows)) + ("\n" + notes[0] if notes else ""))
+    if not os.path.isdir(out):
+        die(f"{out} does not exist: nothing has been run yet (make teacher, make all or make demo)")
+    g = gather(out)
+    doc = document(g, args.author, args.student_id)
+    refs = numbering(doc)
+    tables = [b for b in doc if b["kind"] == "table" and b["name"] != "reproducibility"]
+    write_tables(out, tables)
+    os.makedirs(os.path.join(out, "code"), exist_ok=True)
+    for name in APPENDIX:
+        shutil.copyfile(os.path.join(HERE, name), os.path.join(out, "code", name))
+    body = NOTE + typst(doc, refs)
+    text = HEADER.format(hashlib.sha256(body.encode()).hexdigest()) + body
+    typ = os.path.join(out, "report.typ")
+    if not written(typ):
+        typ = os.path.join(out, "report.new.typ")
+        print(f"{out}/report.typ was edited since make report wrote it: kept as it is; the new report is {typ}")
+    write_text(typ, text)
+    write_text(os.path.join(out, "report.md"), markdown(doc, refs))
+    pdf = typ[:-len(".typ")] + ".pdf"
+    why = compile_pdf(typ, pdf, out)
+    todo = [b["text"] for b in doc if b["kind"] == "p" and b["text"].startswith("_Not run yet")]
+    print(f"\n== report: {typ}, {out}/report.md" + (f", {pdf}" if not why else "")
+          + (f" ({len(todo)} part(s) not run yet)" if todo else ""))
+    if why:
+        print(f"no PDF: {why}; compile {typ} with `typst compile {typ}` or at typst.app")
+    for t in tables:
+        if t["name"] in ("teacher_accuracy", "kd_table", "kd_sweep", "continual_table", "lwf_sweep"):
+            print(f"\n{unref(t['caption'], refs)}\n" + common.md_table([unref(c) for c in t["header"]],
+                                                                    [[unref(c) for c in r] for r in t["rows"]]))
 
 
 if __name__ == "__main__":

@@ -16,19 +16,26 @@ def test_bench_prints_its_table_in_a_tiny_configuration(tmp_path, capsys):
 
 def test_make_plan_arithmetic(tmp_path, monkeypatch, capsys):
     rates = {k: 1e-4 for k in ("teacher_train", "teacher_eval", "student_train", "student_eval", "face_train", "face_eval")}
-    monkeypatch.setattr(bench, "probe", lambda *a: rates)  # the timing is not tested, the arithmetic is
+    monkeypatch.setattr(bench, "probe", lambda *a: (rates, {}))  # the timing is not tested, the arithmetic is
     steps = bench.main(["--plan", "--out", str(tmp_path), "--device", "cpu", "--teacher-args", "--epochs 30 --batch 512",
                         "--kd-args", "--epochs 30 --batch 512 --seeds 3 --group 10",
                         "--cl-args", f"--epochs 20 --batch 128 --seeds 3 --data {tmp_path}"])
     s = {name: (runs, sgd, group, sec, disk) for name, runs, sgd, group, sec, disk in steps}
     assert s["teacher"][1] == 30 * (50000 // 512) == 2910
     assert s["teacher"][3] == pytest.approx(30 * (50000 + 60000) * 1e-4)  # training + evaluation passes
-    assert s["kd-table"][0] == "5 students x 3 seed(s)" and s["kd-table"][2] == 15 and s["kd-table"][4] == 15 * 94e6
+    # GROUP=10 caps the table's group too: 3 students with their 3 seeds (9), then 2 (6), seeds kept together
+    assert s["kd-table"][0] == "5 students x 3 seed(s)" and s["kd-table"][2] == "9+6" and s["kd-table"][4] == 15 * 94e6
+    assert s["kd-table"][1] == 2 * 30 * 97  # each group steps through the epochs
     assert 46_756_294 * 2 < 94e6 < 46_756_294 * 2 * 1.01  # a student's float16 weights (StudentCNN's docstring)
-    # per epoch: the teacher on 3 seeds' batches, 15 students' steps, their evaluations (train, test, test CE)
-    assert s["kd-table"][3] == pytest.approx(60000e-4 + 30 * (3 * 50000 + 15 * 50000 + 15 * 70000) * 1e-4)
+    # per epoch and group: the teacher on its 3 seeds' batches; the 15 students' steps, their evaluations (train,
+    # test, test CE)
+    assert s["kd-table"][3] == pytest.approx(60000e-4 + 30 * (2 * 3 * 50000 + 15 * 50000 + 15 * 70000) * 1e-4)
     assert s["kd-sweep"][0] == "30 students in 3 group(s)" and s["kd-sweep"][1] == 3 * 30 * 97
     assert s["continual"][0] == "5 methods x 3 seed(s)" and s["continual"][1] == 5 * 3 * 20 * (4000 // 128)
     out = capsys.readouterr().out
     assert "| all |" in out and "Downloads: CIFAR-10 (163 MB): needed" in out
+    # the disk at its peak: the table's 15 students, then the sweep's largest group (10) checkpoint twice
+    # (the old one and the one being written)
+    weights = 45e6 + 15 * 94e6 + 15 * 45e6
+    assert f"{(weights + 30 * 94e6) / 1e9:.1f} GB at the end, {(weights + 2 * 10 * 374e6) / 1e9:.1f} GB at the peak" in out
     assert (tmp_path / "plan.md").exists()

@@ -1,4 +1,5 @@
 import copy
+import csv
 import json
 import shutil
 
@@ -7,14 +8,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import q2_continual as q2
+import report
 from common import (Batches, ContinualNet, _prototypes, _samples, cross_entropy, evaluate, fit, load_cifar10, sgd,
                     soft_cross_entropy, teacher_resnet18, warmup_cosine, write_synthetic_cifar)
 
 
 def run(out, cifar_root, faces_root, *extra):
     q2.main(["--data", cifar_root, "--out", str(out), "--device", "cpu", "--faces", faces_root, "--subjects", "5",
-             "--per-subject", "10", "--train-per-subject", "8", "--face-size", "32", "--epochs", "2", "--batch", "10",
+             "--per-subject", "10", "--train-per-subject", "8", "--face-size", "16", "--epochs", "2", "--batch", "10",
              "--lwf-warmup", "1", *extra])
 
 
@@ -51,8 +54,9 @@ def test_fine_tuning_changes_only_the_chosen_layers(out, cifar_root, faces_root)
             assert not torch.equal(v, after), k  # trained
         else:
             assert torch.equal(v, after), k  # frozen; BatchNorm statistics frozen too
+    report.main(["--out", str(out)])
     table = (out / "tables" / "finetune_layers.md").read_text()
-    assert "| conv5_2 | layer4.1 | 10% of the original (0.001) |" in table  # the teacher ran at lr 0.01
+    assert "| conv5_2 (layer4.1) | 10% (0.001) | fine-tuned; BatchNorm statistics frozen |" in table  # the teacher: lr 0.01
 
 
 def test_fine_tuning_learning_rates_are_what_was_asked():
@@ -117,47 +121,63 @@ def pair_of_tasks(tmp_path_factory):
     g = torch.Generator().manual_seed(1)
     labels = torch.arange(300) % 10
     faces = (_samples(_prototypes(10, 32, seed=7), labels, g), labels)
-    after = {}
+    after, nets, originals = {}, {}, []
     runs = [("lwf", v) for v in (0.0, 0.3, 1.0, 3.0)] + [("joint", None), ("ft-all", None)]
-    for method, lam in runs:  # lambda_o = 0 is fine-tuning every layer, with the same warm-up and rates
+    # and LwF and joint training again, computing the warm-up's old-task terms that reach no trained weight
+    runs += [("lwf", 1.0, "full"), ("joint", None, "full")]
+    for method, lam, *full in runs:  # lambda_o = 0 is fine-tuning every layer, with the same warm-up and rates
         args = q2.parse(["--subjects", "10", "--lwf-lr", "100", "--ft-all-lr", "100", "--lwf-warmup", "1",
                          "--lwf-lambda", str(lam or 0), "--epochs", "6"])
         net, groups, on_epoch = q2.build(method, teacher, args, 0.05)
         gen = torch.Generator().manual_seed(0)
         train = Batches(*faces, batch_size=32, shuffle=True, augment=True, gen=gen)
-        loss = q2.lwf_loss(copy.deepcopy(teacher).eval(), 2.0, lam) if method == "lwf" else q2.new_task
+        original = copy.deepcopy(teacher).eval()
+        original.register_forward_pre_hook(lambda m, a: originals.append(bool(full)))
+        loss = q2.lwf_loss(original, 2.0, lam) if method == "lwf" else q2.new_task
         if method == "joint":
             train, loss = q2.JointBatches(train, Batches(*cifar["train"], batch_size=32, shuffle=True, gen=gen)), q2.joint_loss
         opt = sgd(groups, 0.05)
-        fit(net, loss, opt, warmup_cosine(opt, 6 * len(train), 0), train, {}, 6, str(tmp / f"{method}{lam}"), {}, gen,
-            on_epoch=on_epoch)
-        after[method if lam is None else lam] = evaluate(net, q2.old_task, old_test)[1]
+        with pytest.MonkeyPatch.context() as m:
+            if full:
+                m.setattr(common, "trains_old_task", lambda net: True)
+            fit(net, loss, opt, warmup_cosine(opt, 6 * len(train), 0), train, {}, 6, str(tmp / f"{method}{lam}{full}"),
+                {}, gen, on_epoch=on_epoch)
+        key = (method if lam is None else lam, *full)
+        after[key[0] if not full else key], nets[key] = evaluate(net, q2.old_task, old_test)[1], net.state_dict()
     print("old-task accuracy before", before, "after", after)
-    return before, after
+    return before, after, nets, originals
 
 
 def test_lwf_keeps_more_of_the_old_task_than_fine_tuning_all_layers_at_the_same_rate(pair_of_tasks):
-    before, after = pair_of_tasks
+    before, after, *_ = pair_of_tasks
     assert before > 60
     assert after[1.0] > after[0.0] + 5, (before, after)
 
 
 def test_joint_training_keeps_the_old_task_at_least_as_well_as_lwf(pair_of_tasks):
-    before, after = pair_of_tasks
+    before, after, *_ = pair_of_tasks
     assert after["joint"] >= after[1.0], after
 
 
 def test_fine_tuning_every_layer_forgets_the_most(pair_of_tasks):
-    before, after = pair_of_tasks
-    assert after["ft-all"] < min(v for k, v in after.items() if k != "ft-all"), after
+    before, after, *_ = pair_of_tasks
+    assert after["ft-all"] < min(v for k, v in after.items() if k != "ft-all" and not isinstance(k, tuple)), after
     assert after["ft-all"] < before - 10
 
 
 def test_the_lwf_sweep_moves_toward_the_old_task_as_lambda_o_grows(pair_of_tasks):
-    _, after = pair_of_tasks
+    _, after, *_ = pair_of_tasks
     sweep = [after[v] for v in (0.0, 0.3, 1.0, 3.0)]
     # each step toward the old task, up to one standard error of 200 test images (about 2.3 points)
     assert all(b >= a - 2.3 for a, b in zip(sweep, sweep[1:])) and sweep[-1] > sweep[0] + 10, sweep
+
+
+def test_the_warm_up_skips_the_original_and_the_cifar_batch_and_changes_nothing(pair_of_tasks):
+    *_, nets, originals = pair_of_tasks
+    for key in ((1.0, "full"), ("joint", "full")):  # every weight and statistic, bit for bit
+        assert all(torch.equal(v, nets[key[:1]][k]) for k, v in nets[key].items()), key
+    # LwF's frozen original: 300 faces in batches of 32, 9 steps per epoch, 6 epochs; the warm-up (epoch 1) skips it
+    assert originals.count(True) == 6 * 9 and originals.count(False) == 4 * 5 * 9  # the four λo, warm-up skipped
 
 
 def test_a_continual_run_of_another_teacher_is_refused(out, cifar_root, faces_root):
@@ -170,18 +190,25 @@ def test_a_continual_run_of_another_teacher_is_refused(out, cifar_root, faces_ro
     assert "continual/fe was made with another teacher" in str(e.value)
 
 
-def test_the_five_methods_with_seeds_write_the_table_the_csv_and_the_trade_off(out, cifar_root, faces_root):
-    run(out, cifar_root, faces_root, "--seeds", "2", "--ft-layers", "conv5_x:10", "--lwf-sweep", "1")
+def test_the_five_methods_with_seeds_write_the_table_the_csv_and_the_trade_off(out, tmp_path, faces_root):
+    cifar = str(tmp_path / "cifar")
+    write_synthetic_cifar(cifar, n_train=10, n_test=10)  # a small old task: 12 runs evaluate it every epoch
+    run(out, cifar, faces_root, "--seeds", "2", "--methods", "fe", "lwf", "joint", "--lwf-sweep", "1")
+    report.main(["--out", str(out)])
     table = (out / "tables" / "continual_table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "±" in line]
-    assert len(rows) == 10 and all(line.count(" (2) |") == 2 for line in rows)  # 5 methods x old/new, mean ± std (2)
-    assert table.index("| LwF |") < table.index("*References beyond the assignment*") < table.index("| Joint training")
-    per_seed = (out / "tables" / "continual_table.csv").read_text().splitlines()
-    assert len(per_seed) == 1 + 5 * 2 and per_seed[0].startswith("method,seed,old_train_acc")
-    assert (out / "tables" / "continual_table.tex").read_text().count(r"\\") >= 11
+    assert len(rows) == 6 and all(line.count(" ± ") == 2 for line in rows)  # 3 methods x old/new, mean ± std
+    assert "| Fine Tuning | Old Task* | not run yet (make ft) |" in table
+    assert "mean ± standard deviation over 2 seeds" in table.splitlines()[0]
+    assert table.index("| LwF |") < table.index("**References beyond the assignment**") < table.index("| Joint training")
+    per_seed = list(csv.DictReader(open(out / "tables" / "continual_table.csv")))
+    assert len(per_seed) == 3 * 2 and list(per_seed[0])[:3] == ["method", "seed", "old_train_acc"]
+    new = [float(r["new_test_acc"]) for r in per_seed if r["method"] == "LwF"]  # the table's cell, from the CSV
+    assert f"| {sum(new) / 2:.2f} ± {abs(new[0] - new[1]) / 2 ** 0.5:.2f} |" in table
+    assert (out / "tables" / "continual_table.tex").read_text().count(r"\\") >= 11  # header, 10 rows
     fe = [json.load(open(out / "continual" / f / "result.json")) for f in ("fe", "fe_seed1")]
     assert [r["seed"] for r in fe] == [0, 1] and fe[0]["old_test_acc"] == fe[1]["old_test_acc"] == fe[0]["old_test_acc_before"]
-    assert (out / "continual" / "tradeoff.png").exists() and (out / "continual" / "lwf_lam0_seed1" / "result.json").exists()
+    assert (out / "figures" / "q2_forgetting.svg").exists() and (out / "continual" / "lwf_lam0_seed1" / "result.json").exists()
     sweep = (out / "tables" / "lwf_sweep.md").read_text()
     assert "| 0 |" in sweep and "| 1 |" in sweep  # λo = 1 is the LwF run itself, trained once
     assert not (out / "continual" / "lwf_lam1").exists()

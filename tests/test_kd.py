@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import common
 import q1b_kd
+import report
 from conftest import one_line_error
 from common import Batches, StudentCNN, Students, kd_loss, sgd, teacher_resnet18, train_epoch, warmup_cosine
 
@@ -17,12 +18,12 @@ def args(cifar_root, out, *extra):
             "--lr", "0.01", "--warmup", "0", *extra]
 
 
-def test_students_in_lock_step_match_students_trained_alone(tmp_path, cifar_root, teacher_out):
+def test_students_in_lock_step_match_students_trained_alone(tmp_path, cifar_root, teacher_out, small_students):
     alone, together = tmp_path / "alone", tmp_path / "together"
     shutil.copytree(teacher_out, alone)
     shutil.copytree(teacher_out, together)
-    q1b_kd.main(args(cifar_root, alone, "--T", "4", "--lam", "0.5"))
-    q1b_kd.main(args(cifar_root, together, "--sweep", "--sweep-T", "4", "8", "--sweep-lam", "0.5"))
+    q1b_kd.main(args(cifar_root, alone, "--T", "4", "--lam", "0.5", "--epochs", "1"))
+    q1b_kd.main(args(cifar_root, together, "--sweep", "--sweep-T", "4", "8", "--sweep-lam", "0.5", "--epochs", "1"))
     a = json.load(open(alone / "kd" / "T4_lam0.5" / "history.json"))
     b = json.load(open(together / "kd" / "T4_lam0.5" / "history.json"))
     for ra, rb in zip(a, b):
@@ -37,7 +38,8 @@ def test_students_in_lock_step_match_students_trained_alone(tmp_path, cifar_root
     # within 1e-5 in float32, so at most one float16 step (2^-10 of the value) apart once rounded
     assert all(torch.allclose(wa[k].float(), wb[k].float(), rtol=2 ** -10, atol=1e-5) for k in wa)
     assert json.load(open(together / "kd" / "T8_lam0.5" / "config.json"))["T"] == 8
-    assert (together / "tables" / "kd_sweep.md").exists() and (together / "kd" / "sweep_heatmap.png").exists()
+    report.main(["--out", str(together)])
+    assert "| 4 | " in (together / "tables" / "kd_sweep.md").read_text() and (together / "figures" / "kd_sweep.svg").exists()
 
 
 class Spy(nn.Module):
@@ -82,6 +84,7 @@ def test_the_group_loss_is_each_students_kd_loss():
 
 
 def test_a_diverging_student_stops_alone_the_tables_say_so_and_the_exit_is_non_zero(tmp_path, cifar_root, teacher_out,
+                                                                                     small_students,
                                                                                      monkeypatch):
     out = tmp_path / "out"
     shutil.copytree(teacher_out, out)
@@ -103,6 +106,7 @@ def test_a_diverging_student_stops_alone_the_tables_say_so_and_the_exit_is_non_z
     assert not (out / "kd" / "T8_lam0.5" / "model.pt").exists()
     good = json.load(open(out / "kd" / "T4_lam0.5" / "result.json"))
     assert "diverged" not in good and (out / "kd" / "T4_lam0.5" / "model.pt").exists()
+    report.main(["--out", str(out)])
     assert "| 8 | diverged at epoch 2, step 2 |" in (out / "tables" / "kd_sweep.md").read_text()
     assert not (out / "kd" / "sweep1" / "checkpoint.pt").exists()
     monkeypatch.setattr(common, "kd_loss", real)
@@ -111,19 +115,44 @@ def test_a_diverging_student_stops_alone_the_tables_say_so_and_the_exit_is_non_z
     assert str(again.value) == str(e.value)
 
 
-def test_a_lock_step_group_of_one_student_works_and_is_not_retrained(tmp_path, cifar_root, teacher_out, capsys):
-    out = tmp_path / "out"
-    shutil.copytree(teacher_out, out)
-    argv = args(cifar_root, out, "--sweep", "--sweep-T", "4", "8", "16", "--sweep-lam", "0.5", "--group", "2")
-    q1b_kd.main(argv)  # groups of 2 + 1
-    for T in (4, 8, 16):
-        assert json.load(open(out / "kd" / f"T{T}_lam0.5" / "result.json"))["T"] == T
+def test_the_table_in_one_group_and_split_after_running_out_of_memory_gives_the_same_students(
+        tmp_path, cifar_root, teacher_out, monkeypatch, capsys, small_students):
+    one, split = tmp_path / "one", tmp_path / "split"
+    shutil.copytree(teacher_out, one)
+    shutil.copytree(teacher_out, split)
+    q1b_kd.main(args(cifar_root, one, "--table", "--epochs", "1", "--group", "5"))  # the five students in one group
+    real = common.train_epoch
+
+    def small_gpu(model, *a, **kw):  # a card on which no more than 2 students fit: out of memory on the first step
+        if len(model) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.25 GiB")
+        return real(model, *a, **kw)
+    monkeypatch.setattr(common, "train_epoch", small_gpu)
     capsys.readouterr()
-    q1b_kd.main(argv)
+    q1b_kd.main(args(cifar_root, split, "--table", "--epochs", "1"))  # GROUP empty: 10 on the CPU, then split
+    printed = capsys.readouterr().out
+    assert "out of GPU memory on the first step of 5 students in lock-step: starting again in groups of at most 3" \
+           in printed and "of 3 students in lock-step: starting again in groups of at most 2" in printed
+    assert printed.count("-- lock-step group of") == 2 + 3  # 5 and 3 ran out, then 2 + 1 and 2
+    assert common.read_json(str(split / "kd" / "group.json"))["group"] == 2  # a rerun makes the same groups
+    for _, T, lam in q1b_kd.TABLE:  # the same initial weights, data order and augmentation: the same students
+        a, b = (json.load(open(o / "kd" / q1b_kd.name(T, lam) / "history.json"))[0] for o in (one, split))
+        for k in ("train_loss", "test_loss", "train_acc", "test_acc"):
+            assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (T, lam, k, a[k], b[k])
+    assert not list(split.glob("kd/*/checkpoint.pt"))
+    q1b_kd.main(args(cifar_root, split, "--table", "--epochs", "1"))
     assert "every student asked for is finished" in capsys.readouterr().out
 
 
-def test_a_student_of_another_teacher_is_refused(tmp_path, cifar_root, teacher_out):
+def test_lock_step_groups_keep_each_students_seeds_together_where_they_fit():
+    specs = [(T, 0.1, i) for T in (5.0, 10.0, 20.0) for i in range(3)]
+    groups = common.lockstep_groups(specs, 7)
+    assert [[s[:2] for s in g] for g in groups] == [[(5.0, 0.1)] * 3 + [(10.0, 0.1)] * 3, [(20.0, 0.1)] * 3]
+    assert [len(g) for g in common.lockstep_groups(specs, 2)] == [2, 1, 2, 1, 2, 1]  # a student's seeds split
+    assert sorted(s for g in common.lockstep_groups(specs, 4) for s in g) == sorted(specs)
+
+
+def test_a_student_of_another_teacher_is_refused(tmp_path, cifar_root, teacher_out, small_students):
     out = tmp_path / "out"
     shutil.copytree(teacher_out, out)
     q1b_kd.main(args(cifar_root, out, "--T", "4", "--lam", "0.5"))
@@ -140,19 +169,20 @@ def test_a_student_of_another_teacher_is_refused(tmp_path, cifar_root, teacher_o
 
 
 def test_seeds_train_in_lock_step_with_one_teacher_pass_per_step_and_seed_0_as_if_alone(tmp_path, cifar_root,
-                                                                                        teacher_out, monkeypatch):
+                                                                                        teacher_out, monkeypatch,
+                                                                                        small_students):
     alone, seeds = tmp_path / "alone", tmp_path / "seeds"
     shutil.copytree(teacher_out, alone)
     shutil.copytree(teacher_out, seeds)
-    q1b_kd.main(args(cifar_root, alone, "--T", "4", "--lam", "0.5"))
+    q1b_kd.main(args(cifar_root, alone, "--T", "4", "--lam", "0.5", "--epochs", "1"))
     calls = []
     real = q1b_kd.load_teacher
     monkeypatch.setattr(q1b_kd, "load_teacher", lambda *a: Spy(real(*a)).requires_grad_(False))
     monkeypatch.setattr(Spy, "forward", lambda self, x: calls.append(len(x)) or self.teacher(x))
-    q1b_kd.main(args(cifar_root, seeds, "--T", "4", "--lam", "0.5", "--seeds", "3"))
-    assert not (seeds / "kd" / "T4_lam0.5_seeds" / "checkpoint.pt").exists()  # the group folder, finished
+    q1b_kd.main(args(cifar_root, seeds, "--T", "4", "--lam", "0.5", "--seeds", "3", "--epochs", "1"))
+    assert not list((seeds / "kd").glob("*/checkpoint.pt"))  # the group, finished, keeps none
     # the cached logits of the train (60) and test (30) sets, then one forward of 3 seeds x batch 20 per step
-    assert calls == [60, 30] + [60] * 6  # 3 steps x 2 epochs
+    assert calls == [60, 30] + [60] * 3  # 3 steps in the epoch
     a = json.load(open(alone / "kd" / "T4_lam0.5" / "history.json"))
     b = [json.load(open(seeds / "kd" / f"T4_lam0.5{s}" / "history.json")) for s in ("", "_seed1", "_seed2")]
     assert [r["test_loss"] for r in a] == pytest.approx([r["test_loss"] for r in b[0]], rel=1e-5)

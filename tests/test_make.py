@@ -122,3 +122,14 @@ def test_a_venv_that_imports_torch_keeps_it_and_one_that_cannot_be_mended_says_s
         "error: torch and torchvision in .venv do not import together: RuntimeError: operator torchvision::nms "
         "does not exist"]
     assert not (bad / ".venv/.installed").exists()
+
+
+def test_group_caps_the_tables_lock_step_groups_as_well_as_the_sweeps(tmp_path):
+    py, env = fake_python(tmp_path)
+    (tmp_path / "out" / "teacher").mkdir(parents=True)
+    (tmp_path / "out" / "teacher" / "result.json").write_text("{}")
+    for target in ("kd-table", "kd-sweep"):
+        assert make(target, f"PYTHON={py}", f"OUT={tmp_path}/out", "GROUP=3", "PRECISION=fp16", env=env).returncode == 0
+    table, sweep = (tmp_path / "log").read_text().splitlines()
+    assert table.startswith("q1b_kd.py") and "--table --group 3" in table and "--precision fp16" in table
+    assert "--sweep" in sweep and "--group 3" in sweep

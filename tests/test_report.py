@@ -1,70 +1,206 @@
-import csv
+"""make report on results written here in the runs' own formats: the PDF, its tables, its code, its words."""
+import builtins
+import json
 import os
+import re
 
+import pytest
+
+import q1a_teacher as q1a
+import q1b_kd as q1b
+import q2_continual as q2
 import report
-from common import plot_curves, write_json, write_table
+from conftest import ROOT, appendix_page, pdf_text
+
+METHOD_ACC = {"fe": (93.0, 60.0), "ft": (40.0, 80.0), "lwf": (75.0, 70.0), "joint": (91.0, 78.0), "ft-all": (30.0, 82.0)}
 
 
-def test_report_holds_every_table_and_figure_and_lists_what_is_missing(tmp_path, capsys):
-    out = tmp_path / "out"
-    items = [item for _, group in report.sections() for item in group]
-    present = [it for it in items if "sweep" not in it[1][0]]  # the bonus sweeps were not run
-    history = [{"epoch": e, "train_loss": 1.0 / e, "test_loss": 1.2 / e, "train_acc": 50 + e, "test_acc": 45 + e}
-               for e in (1, 2, 3)]
-    for kind, paths, _, _ in present:
-        for path in paths:
-            full = str(out / path)
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            if kind in ("table", "optional"):
-                write_table(full, f"Title of {os.path.basename(path)}", ["a", "b"], [["1.00", "2.00"]], note="a note")
-            else:
-                plot_curves([history], "acc", full, path)
-                write_json(os.path.join(os.path.dirname(full), "config.json"), {"epochs": 3, "lr": 0.1})
-    report.main(["--out", str(out)])
+def write_run(folder, config, history, result):
+    os.makedirs(folder, exist_ok=True)
+    for name, obj in (("config", config), ("history", history), ("result", result)):
+        with open(os.path.join(folder, f"{name}.json"), "w") as f:
+            json.dump(obj, f)
+
+
+def history(epochs, acc, extra=lambda e: {}):
+    return [{"epoch": e, "lr": 0.1, "train_loss": 2.0 / e, "test_loss": 2.2 / e, "train_acc": acc - 3 + e,
+             "test_acc": acc - epochs + e, **extra(e)} for e in range(1, epochs + 1)]
+
+
+def fake_out(out, seeds=2, epochs=3):
+    """A finished teacher, the KD table's five students, a 2x2 sweep and the five Q2 methods (and an LwF
+    λo sweep), each with `seeds` seeds, as the scripts write them: configs from the scripts' own defaults."""
+    t = vars(q1a.parse(["--epochs", str(epochs)])) | {"precision": "fp32"}
+    for k in ("data", "out", "device"):
+        t.pop(k)
+    write_run(f"{out}/teacher", t, history(epochs, 94.0), {
+        "train_acc": 97.25, "test_acc": 94.0, "train_loss": 0.1, "test_loss": 0.2, "epochs": epochs, "device": "cpu",
+        "cifar10_official": True, "train_images": 50000, "test_images": 10000})
+    with open(f"{out}/teacher/model.pt", "wb") as f:
+        f.write(b"weights")
+    kd = vars(q1b.parse(["--epochs", str(epochs)]))
+    shared = {k: kd[k] for k in ("epochs", "lr", "batch", "momentum", "wd", "warmup", "clip", "bn", "dropout",
+                                 "augment", "seed")} | {"precision": "fp32", "teacher_sha256": "ab" * 32}
+    accs = {}
+    for k, (label, T, lam) in enumerate(q1b.TABLE):
+        for i in range(seeds):
+            acc = 60.0 + 2 * k + 1.5 * i  # KD students a few points above λ = 0, seeds 1.5 points apart
+            accs.setdefault(label, []).append(acc)
+            write_run(f"{out}/kd/{q1b.name(T, lam, i)}", shared | {"T": T, "lam": lam, "seed": i},
+                      history(epochs, acc, lambda e: {"test_ce": 1.0 / e}),
+                      {"train_acc": acc + 10, "test_acc": acc, "train_loss": 0.5, "test_loss": 0.6, "T": T, "lam": lam,
+                       "seed": i, "epochs": epochs, "device": "cpu"})
+    with open(f"{out}/kd/sweep.json", "w") as f:
+        json.dump({"T": [2.0, 8.0], "lam": [0.5, 0.9], "seeds": 1}, f)
+    for T, lam, acc in ((2.0, 0.5, 66.25), (2.0, 0.9, 71.5), (8.0, 0.5, 64.0), (8.0, 0.9, 69.75)):
+        write_run(f"{out}/kd/{q1b.name(T, lam)}", shared | {"T": T, "lam": lam, "seed": 0},
+                  history(epochs, acc, lambda e: {"test_ce": 1.0 / e}),
+                  {"train_acc": acc + 5, "test_acc": acc, "train_loss": 0.5, "test_loss": 0.6, "T": T, "lam": lam,
+                   "seed": 0, "epochs": epochs, "device": "cpu"})
+    args = q2.parse(["--epochs", str(epochs), "--lwf-warmup", "1", "--faces", "/somewhere/faces"])
+    args.precision, args.teacher_sha256 = "fp32", "ab" * 32
+    for key, m, lam in [(m, m, 1.0) for m in q2.METHODS] + [("lwf_lam0", "lwf", 0.0)]:
+        old, new = METHOD_ACC[m] if key != "lwf_lam0" else (35.0, 81.0)
+        for i in range(seeds):
+            o = old if m == "fe" else old + i
+            write_run(q2.run_dir(args, key, i).replace(args.out, str(out)), q2.method_config(m, args, 0.1, i, lam),
+                      history(epochs, new + i, lambda e: {"old_test_acc": o}),
+                      {"old_train_acc": o + 2, "old_test_acc": o, "new_train_acc": new + 10, "new_test_acc": new + i,
+                       "old_train_acc_before": 95.0, "old_test_acc_before": 93.0, "seed": i, "epochs": epochs,
+                       "device": "cpu"})
+    return accs
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """The report of the fake results, made once: (out, its PDF's text per page, what report printed)."""
+    out = tmp_path_factory.mktemp("report")
+    fake_out(str(out))
+    report.main(["--out", str(out), "--author", "Ada Lovelace", "--student-id", "A0123456Z"])
+    return out, pdf_text(out / "report.pdf")
+
+
+def test_the_report_compiles_to_a4_portrait_with_a_title_block(made):
+    out, pages = made
+    import pypdf
+    for page in pypdf.PdfReader(out / "report.pdf").pages:
+        width, height = float(page.mediabox.width), float(page.mediabox.height)
+        assert (round(width), round(height)) == (595, 842)  # A4 portrait, in points
+    first = pages[0]
+    assert "Assignment 2: Knowledge Distillation and Continual Learning" in first and "EEE7331" in first
+    assert "Ada Lovelace" in first and "A0123456Z" in first
+
+
+def test_every_tables_numbers_appear_in_the_pdf(made):
+    out, pages = made
+    text = " ".join(pages)
+    numbers = set()
+    for name in os.listdir(out / "tables"):
+        if name.endswith(".md"):
+            for line in (out / "tables" / name).read_text().splitlines()[2:]:
+                numbers |= set(re.findall(r"\d+\.\d\d(?: ± \d+\.\d\d)?", line))
+    assert len(numbers) > 40
+    assert not [n for n in sorted(numbers) if n not in text]
+    # the KD table's cells are the seeds' mean ± standard deviation: KD 1 had 64.0 and 65.5
+    assert "64.75 ± 1.06" in text
+
+
+def test_the_appendix_holds_every_line_of_the_code(made):
+    out, pages = made
+    start = appendix_page(out)
+    code = re.sub(r"\s+", "", "".join(pages[start - 1:]))
+    for name in report.APPENDIX:
+        lines = [re.sub(r"\s+", "", line.replace("\u2212", "-")) for line in open(os.path.join(ROOT, name))]
+        missing = [line for line in lines if line and line not in code]
+        assert not missing, (name, missing[:3])
+
+
+def test_no_make_variable_path_or_python_repr_before_the_appendix(made):
+    out, pages = made
+    body = "\n".join(pages[:appendix_page(out) - 1])
+    assert not re.findall(r"\b[A-Z][A-Z_]{2,}=|\bout/|/somewhere|\[\[|channels_last|lock-step|PRETRAINED", body)
+    assert "Reproducibility" in body and "ab" * 32 not in body  # the teacher's sha256 is of its weights' file
+    assert report.file_sha256(str(out / "teacher" / "model.pt")) in body
+
+
+def test_sections_follow_the_assignments_numbering_and_refer_to_numbered_figures_and_tables(made):
+    out, pages = made
+    body = "\n".join(pages[:appendix_page(out) - 1])
+    heads = ["Introduction", "Question 1", "Part A", "(1) Training setup", "(2), (3) Loss and accuracy",
+             "(4) Final accuracy", "Part B", "(1) Soft targets", "(2) Training setup", "(3) Loss and curves",
+             "(4) Results", "(5) Bonus", "Question 2", "(1) Feature extraction", "(2) Fine-tuning",
+             "(3) Learning without Forgetting", "References beyond the assignment", "(4) Results", "Reproducibility"]
+    start = 0
+    for head in heads:  # each there, in this order
+        start = body.index(head, start)
+    flat = re.sub(r"\s+", " ", body)
+    for kind in ("Figure", "Table", "Listing"):
+        captions = [int(n) for n in re.findall(rf"^{kind} (\d+):", body, re.M)]
+        assert captions == list(range(1, len(captions) + 1)) and captions, kind
+        cited = {int(n) for refs in re.findall(rf"{kind}s? ((?:\d+(?:, | and )?)+)(?!\d|:)", flat)
+                 for n in re.findall(r"\d+", refs)}
+        assert set(captions) <= cited, (kind, set(captions) - cited)  # each referred to from the text
     md = (out / "report.md").read_text()
-    for kind, paths, _, command in items:
-        for path in paths:
-            if any(path in p[1] for p in present):
-                assert (f"]({path})" if kind == "figures" else f"Title of {os.path.basename(path)}") in md
-            elif kind == "optional":
-                assert path not in md  # make all does not make it: not "missing"
-            else:
-                assert f"*Missing: `{path}` (run `{command}`).*" in md and command == "make kd-sweep"
-    assert md.index("teacher_setup") < md.index("kd_table") < md.index("continual_table")  # the assignment's order
-    assert "epochs=3, lr=0.1" in md  # captions name the run's configuration
-    assert "Teacher weights: sha256 missing (make teacher). Code: git commit " in md
+    assert "{ref:" not in md and "{ref:" not in body
+
+
+def test_observations_give_each_difference_with_its_standard_error_and_verdict(made):
+    out, pages = made
+    body = re.sub(r"\s+", " ", " ".join(pages))
+    # KD 1 (T = 5) against λ = 0: (64.0, 65.5) against (60.0, 61.5): +4.00, standard error sqrt(2 x 1.125 / 2) = 1.06
+    assert "KD 1 (T = 5) +4.00 ± 1.06 points, more than two standard errors" in body
+    assert "within noise" in report.compared([60.0, 61.5], [60.0, 62.0])
+    d, se = report.difference([70.0, 71.0, 72.0], [95.0])  # against one teacher: its spread is not counted
+    assert (d, round(se, 4)) == (-24.0, round(1 / 3 ** 0.5, 4))
+    assert report.compared([60.0], [58.0]) == "+2.00 points"  # one seed each: the section says it cannot be judged
+    assert "picked as the best of 4 on the test set itself, which flatters it" in body
+    assert "T = 2 and λ = 0.9, reaches 71.50%" in body and "does not reach the teacher" in body
+    assert "Check: feature extraction keeps the old task exactly" in body
+
+
+def test_an_edited_report_source_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "out"
+    fake_out(str(out), seeds=1)
+    report.main(["--out", str(out)])
+    typ = out / "report.typ"
+    edited = typ.read_text().replace("Question 1 fine-tunes", "My own words. Question 1 fine-tunes")
+    typ.write_text(edited)
     pdf = (out / "report.pdf").read_bytes()
-    pages = pdf.count(b"/Type /Page\n") + pdf.count(b"/Type /Page ")
-    assert pdf.startswith(b"%PDF") and pages == 2 + len(present)  # title, one page per item, the missing parts
-    assert "2 parts missing" in capsys.readouterr().out
+    report.main(["--out", str(out)])
+    assert typ.read_text() == edited and (out / "report.pdf").read_bytes() == pdf
+    assert f"{out}/report.typ was edited since make report wrote it: kept as it is; the new report is " \
+           f"{out}/report.new.typ" in capsys.readouterr().out
+    assert (out / "report.new.typ").exists() and (out / "report.new.pdf").exists()
+    assert report.written(str(typ.with_name("absent.typ"))) and not report.written(str(typ))  # gone: written again
 
 
-def write_csv(path, header, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
+def test_without_typst_the_sources_are_written_and_one_line_says_how_to_compile(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    fake_out(str(out), seeds=1)
+    real = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__",
+                        lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "typst" else real(name, *a, **k))
+    report.main(["--out", str(out)])
+    assert (out / "report.typ").exists() and (out / "report.md").exists() and not (out / "report.pdf").exists()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("no PDF")]
+    assert lines == [f"no PDF: the typst package is not installed (pip install typst); compile {out}/report.typ "
+                     f"with `typst compile {out}/report.typ` or at typst.app"]
 
 
-def test_observations_are_differences_with_their_seed_spread_and_a_verdict(tmp_path):
-    out = tmp_path
-    header = ["model", "T", "lam", "seed", "train_acc", "test_acc", "diverged"]
-    rows = [["Teacher Network (Part A)", "", "", "", 99, 95.0, ""]]
-    for label, accs in (("Student Network (λ = 0)", [70, 71, 72]), ("Student Network (λ = 1)", [60, 70, 80]),
-                        ("KD 1", [74, 75, 76]), ("KD 2", [71, 72, 73]), ("KD 3", [70, 71, 72])):
-        rows += [[label, 1, 0.1, s, 90, a, ""] for s, a in enumerate(accs)]
-    write_csv(str(out / "tables" / "kd_table.csv"), header, rows)
-    obs = report.q1_observations(str(out))
-    # KD 1 against λ = 0: +4.00; standard error sqrt(1/3 + 1/3) = 0.816; 4 > 2 x 0.816
-    assert "KD 1 (T = 5, λ = 0.1) against λ = 0, test accuracy: better by 4.00 ± 0.82 points (n = 3 and 3)" in obs
-    # λ = 1: 70 - 71 = -1.00 ± sqrt(100/3 + 1/3) = 5.80: within noise
-    assert "Student Network (λ = 1), T = 20, against λ = 0, test accuracy: within noise (-1.00 ± 5.80 points, " \
-           "n = 3 and 3)" in obs
-    assert any(o.startswith("effect of T at λ = 0.1: T = 10 against T = 5: worse by 3.00 ± 0.82") for o in obs)
-    # the gap: the best student (KD 1, 75) against the one teacher (95): worse by 20 ± 1/sqrt(3) = 0.58
-    assert any(o.startswith("teacher-student gap") and "worse by 20.00 ± 0.58 points (n = 3, against one run)" in o
-               for o in obs)
-    one = [rows[0]] + [[r[0], 1, 0.1, 0, 90, r[5], ""] for r in rows[1::3]]
-    write_csv(str(out / "tables" / "kd_table.csv"), header, one)
-    assert "no spread to judge it by" in report.q1_observations(str(out))[0]
+def test_a_report_of_the_teacher_alone_names_what_is_not_run_yet(tmp_path, capsys):
+    out = tmp_path / "out"
+    fake_out(str(out), seeds=1)
+    for d in ("kd", "continual"):
+        import shutil
+        shutil.rmtree(out / d)
+    report.main(["--out", str(out)])
+    text = re.sub(r"\s+", " ", " ".join(pdf_text(out / "report.pdf")))
+    assert "Not run yet: the students of the table (make kd-table makes it)" in text
+    assert "Not run yet: the continual-learning methods (make continual makes it)" in text
+    assert "(3 part(s) not run yet)" in capsys.readouterr().out
+
+
+def test_report_without_runs_is_one_line(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        report.main(["--out", str(tmp_path / "none")])
+    assert str(e.value).startswith("error: ") and "nothing has been run yet" in str(e.value)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from common import (Batches, cross_entropy, diverged, finish, fit, load_checkpoint, save_atomic, sgd,
                     warmup_cosine)
+import q1a_teacher
 from conftest import ROOT, one_line_error
 
 
@@ -45,7 +46,7 @@ def run(run_dir, epochs=3, config=None, loss_fn=cross_entropy, on_epoch=None, lr
     opt = sgd(model.parameters(), lr)
     sched = warmup_cosine(opt, epochs * len(train), len(train))
     return fit(model, loss_fn, opt, sched, train, evals, epochs, str(run_dir), config or {"lr": lr}, gen,
-               extra=lambda m: {"extra": 1.0}, on_epoch=on_epoch, **kw)
+               extra=lambda m, epoch: {"extra": 1.0}, on_epoch=on_epoch, **kw)
 
 
 def without_time(history):
@@ -58,7 +59,7 @@ def test_fit_lowers_the_loss_and_records_every_field(tmp_path):
     assert set(h[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "extra", "seconds"}
     assert h[-1]["train_loss"] < h[0]["train_loss"] and h[-1]["train_acc"] > 30
     assert json.load(open(tmp_path / "run" / "history.json")) == h
-    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["epoch"] == 4
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["epoch"] == 3  # none after the last: finish follows
 
 
 def test_an_interrupted_run_resumes_to_the_same_history(tmp_path):
@@ -76,10 +77,10 @@ def test_an_interrupted_run_resumes_to_the_same_history(tmp_path):
 
 
 def test_a_changed_config_is_refused_and_the_run_is_left_alone(tmp_path):
-    run(tmp_path / "run", epochs=1, config={"lr": 0.1, "epochs": 1})
+    run(tmp_path / "run", epochs=2, config={"lr": 0.1, "epochs": 2})
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     with pytest.raises(SystemExit) as e:
-        run(tmp_path / "run", epochs=1, config={"lr": 0.2, "epochs": 1})
+        run(tmp_path / "run", epochs=2, config={"lr": 0.2, "epochs": 2})
     one_line_error(e, "another config", "lr: 0.1 -> 0.2")
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
@@ -115,35 +116,36 @@ def teacher_cmd(cifar_root, out, epochs):
             "--device", "cpu"]
 
 
-def test_the_teacher_script_killed_mid_run_resumes_and_then_skips(tmp_path, cifar_root):
+def test_the_teacher_script_killed_mid_run_resumes_and_then_skips(tmp_path, tiny_cifar, capsys):
     out = tmp_path / "out"
-    proc = subprocess.Popen(teacher_cmd(cifar_root, out, 3), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(teacher_cmd(tiny_cifar, out, 2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "teacher" / "checkpoint.pt"
     while not ckpt.exists() and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # in epoch 2, after epoch 1's checkpoint
     proc.wait()
     assert not (out / "teacher" / "result.json").exists(), "the run finished before it could be killed"
-    again = subprocess.run(teacher_cmd(cifar_root, out, 3), capture_output=True, text=True)
-    assert again.returncode == 0 and "resuming" in again.stdout, again.stderr
-    assert [r["epoch"] for r in json.load(open(out / "teacher" / "history.json"))] == [1, 2, 3]
+    q1a_teacher.main(teacher_cmd(tiny_cifar, out, 2)[2:])  # the same command again (in this process: no 2nd import)
+    assert "resuming" in capsys.readouterr().out
+    assert [r["epoch"] for r in json.load(open(out / "teacher" / "history.json"))] == [1, 2]
     model = (out / "teacher" / "model.pt").stat().st_mtime_ns
-    third = subprocess.run(teacher_cmd(cifar_root, out, 3), capture_output=True, text=True)
-    assert third.returncode == 0 and "is finished" in third.stdout
+    q1a_teacher.main(teacher_cmd(tiny_cifar, out, 2)[2:])
+    assert "is finished" in capsys.readouterr().out
     assert (out / "teacher" / "model.pt").stat().st_mtime_ns == model
 
 
-def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path, cifar_root):
+def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path, tiny_cifar, capsys):
     out = tmp_path / "out"
-    proc = subprocess.Popen(teacher_cmd(cifar_root, out, 2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(teacher_cmd(tiny_cifar, out, 2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's Ctrl-C
     while not (out / "teacher" / "checkpoint.pt").exists() and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate()[1]
     assert proc.returncode == 1 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "error: interrupted; run the same command again to resume from the last finished epoch"
-    again = subprocess.run(teacher_cmd(cifar_root, out, 2), capture_output=True, text=True)
-    assert again.returncode == 0 and "resuming" in again.stdout
+    q1a_teacher.main(teacher_cmd(tiny_cifar, out, 2)[2:])
+    assert "resuming" in capsys.readouterr().out
 
 
 class Pair(nn.ModuleList):
@@ -200,11 +202,11 @@ def test_a_group_stops_when_every_student_has_diverged(tmp_path):
 
 
 def test_finish_keeps_weights_history_figures_and_result_and_removes_the_checkpoint(tmp_path):
-    h = run(tmp_path / "run", epochs=1)
+    h = run(tmp_path / "run", epochs=2)
     assert (tmp_path / "run" / "checkpoint.pt").exists()
     finish(str(tmp_path / "run"), Tiny(), h, {"test_acc": 1.0}, "t")
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
-        "accuracy.png", "config.json", "history.json", "loss.png", "model.pt", "result.json"]
+        "config.json", "curves.png", "history.json", "model.pt", "result.json"]
 
 
 def test_a_write_that_fails_for_lack_of_space_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
@@ -223,22 +225,23 @@ def test_a_write_that_fails_for_lack_of_space_is_one_line_and_keeps_the_previous
     assert load_checkpoint(str(path))["epoch"] == 1
 
 
-def test_a_run_folder_held_by_another_process_is_refused(tmp_path, cifar_root):
+def test_a_run_folder_held_by_another_process_is_refused(tmp_path, tiny_cifar):
     out = tmp_path / "out"
     (out / "teacher").mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, %r); import common; "
-                               "common.hold(%r); print('held', flush=True); time.sleep(60)" % (ROOT, str(out / "teacher"))],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(%r, 'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"
+                               % str(out / "teacher" / ".lock")], stdout=subprocess.PIPE, text=True)  # as common.hold
     try:
         assert holder.stdout.readline().strip() == "held"
-        r = subprocess.run(teacher_cmd(cifar_root, out, 1), capture_output=True, text=True)
+        with pytest.raises(SystemExit) as e:
+            q1a_teacher.main(teacher_cmd(tiny_cifar, out, 1)[2:])
     finally:
         holder.kill()
         holder.wait()
-    assert r.returncode == 1 and r.stderr.strip() == f"error: another process is training in {out / 'teacher'}; " \
-                                                     "wait for it to finish, or stop it"
+    assert str(e.value) == f"error: another process is training in {out / 'teacher'}; wait for it to finish, or stop it"
     assert not (out / "teacher" / "checkpoint.pt").exists()
-    assert subprocess.run(teacher_cmd(cifar_root, out, 1), capture_output=True).returncode == 0  # free again
+    q1a_teacher.main(teacher_cmd(tiny_cifar, out, 1)[2:])  # free again
+    assert (out / "teacher" / "result.json").exists()
 
 
 def test_cudnn_autotuning_is_on_for_every_cuda_run(monkeypatch):
@@ -281,14 +284,14 @@ def test_automatic_checkpoint_interval_keeps_writes_under_5_percent(tmp_path, mo
     import common
     real = common.save_atomic
 
-    def slow(obj, path):  # a write that takes far longer than the tiny epoch
+    def slow(obj, path, **kw):  # a write that takes far longer than the tiny epoch
         time.sleep(0.5)
-        real(obj, path)
+        real(obj, path, **kw)
     monkeypatch.setattr(common, "save_atomic", slow)
     run(tmp_path / "run", epochs=4, ckpt_every=0)
     k = int(re.search(r"every (\d+) epoch", capsys.readouterr().out)[1])
-    assert k > 4  # so only the first and the last epoch were written
-    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["epoch"] == 4
+    assert k > 4  # so only the first epoch was written (none after the last: the run is finished at once)
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["epoch"] == 1
 
 
 def test_final_only_splits_are_measured_at_the_last_epoch(tmp_path):
@@ -299,3 +302,85 @@ def test_final_only_splits_are_measured_at_the_last_epoch(tmp_path):
 def test_the_cross_entropy_with_the_labels_comes_from_the_same_pass(tmp_path):
     h = run(tmp_path / "run", epochs=2, ce=("test",))  # the loss is plain cross-entropy: the two must agree
     assert all(r["test_ce"] == pytest.approx(r["test_loss"], rel=1e-5) for r in h) and "train_ce" not in h[0]
+
+
+def test_a_checkpoint_written_on_another_device_resumes_with_re_seeded_data_and_says_so(tmp_path, capsys):
+    full = run(tmp_path / "full")
+
+    def stop(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", on_epoch=stop)
+    path = tmp_path / "cut" / "checkpoint.pt"
+    ck = load_checkpoint(str(path))
+    ck["device"], ck["gen"] = "cuda:0", [torch.zeros(16, dtype=torch.uint8)]  # as a CUDA generator's state is
+    save_atomic(ck, str(path))
+    capsys.readouterr()
+    resumed = run(tmp_path / "cut")
+    err = capsys.readouterr().err
+    assert f"{path} was written on cuda:0, this run is on cpu" in err and "re-seeded" in err
+    assert len(err.strip().splitlines()) == 1
+    assert without_time(resumed)[0] == without_time(full)[0]  # the epoch before: as written
+    assert [r["epoch"] for r in resumed] == [1, 2, 3] and resumed[1]["test_loss"] != full[1]["test_loss"]
+    again = run(tmp_path / "again_a", epochs=3), run(tmp_path / "again_b", epochs=3)
+    assert without_time(again[0]) == without_time(again[1])  # (the runs themselves stay deterministic)
+
+
+def test_a_checkpoint_that_cannot_be_resumed_here_names_its_device_and_is_kept(tmp_path):
+    def stop(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", on_epoch=stop)
+    path = tmp_path / "cut" / "checkpoint.pt"
+    ck = load_checkpoint(str(path))
+    ck["device"], ck["model"] = "cuda:1", {"w": torch.zeros(1)}  # a state this run cannot take
+    save_atomic(ck, str(path))
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "cut")
+    one_line_error(e, f"{path} (written on cuda:1) does not match this run", "it is kept")
+    assert path.read_bytes() == before
+
+
+def test_a_diverged_student_leaves_the_groups_passes_and_its_partner_is_unchanged(tmp_path, monkeypatch):
+    import common
+    from common import Students, distill_loss
+
+    class Student(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3 * 16 * 16, 10)
+            self.calls = []
+
+        def forward(self, x):
+            self.calls.append(self.training)
+            return self.fc(x.flatten(1))
+
+    def train(folder, nan_at=None):
+        torch.manual_seed(0)
+        students, teacher = Students([Student(), Student()]), Tiny().eval()
+        x, y = data()
+        gen = torch.Generator().manual_seed(0)
+        batches = Batches(x, y, batch_size=20, shuffle=True, gen=gen)
+        real, steps = common.kd_loss, []
+
+        def kd_loss(s, t, yb, T, lam, kl=False):  # the second student's loss turns NaN at step `nan_at` of the run
+            loss = real(s, t, yb, T, lam, kl)
+            if T == 8.0 and torch.is_grad_enabled():
+                steps.append(1)
+                if nan_at and len(steps) >= nan_at:
+                    loss = loss * float("nan")
+            return loss
+        monkeypatch.setattr(common, "kd_loss", kd_loss)
+        opt = sgd(students.parameters(), 0.05)
+        h = fit(students, distill_loss(teacher, [(4.0, 0.5, 0), (8.0, 0.5, 0)]), opt, warmup_cosine(opt, 30, 0),
+                batches, {"test": Batches(x[:50], y[:50], batch_size=64)}, 3, str(folder), {}, gen, group=True)
+        return h, students
+    clean, a = train(tmp_path / "clean")
+    broken, b = train(tmp_path / "broken", nan_at=4)  # 10 steps per epoch: epoch 1, step 4
+    assert diverged(broken) == {1: (1, 4)}
+    assert len(b[1].calls) == len(a[1].calls) // 3  # epoch 1 only (its 10 steps and evaluation), then out
+    assert [r["test_loss"][0] for r in broken] == [r["test_loss"][0] for r in clean]  # the partner, exactly
+    assert all(torch.equal(p, q) for p, q in zip(a[0].parameters(), b[0].parameters()))

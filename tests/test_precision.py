@@ -1,0 +1,113 @@
+"""PRECISION: bf16 or fp16 autocast as each card is fast at, fp16 with a loss scale per student."""
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import q1a_teacher
+import q2_continual as q2
+from common import Batches, LossScaler, Students, get_precision, sgd, train_epoch, warmup_cosine
+from conftest import one_line_error
+
+
+def test_auto_is_bf16_from_compute_capability_8_fp16_below_and_fp32_on_the_cpu(monkeypatch):
+    assert get_precision("auto", torch.device("cpu")) == "fp32"
+    for capability, expected in (((7, 5), "fp16"), ((6, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert get_precision("auto", torch.device("cuda")) == expected  # T4 7.5, P100 6.0, A100 8.0, H100 9.0
+    assert get_precision("fp32", torch.device("cuda")) == "fp32"  # asked for: as asked
+
+
+def test_a_bad_precision_is_one_line(tmp_path, cifar_root):
+    with pytest.raises(SystemExit) as e:
+        q1a_teacher.main(["--data", cifar_root, "--out", str(tmp_path), "--precision", "fp8"])
+    one_line_error(e, "--precision: invalid choice: 'fp8'", "'auto', 'bf16', 'fp16', 'fp32'")
+    assert not (tmp_path / "teacher").exists()
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
+
+
+def test_one_students_fp16_overflow_skips_its_step_alone():
+    torch.manual_seed(0)
+    group, alone = Students([Net(), Net()]), None
+    alone = Students([copy.deepcopy(group[0])])
+    before = [copy.deepcopy(m.state_dict()) for m in group]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(16) % 10
+
+    def loss_fn(students, xb, yb):  # student 1's loss is so large that its scaled gradient overflows float16
+        logits = students(xb)
+        losses = torch.stack([F.cross_entropy(lg.float(), yb) for lg in logits])
+        return losses * torch.tensor([1.0, 1e6])[:len(losses)], logits
+    scalers = []
+    for model in (group, alone):
+        opt = sgd(model.parameters(), 0.1)
+        scalers.append(LossScaler(list(model), enabled=True))
+        bad = train_epoch(model, loss_fn, opt, warmup_cosine(opt, 10, 0), Batches(x, y, batch_size=16),
+                          precision="fp16", scaler=scalers[-1])
+        assert not any(bad)  # an overflow of the gradient is not a divergence: the loss itself is finite
+    assert all(torch.equal(v, before[1][k]) for k, v in group[1].state_dict().items())  # skipped, momentum too
+    assert all(torch.equal(v, alone[0].state_dict()[k]) for k, v in group[0].state_dict().items())  # as if alone
+    assert not torch.equal(group[0].conv.weight, before[0]["conv.weight"])
+    assert scalers[0].scale.tolist() == [2.0 ** 16, 2.0 ** 15] and scalers[1].scale.tolist() == [2.0 ** 16]
+
+
+def test_the_loss_scale_grows_after_a_run_of_good_steps_and_is_off_outside_fp16():
+    net = Net()
+    scaler = LossScaler([net], enabled=True, interval=2)
+    for _ in range(2):
+        net(torch.randn(2, 3, 4, 4)).sum().backward()
+        scaler.unscale_()
+    assert scaler.scale.tolist() == [2.0 ** 17]
+    off = LossScaler([net], enabled=False)
+    loss = torch.tensor(3.0)
+    assert off(loss) is loss and off.scale.tolist() == [1.0]
+
+
+def test_fp16_end_to_end_on_the_cpu_agrees_with_fp32(tmp_path, teacher_out, faces_root):
+    """Feature extraction through q2_continual.py, fp16 autocast with loss scaling against fp32. float16 keeps
+    11 significant bits: each product is off by up to 2^-11 = 0.05% of itself, and a ResNet18 forward chains 20
+    layers of them (accumulated in 32 bits). Measured here, the two runs' losses differ by about 2e-5 of
+    themselves after two epochs: the test allows 1e-3 (50 times that), far below what a broken loss scale
+    would do (skipped steps leave the new head untrained: tens of percent). They must differ, though, or fp16
+    was not used. The old task, untouched, stays exactly the teacher's in both."""
+    runs, cifar = {}, str(tmp_path / "cifar")
+    common.write_synthetic_cifar(cifar, n_train=10, n_test=10)  # the old task, small: float16 is slow on a CPU
+    for precision in ("fp32", "fp16"):
+        out = tmp_path / precision
+        shutil.copytree(teacher_out, out)
+        q2.main(["--data", cifar, "--out", str(out), "--device", "cpu", "--faces", faces_root, "--subjects", "5",
+                 "--per-subject", "10", "--train-per-subject", "8", "--face-size", "8", "--epochs", "2", "--batch",
+                 "10", "--methods", "fe", "--precision", precision])
+        runs[precision] = [json.load(open(out / "continual" / "fe" / f)) for f in ("history.json", "result.json",
+                                                                               "config.json")]
+    (h32, r32, _), (h16, r16, c16) = runs["fp32"], runs["fp16"]
+    assert c16["precision"] == "fp16"
+    for a, b in zip(h32, h16):
+        for key in ("train_loss", "test_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3), (key, a[key], b[key])
+    assert any(a[k] != b[k] for a, b in zip(h32, h16) for k in ("train_loss", "test_loss"))  # it ran in float16
+    assert r16["old_test_acc"] == r16["old_test_acc_before"]  # feature extraction keeps the old task, in fp16 too
+    assert abs(r16["new_test_acc"] - r32["new_test_acc"]) <= 10  # at most one of the 10 face test images
+
+
+def test_a_run_made_in_one_precision_is_not_resumed_in_another(tmp_path, cifar_root, teacher_out):
+    out = tmp_path / "out"
+    shutil.copytree(teacher_out, out)
+    with pytest.raises(SystemExit) as e:
+        q1a_teacher.main(["--data", cifar_root, "--out", str(out), "--pretrained", "0", "--epochs", "1", "--batch",
+                          "20", "--lr", "0.01", "--warmup", "0", "--device", "cpu", "--precision", "bf16"])
+    one_line_error(e, "another config", "precision: fp32 -> bf16")
+    assert common.read_json(str(out / "teacher" / "config.json"))["precision"] == "fp32"
