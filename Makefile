@@ -141,15 +141,15 @@ report: $(STAMP)
 DEMO_VARS = OUT=$(strip $(DEMO)) DATA=$(strip $(DEMO))/data DEVICE=cpu PRETRAINED=0 WARMUP=0
 DEMO_STEP = $(MAKE) -s -n --no-print-directory -o $(strip $(DEMO))/teacher/result.json
 demo: $(STAMP)
-	@{ $(DEMO_STEP) teacher $(DEMO_VARS) EPOCHS=3 BATCH=8 LR=0.01; \
+	@mkdir -p $(strip $(DEMO)) && { $(DEMO_STEP) teacher $(DEMO_VARS) EPOCHS=3 BATCH=8 LR=0.01; \
 	  $(DEMO_STEP) kd-table $(DEMO_VARS) EPOCHS=3 BATCH=24 LR=0.004 CKPT_EVERY=3; \
 	  $(DEMO_STEP) continual $(DEMO_VARS) EPOCHS=3 BATCH=10 LR=0.01 FACES=$(strip $(DEMO))/data/faces \
 	    SUBJECTS=10 PER_SUBJECT=10 TRAIN_PER_SUBJECT=8 FACE_SIZE=16 LWF_WARMUP=1 \
 	    FT_LAYERS="conv4_x:100 conv5_x:100" LWF_LR=30 FT_ALL_LR=30; \
 	  $(DEMO_STEP) kd-sweep $(DEMO_VARS) EPOCHS=1 BATCH=24 LR=0.004 SWEEP_T="2 8" SWEEP_LAM="0.5 0.9"; \
-	  $(DEMO_STEP) report $(DEMO_VARS); } > $(strip $(DEMO)).steps
+	  $(DEMO_STEP) report $(DEMO_VARS); } > $(strip $(DEMO))/commands.txt
 	$(PYTHON) -c 'import common; common.write_demo_data("$(strip $(DEMO))/data"); \
-	  common.run_commands(open("$(strip $(DEMO)).steps").read())'
+	  common.run_commands(open("$(strip $(DEMO))/commands.txt").read())'
 
 bench: $(STAMP)
 	$(PYTHON) bench.py --out $(strip $(OUT)) $(call opt,DEVICE,device)
