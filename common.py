@@ -860,11 +860,28 @@ class ContinualNet(nn.Module):
 # =============================================================================
 
 
+def soft_targets(teacher_logits, T):
+    """The teacher's soft targets at temperature T: softmax(t/T) (Hinton et al. 2015; T = 1: its own output)."""
+    return F.softmax(teacher_logits.float() / T, dim=-1)
+
+
 def soft_cross_entropy(logits, target_logits, T=1.0):
     """Cross-entropy between softmax(target_logits/T) and softmax(logits/T), summed over classes and
     averaged over the batch (no T^2 here)."""
-    p = F.softmax(target_logits.float() / T, dim=-1)
-    return -(p * F.log_softmax(logits.float() / T, dim=-1)).sum(-1).mean()
+    return -(soft_targets(target_logits, T) * F.log_softmax(logits.float() / T, dim=-1)).sum(-1).mean()
+
+
+def soft_target_summary(teacher_logits, labels, temperatures):
+    """What the soft targets hold at each T, over a set of images: the mean probability of the teacher's
+    top class and of the true class, the mean entropy as a fraction of the uniform distribution's, and
+    the first image's targets (for the report)."""
+    out = {"label": int(labels[0])}
+    for T in temperatures:
+        p = soft_targets(teacher_logits, T)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(p.shape[-1])
+        out[f"{T:g}"] = {"top": p.max(-1).values.mean().item(), "true": p.gather(1, labels.view(-1, 1)).mean().item(),
+                         "entropy": entropy.mean().item(), "example": p[0].tolist()}
+    return out
 
 
 def kd_loss(student_logits, teacher_logits, labels, T, lam, kl=False):

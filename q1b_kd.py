@@ -23,7 +23,7 @@ import torch
 from common import (Batches, Parser, SeedBatches, StudentCNN, Students, die, distill_loss, diverged, file_sha256,
                     finish, finished, fit, flag, fraction, group_size, load_cifar10, load_teacher, lockstep_groups,
                     nonneg, nonneg_int, pct, positive, positive_int, predict, read_json, run, setup, sgd,
-                    warmup_cosine, write_json)
+                    soft_target_summary, warmup_cosine, write_json)
 
 # The assignment's table (Q1B (4)): label, T, lam. lam = 0 is plain cross-entropy, so its T is moot.
 TABLE = [("Student Network (λ = 0)", 1.0, 0.0), ("Student Network (λ = 1)", 20.0, 1.0),
@@ -152,17 +152,17 @@ def main(argv=None):
     args.seeds = args.seeds or (3 if device.type == "cuda" else 1)
     shared = {k: v for k, v in vars(args).items() if k in
               ("epochs", "lr", "batch", "momentum", "wd", "warmup", "clip", "bn", "dropout", "augment", "seed", "precision")}
+    shared["teacher_sha256"] = file_sha256(args.teacher)  # a student belongs to the teacher it learnt from
+    os.makedirs(os.path.join(args.out, "kd"), exist_ok=True)
     if args.table:
         students = [(T, lam, i) for _, T, lam in TABLE for i in range(args.seeds)]
     elif args.sweep:
         pairs = list(dict.fromkeys((T if lam else 1.0, lam) for lam in args.sweep_lam for T in args.sweep_T))
         students = [(T, lam, i) for T, lam in pairs for i in range(args.sweep_seeds)]
-        os.makedirs(os.path.join(args.out, "kd"), exist_ok=True)
         write_json(os.path.join(args.out, "kd", "sweep.json"),  # the grid, for the report
                    {"T": args.sweep_T, "lam": args.sweep_lam, "seeds": args.sweep_seeds})
     else:
         students = [(args.T if args.lam else 1.0, args.lam, i) for i in range(args.seeds)]
-    shared["teacher_sha256"] = file_sha256(args.teacher)  # a student belongs to the teacher it learnt from
     print(f"== Q1 part B: knowledge distillation -> {os.path.join(args.out, 'kd')} on {device}, {args.precision}")
     todo = [s for s in students if not finished(os.path.join(args.out, "kd", name(*s)), student_config(shared, *s))]
     if todo:
@@ -173,6 +173,8 @@ def main(argv=None):
         data = load_cifar10(args.data, device)
         # the teacher is fixed: its logits on the un-augmented sets are computed once, for every group
         t_logits = [predict(teacher, Batches(data[s][0], batch_size=1024), args.precision) for s in ("train", "test")]
+        write_json(os.path.join(args.out, "kd", "soft_targets.json"),  # Q1B (1): the table's soft targets, test set
+                   soft_target_summary(t_logits[1], data["test"][1], sorted({1.0} | {T for _, T, lam in TABLE if lam})))
         train_groups(todo, teacher, data, t_logits, args, shared, device)
     else:
         print("every student asked for is finished (delete its folder under out/kd/ to train it again)")

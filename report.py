@@ -141,6 +141,7 @@ def noise_note(n, n_test, p=0.6):
 # Tables: their wording, and out/tables/*.md, .tex, .csv
 # =============================================================================
 
+RULE = ["---"]  # a row that is a rule between two parts of a table
 PRECISION = {"fp32": "32-bit floating point", "bf16": "bfloat16 mixed precision (autocast), 32-bit weights",
              "fp16": "float16 mixed precision (autocast) with loss scaling, 32-bit weights"}
 
@@ -161,7 +162,7 @@ def data_words(teacher):
     r = teacher["result"]
     if r.get("cifar10_official", True):
         return f"CIFAR-10: {r.get('train_images', 50000):,} training and {r.get('test_images', 10000):,} test images"
-    return (f"a synthetic stand-in for CIFAR-10 (not the real images): {r['train_images']:,} training and "
+    return (f"a synthetic substitute for CIFAR-10 (not the real images): {r['train_images']:,} training and "
             f"{r['test_images']:,} test images")
 
 
@@ -195,11 +196,14 @@ def teacher_tables(t):
              ["Precision", PRECISION[cfg.get("precision", "fp32")]], ["Seed", f"{cfg['seed']}"],
              ["Training accuracy and loss", "after every epoch, in evaluation mode on the un-augmented training "
                                             "images, so that they compare with the test set's"]]
+    times = lambda c: re.sub(r"(?<=\d)x(?=\d)", "×", c or "")  # noqa: E731
+    rows = [[times(c) for i, c in enumerate(r) if i != 1] for r in changes if r[2]]
+    rows += [RULE] + [[times(r[0]), "", "", "", times(r[5]), times(r[6])] for r in changes
+                      if not r[2] and r[1].startswith("layer")]  # conv1's and the pool's are in the rows above
     return [
-        table("teacher_changes", "tab-changes", "Changes to torchvision's ResNet18 for 32×32 inputs (output sizes "
-              "H×W×C measured by running both networks on a 32×32×3 input).",
-              ["Layer (paper)", "torchvision", "Kernel", "Original", "New", "Output before", "Output after"],
-              [[re.sub(r"(?<=\d)x(?=\d)", "×", c or "") for c in row] for row in changes]),
+        table("teacher_changes", "tab-changes", "Changes to ResNet18 for 32×32 inputs: the layers whose stride "
+              "changed, then each stage's output (H×W×C, measured by running both networks on a 32×32×3 input).",
+              ["Layer", "Kernel", "Original", "New", "Output before", "Output after"], rows),
         table("teacher_setup", "tab-teacher-setup", "Teacher: training setup.", ["Item", "Setting"], setup,
               widths=("auto", "1fr")),
         table("teacher_accuracy", "tab-teacher-acc", f"Teacher: final accuracy (epoch {r['epochs']}, the last "
@@ -218,10 +222,10 @@ def student_layers(bn):
             params += sum(q.numel() for q in m.parameters())
             if isinstance(m, torch.nn.Conv2d):
                 stage += 1
-                k, c = m.kernel_size[0], m.out_channels
+                k, c, size = m.kernel_size[0], m.out_channels, f"{x.shape[2]}×{x.shape[3]}×{x.shape[1]}"
                 text = f"conv {k}×{k}, {c} filters, stride {m.stride[0]}, pad {m.padding[0]}, ReLU" + (" (BatchNorm before it)" if bn else "")
             if isinstance(m, torch.nn.MaxPool2d):
-                rows.append([f"{stage}", text, "", f"{params:,}"])
+                rows.append([f"{stage}", text, size, f"{params:,}"])
                 rows.append(["", f"max-pool {m.kernel_size}×{m.kernel_size}, stride {m.stride}, pad {m.padding}",
                              f"{x.shape[2]}×{x.shape[3]}×{x.shape[1]}", ""])
                 params = 0
@@ -278,6 +282,29 @@ def kd_tables(g):
     return out
 
 
+def soft_target_blocks(g):
+    """Q1B (1): the teacher's soft targets at the table's temperatures (recorded by q1b_kd.py on the test set)."""
+    path = os.path.join(g["out"], "kd", "soft_targets.json")
+    if not os.path.exists(path):
+        return []
+    st = read_json(path)
+    temps = [k for k in st if k != "label"]
+    rows = [[f"{T}", f"{100 * st[T]['top']:.1f}", f"{100 * st[T]['true']:.1f}", f"{st[T]['entropy']:.2f}"] for T in temps]
+    fig, axes = style().subplots(1, len(temps), figsize=(6.6, 1.5), sharey=True)
+    for ax, T in zip(axes, temps):
+        ax.bar(range(10), st[T]["example"], color=["C1" if c == st["label"] else "C0" for c in range(10)])
+        ax.set(title=f"T = {T}", xticks=range(10), xticklabels=[c[:3] for c in common.CIFAR_CLASSES])
+        ax.tick_params(axis="x", labelsize=5, rotation=90)
+    axes[0].set_ylabel("probability")
+    fig.tight_layout()
+    save(fig, g["out"], "kd_soft_targets")
+    return [table("kd_soft_targets", "tab-soft", "The teacher's soft targets softmax(t/T) on the test set: mean "
+                  "probability of its top class and of the true class, and mean entropy as a fraction of the uniform "
+                  "distribution's (1 = uniform).", ["T", "Top class (%)", "True class (%)", "Entropy"], rows),
+            figure("kd_soft_targets", "fig-soft", "The soft targets of the first test image at each temperature (its "
+                   "true class in orange).")]
+
+
 def best_cell(sweep):
     ok = {k: accs(v) for k, v in sweep["cells"].items() if v and len(accs(v)) == len(v)}
     return max(ok, key=lambda k: stats(ok[k])[0], default=None), ok
@@ -295,8 +322,8 @@ def sweep_table(g):
             row.append(f"**{text}**" if (T, lam) == best else text)
         rows.append(row)
     epochs = next(r for v in sweep["cells"].values() for r in v)["result"]["epochs"]
-    return table("kd_sweep", "tab-sweep", f"Bonus: student test accuracy (%) over T and λ, {epochs} epoch(s) per "
-                 "student" + (f", mean ± standard deviation over {grid['seeds']} seeds" if grid["seeds"] > 1 else "")
+    return table("kd_sweep", "tab-sweep", f"Bonus: student test accuracy (%) over T and λ, {epochs} "
+                 f"epoch{'s' * (epochs != 1)} per student" + (f", mean ± standard deviation over {grid['seeds']} seeds" if grid["seeds"] > 1 else "")
                  + "; the best cell in bold.", ["T \\ λ"] + [f"{lam:g}" for lam in grid["lam"]], rows,
                  csv_rows=(["T", "lam", "seed", "test_acc", "diverged"],
                            [[T, lam, r["result"]["seed"], r["result"]["test_acc"], r["result"].get("diverged", "")]
@@ -336,15 +363,14 @@ def q2_tables(g):
     out = [table("continual_setup", "tab-q2-setup", "Continual learning: setup shared by every method.",
                  ["Item", "Setting"], setup, widths=("auto", "1fr"))]
     if ft:
-        names = common.resnet_layers()
-        rows = [[f"{layer} ({', '.join(names[layer])})", f"{rate:g}% ({ft['lr'] * rate / 100:g})",
+        rows = [[layer, f"{rate:g}% ({ft['lr'] * rate / 100:g})",
                  "fine-tuned; BatchNorm " + ("statistics adapt" if ft.get("adapt_bn") else "statistics frozen")]
                 for layer, rate in ft["ft_layers"]]
         rows += [[f"new fully connected layer + softmax ({ft['subjects']} outputs)", f"100% ({ft['lr']:g})",
                   "trained from scratch"], ["all other layers, old head", "0%", "frozen"]]
         out.append(table("finetune_layers", "tab-ft", "Fine-tuning: the layers chosen and their learning rates.",
                          ["Conv layers that you choose to fine-tune", "Learning Rate (x% of the original)",
-                          "Remark"], rows))
+                          "Remark"], rows, widths=("1.3fr", "1fr", "1.3fr")))
     if lwf:
         a, w, e, base = lwf["lwf_lr"], lwf["lwf_warmup"], lwf["epochs"], lwf["lr"]
         out.append(table("lwf_setup", "tab-lwf", "Learning without Forgetting: parameters.", ["Parameter", "Value"], [
@@ -386,7 +412,7 @@ def write_tables(out, tables):
     folder = os.path.join(out, "tables")
     os.makedirs(folder, exist_ok=True)
     for t in tables:
-        plain = [[unref(c) for c in row] for row in [t["header"]] + t["rows"]]
+        plain = [[unref(c) for c in row] for row in [t["header"]] + t["rows"] if row != RULE]
         md = f"### {unref(t['caption'])}\n\n" + common.md_table(plain[0], plain[1:])
         tex = "\n".join([f"% {unref(t['caption'])}", r"\begin{tabular}{" + "l" * len(t["header"]) + "}", r"\toprule",
                          " & ".join(map(latex, plain[0])) + r" \\", r"\midrule",
@@ -445,10 +471,17 @@ def histories(runs):
     return [r["history"] for r in runs]
 
 
-def pair_figure(out, name, runs, loss_label):
-    """A run's loss and accuracy side by side."""
-    fig, axes = style().subplots(1, 2, figsize=(6.6, 1.95))
-    common.curve_axes(axes, histories(runs), loss_label)
+def pair_figure(out, name, runs, loss_label, rows=None):
+    """A run's loss and accuracy side by side (rows: [(title, runs)], a row each); a loss that spans more than a
+    factor of 10 on a log scale."""
+    rows = rows or [("", runs)]
+    fig, axes = style().subplots(len(rows), 2, figsize=(6.6, 1.75 * len(rows)), squeeze=False)
+    for (title, runs), ax in zip(rows, axes):
+        common.curve_axes(ax, histories(runs), loss_label, titles=(f"{title}(a) loss", f"{title}(b) accuracy"))
+        losses = [e[f"{split}_loss"] for r in runs for e in r["history"] for split in ("train", "test")]
+        if min(losses) > 0 and max(losses) > 10 * min(losses):
+            ax[0].set_yscale("log")
+            ax[0].set_ylabel(loss_label + " (log scale)")
     fig.tight_layout()
     save(fig, out, name)
 
@@ -456,7 +489,7 @@ def pair_figure(out, name, runs, loss_label):
 def students_figure(out, students):
     """The five students' curves as small multiples: a row each, loss and test accuracy."""
     present = [(label, T, lam, students[label]) for label, T, lam in q1b.TABLE if students[label]]
-    fig, axes = style().subplots(len(present), 2, figsize=(6.6, 1.55 * len(present)), squeeze=False, sharex=True)
+    fig, axes = style().subplots(len(present), 2, figsize=(6.6, 1.4 * len(present)), squeeze=False, sharex=True)
     for row, (label, T, lam, runs) in zip(axes, present):
         name = label + (f", T = {T:g}" if lam else "")
         common.curve_axes(row, histories(runs), "loss", ("test",), (f"{name}: loss", f"{name}: test accuracy"))
@@ -559,8 +592,10 @@ def listing(label, caption, *objects):
         kept = [(first + i, line) for i, line in enumerate(lines) if i not in skip]
         parts.append({"file": os.path.basename(inspect.getsourcefile(obj)), "numbers": [n for n, _ in kept],
                       "text": "".join(line for _, line in kept)})
-    where = "; ".join(f"{obj.__name__} in {p['file']}, lines {p['numbers'][0]}-{p['numbers'][-1]}"
-                      for obj, p in zip(objects, parts))
+    files = {}
+    for part in parts:
+        files.setdefault(part["file"], []).append(f"{part['numbers'][0]}-{part['numbers'][-1]}")
+    where = "; ".join(f"{f}, lines {' and '.join(spans)}" for f, spans in files.items())
     return {"kind": "code", "label": label, "caption": f"{caption} ({where}).", "parts": parts}
 
 
@@ -605,10 +640,10 @@ def document(g, author, student_id):
                   "shortcut); conv3_1 and conv4_1 keep stride 2, so the stages run 32-32-32-16-8-8 "
                   "(Table {ref:tab-changes}). The 17 convolutions, their kernel sizes and paddings and the single "
                   "max-pool are unchanged; the 1000-way ImageNet layer is replaced by a 10-way one (Listing "
-                  "{ref:lst-teacher})."),
+                  "{ref:lst-teacher}, which loads the ImageNet weights when asked to)."),
                 changes, listing("lst-teacher", "The teacher", common.teacher_resnet18),
-                h(3, "(1) Training setup"), p("Table {ref:tab-teacher-setup} lists the setup; every layer is "
-                                              "fine-tuned and the new fully connected layer is trained from scratch."),
+                h(3, "(1) Training setup"), p("Table {ref:tab-teacher-setup} lists the setup: every layer is trained, "
+                                              "the new fully connected layer from scratch."),
                 setup, h(3, "(2), (3) Loss and accuracy against epoch"),
                 figure("teacher", "fig-teacher", "Teacher: (a) training and test loss (cross-entropy) and (b) training "
                        "and test accuracy against epoch. Training metrics are measured in evaluation mode on the "
@@ -624,27 +659,45 @@ def document(g, author, student_id):
         pair_figure(out, "teacher", [t], "cross-entropy")
     doc += part_b(g)
     doc += question_2(g)
+    doc += [h(1, "References"), items(REFERENCES)]
     doc += reproducibility(g)
     doc.append({"kind": "appendix"})
     return doc
 
 
+REFERENCES = [
+    "K. He, X. Zhang, S. Ren and J. Sun, Deep residual learning for image recognition, CVPR 2016 (ResNet18).",
+    "G. Hinton, O. Vinyals and J. Dean, Distilling the knowledge in a neural network, NIPS Deep Learning Workshop "
+    "2015 (soft targets, the T² factor).",
+    "Z. Li and D. Hoiem, Learning without forgetting, IEEE TPAMI 40(12), 2018 (LwF, its T = 2 and λo = 1).",
+    "J. Yosinski, J. Clune, Y. Bengio and H. Lipson, How transferable are features in deep neural networks?, "
+    "NIPS 2014 (the last stage is the most task-specific).",
+    "R. Müller, S. Kornblith and G. Hinton, When does label smoothing help?, NeurIPS 2019 (a smoothed teacher "
+    "distils worse: no label smoothing).",
+    "G. Bae et al., DigiFace-1M: 1 million digital face images for face recognition, WACV 2023 (the default faces).",
+]
+
+
 def introduction(g):
-    t = g["teacher"]
-    data = ""
+    t, ref = g["teacher"], next((r for r in g["methods"].values() if r), None)
+    notes = []
     if t and not t["result"].get("cifar10_official", True):
-        data = (" **These runs did not use the real data**: they ran on synthetic stand-ins for CIFAR-10 "
-                f"({t['result']['train_images']:,} training and {t['result']['test_images']:,} test images) and for "
-                "the faces, so the numbers show what the methods do, not results on CIFAR-10.")
+        notes.append(" **These runs did not use the real data**: they ran on small synthetic substitutes for CIFAR-10 "
+                     f"({t['result']['train_images']:,} training and {t['result']['test_images']:,} test images) and "
+                     "for the faces, so the numbers show what the methods do, not results on CIFAR-10.")
+    if t and not t["config"]["pretrained"]:
+        notes.append(" The teacher of these runs started from random weights, not from ImageNet's (the assignment's "
+                     "ImageNet weights need a download).")
+    subjects = f"{ref[0]['config']['subjects']}-subject" if ref else "100-subject"
     return [h(1, "Introduction"),
-            p("Question 1 fine-tunes an ImageNet ResNet18 on CIFAR-10 as a teacher (Part A) and distils it into the "
-              "assignment's student network with a mix of soft and hard targets (Part B), for the temperatures and "
-              "weights of the assignment's table and, as the bonus, over a grid of them. Question 2 adds a "
-              "100-subject face-recognition task to the teacher by feature extraction, fine-tuning and Learning "
+            p("Question 1 fine-tunes a ResNet18 on CIFAR-10 as a teacher (Part A) and distils it into the assignment's "
+              "student network with a mix of soft and hard targets (Part B), for the temperatures and weights of the "
+              "assignment's table and, as the bonus, over a grid of them. Question 2 adds a "
+              f"{subjects} face-recognition task to the teacher by feature extraction, fine-tuning and Learning "
               "without Forgetting (LwF), and measures how much of CIFAR-10 each keeps; two references beyond the "
-              "assignment, joint training and fine-tuning every layer, bracket LwF. Every number, table and figure "
-              "was computed from the recorded runs, and the code that answers each item is shown beside it "
-              "(the whole code is in Appendix A)." + data)]
+              "assignment, joint training and fine-tuning every layer, frame LwF from above and below. Every number, "
+              "table and figure was computed from the recorded runs, and the code that answers each item is shown "
+              "beside it (the whole code is in Appendix A)." + "".join(notes))]
 
 
 def part_b(g):
@@ -667,6 +720,8 @@ def table_part(g):
     """Part B (1)-(4): the student, its soft targets, setup, loss and curves, and the table."""
     out = g["out"]
     student, setup, kd = kd_tables(g)
+    soft = soft_target_blocks(g)
+    cfg = next(r for r in g["students"].values() if r)[0]["config"]
     doc = [p("The student follows the assignment's table exactly (Table {ref:tab-student}, Listing {ref:lst-student}). "
               "With stride-1 pools the last feature map is 27×27×128, so the first fully connected layer has 93,312 "
               "inputs and holds 46.7 million of the student's weights."),
@@ -674,11 +729,20 @@ def table_part(g):
             h(3, "(1) Soft targets"),
             p("For each training batch the teacher of Part A runs once, in evaluation mode and without gradients, on "
               "the same augmented images the students see; its logits t give the soft targets softmax(t/T) at each "
-              "student's temperature (Listing {ref:lst-soft}). At test time T = 1."),
-            listing("lst-soft", "Soft targets: the teacher's forward pass and each student's loss", common.distill_loss),
+              "student's temperature (Listing {ref:lst-soft}). At test time T = 1."
+              + (" Table {ref:tab-soft} and Figure {ref:fig-soft} show what they hold on the test set: the higher "
+                 "T, the more of the probability goes to the classes the teacher finds similar." if soft else "")),
+            listing("lst-soft", "Soft targets: the teacher's forward pass on the students' batch, and softmax(t/T)",
+                    common.distill_loss, common.soft_targets),
+            *soft,
             h(3, "(2) Training setup"),
-            p("Table {ref:tab-student-setup}. The tricks of the teacher are carried over: the same augmentation and "
-              "pre-processing; BatchNorm and dropout are as the table says."),
+            p("Table {ref:tab-student-setup} gives the students' setup. The teacher's tricks carried over: "
+              + ", ".join(x for x in ["its augmentation" if cfg["augment"] else "", "its pre-processing",
+                                      "BatchNorm after each convolution, as the teacher has" if cfg["bn"] else "",
+                                      f"dropout {cfg['dropout']:g}" if cfg["dropout"] else
+                                      "no dropout, as the teacher has none"] if x)
+              + ". The optimiser is the teacher's; the students' own learning rate, with each one's gradient norm "
+                "clipped, keeps the high-temperature students (whose soft loss is scaled by T²) stable."),
             setup,
             h(3, "(3) Loss and curves"),
             p("The loss of Lecture 7 mixes the soft and the hard cross-entropy, λ weighting the soft term and T² "
@@ -698,41 +762,71 @@ def table_part(g):
     return doc + [p(t) for t in q1_observations(g)]
 
 
+def binomial_noise(p, n_test):
+    """Two binomial standard errors of a difference of two accuracies near p, on n_test images (points)."""
+    return 2 * 100 * math.sqrt(2 * p * (1 - p) / n_test)
+
+
 def q1_observations(g):
-    """The discussion of Table (4), each comparison with its noise."""
+    """The discussion of Table (4): each comparison with its noise, then what the curves add."""
     t, students = g["teacher"]["result"], g["students"]
     acc = {label: accs(runs) for label, runs in students.items() if runs and accs(runs)}
-    n = max(len(r) for r in students.values())
+    n, n_test = max(len(r) for r in students.values()), t.get("test_images", 10000)
     base, lam1 = q1b.TABLE[0][0], q1b.TABLE[1][0]
-    obs = [noise_note(n, t["test_images"] if "test_images" in t else 10000)]
+    typical = stats([v for a in acc.values() for v in a])[0] / 100 if acc else 0.5
+    obs = [noise_note(n, n_test, typical)]
     if acc:
         best = max(acc, key=lambda k: stats(acc[k])[0])
-        obs.append(f"The teacher reaches {pct(t['test_acc'])}% on the test set. The best student of the table, {best}, "
-                   f"reaches {mean_sd(acc[best])}%: {compared(acc[best], [t['test_acc']])} from the teacher.")
+        obs.append(f"The teacher reaches {pct(t['test_acc'])}% on the test set and stays above every student: the best "
+                   f"of the table, {best}, reaches {mean_sd(acc[best])}%, {compared(acc[best], [t['test_acc']])} from "
+                   "the teacher. The student has four times the teacher's parameters (46.7 million against 11.2), but "
+                   "three convolutions against seventeen: almost all its weights are in one fully connected layer "
+                   "bound to positions in the image, where the teacher's features are shared across it.")
     if base in acc:
-        kd = [f"{label} (T = {T:g}) {compared(acc[label], acc[base])}" for label, T, lam in q1b.TABLE if lam == 0.1
-              and label in acc]
+        kd = [(label, T, difference(acc[label], acc[base])) for label, T, lam in q1b.TABLE if lam == 0.1 and label in acc]
         text = (f"Against the student trained on the labels alone (λ = 0, {mean_sd(acc[base])}%), the KD students at "
-                f"λ = 0.1 differ by: " + "; ".join(kd) + ".")
-        if lam1 in acc:
-            text += (f" The student trained on the soft targets alone (λ = 1, T = 20) reaches {mean_sd(acc[lam1])}%: "
-                     f"{compared(acc[lam1], acc[base])} from λ = 0.")
+                "λ = 0.1 differ by " + "; ".join(f"{label} (T = {T:g}) {compared(acc[label], acc[base])}"
+                                                  for label, T, _ in kd) + ".")
+        if n == 1 and kd:
+            bound = binomial_noise(typical, n_test)
+            small = all(abs(d) < bound for _, _, (d, _) in kd)
+            text += (f" Two standard errors of a difference of two accuracies on these {n_test:,} test images are "
+                     f"{bound:.1f} points, " + ("so every one of these differences is within the test set's own noise: "
+                                                "these runs show no effect of the soft targets that it could resolve."
+                                                if small else "and not every difference is within it."))
         obs.append(text)
     kd = [(label, T) for label, T, lam in q1b.TABLE if lam == 0.1 and label in acc]
     if len(kd) > 1:
-        obs.append("At λ = 0.1, the temperature: " + "; ".join(
-            f"T = {tb:g} against T = {ta:g}: {compared(acc[b], acc[a])}" for (a, ta), (b, tb) in zip(kd, kd[1:])) + ".")
-    if lam1 in acc and acc[lam1] and all(stats(acc[lam1])[0] < stats(v)[0] for k, v in acc.items() if k != lam1):
-        obs.append("The student taught by the soft targets alone (λ = 1, T = 20) is the weakest: at T = 20 the "
-                   "teacher's softened distribution is close to uniform, so the targets carry little of which class "
-                   "is right, and without the hard term nothing else does.")
+        obs.append("The temperature at λ = 0.1: " + "; ".join(
+            f"T = {tb:g} against T = {ta:g}, {compared(acc[b], acc[a])}" for (a, ta), (b, tb) in zip(kd, kd[1:])) + ".")
+    if lam1 in acc and base in acc:
+        runs = students[lam1]
+        rise = stats([r["history"][-1]["test_acc"] - r["history"][-2]["test_acc"] for r in runs])[0] \
+            if len(runs[0]["history"]) > 1 else None
+        others = [stats([r["history"][-1]["test_acc"] - r["history"][-2]["test_acc"] for r in students[k]])[0]
+                  for k in acc if k != lam1 and len(students[k][0]["history"]) > 1]
+        text = (f"The student taught by the soft targets alone (λ = 1, T = 20) reaches {mean_sd(acc[lam1])}%, "
+                f"{compared(acc[lam1], acc[base])} from λ = 0.")
+        if rise is not None and others and rise > max(others):
+            text += (f" Its test accuracy rose by {rise:.1f} points in the last epoch, more than any other student's "
+                     f"({max(others):.1f} at most): it learns more slowly rather than less, its gradient being the "
+                     "teacher's smoothed distribution alone.")
+        obs.append(text)
     gaps = {label: stats([r["result"]["train_acc"] - r["result"]["test_acc"] for r in runs])[0]
             for label, runs in students.items() if runs and label in acc}
-    if gaps:
-        obs.append(f"Training minus test accuracy is {min(gaps.values()):+.1f} to {max(gaps.values()):+.1f} points "
-                   f"for the students and {t['train_acc'] - t['test_acc']:+.1f} for the teacher"
-                   + (": the students' 46.7-million-weight fully connected layer fits the training images more than "
-                      "it generalises." if min(gaps.values()) > t["train_acc"] - t["test_acc"] else "."))
+    if base in gaps and len(gaps) > 1:
+        kd_gaps = [gaps[label] for label, _, lam in q1b.TABLE if lam == 0.1 and label in gaps]
+        obs.append(f"Training minus test accuracy is {gaps[base]:+.1f} points for λ = 0, "
+                   f"{min(kd_gaps):+.1f} to {max(kd_gaps):+.1f} for the KD students and "
+                   f"{t['train_acc'] - t['test_acc']:+.1f} for the teacher"
+                   + (": the soft targets narrow the students' gap, acting as a regulariser, as Hinton et al. observed."
+                      if kd_gaps and max(kd_gaps) < gaps[base] else "."))
+    rising = [label for label, runs in students.items() if runs and len(runs[0]["history"]) > 1
+              and all(r["history"][-1]["test_acc"] > r["history"][-2]["test_acc"] for r in runs)]
+    if len(rising) == len(acc) and acc:
+        epochs = len(next(iter(students.values()))[0]["history"])
+        obs.append(f"Every student's test accuracy is still rising at epoch {epochs} (Figure {{ref:fig-students}}): "
+                   "the table compares students part of the way through their training, not converged ones.")
     return obs
 
 
@@ -743,6 +837,8 @@ def bonus_observations(g):
         return ["Every student of the sweep diverged (Table {ref:tab-sweep}): none can be compared with the teacher."]
     v = ok[best]
     grid = sweep["grid"]
+    sweep_epochs = next(r for runs in sweep["cells"].values() for r in runs)["result"]["epochs"]
+    table_epochs = next((runs[0]["result"]["epochs"] for runs in g["students"].values() if runs), None)
     reach = difference(v, [t["test_acc"]])
     verdict = ("reaches the teacher" if reach[0] >= 0 or (reach[1] and abs(reach[0]) < 2 * reach[1])
                else "does not reach the teacher")
@@ -750,6 +846,9 @@ def bonus_observations(g):
             f"λ ∈ {{{', '.join(f'{x:g}' for x in grid['lam'])}}}. The best cell, T = {best[0]:g} and λ = {best[1]:g}, "
             f"reaches {mean_sd(v)}%, {compared(v, [t['test_acc']])} from the teacher's {pct(t['test_acc'])}%: the "
             f"student {verdict}.",
+            *([f"The sweep's students trained {sweep_epochs} epoch{'s' * (sweep_epochs != 1)}, the table's "
+               f"{table_epochs}: the two are not comparable, and the sweep's cells only with each other."]
+              if table_epochs and sweep_epochs != table_epochs else []),
             f"That cell was picked as the best of {len(ok)} on the test set itself, which flatters it: its accuracy is "
             "an optimistic estimate. An unbiased one would choose the cell on a validation split of the training "
             "images and then measure it once on the test set."]
@@ -776,13 +875,23 @@ def question_2(g):
         else:
             doc.append(h(3, heading))
         doc += method_text(g, m, tables)
-        for k in ((m,) if m != "joint" else ("joint", "ft-all")):
-            if methods[k]:
-                pair_figure(out, f"q2_{k}", methods[k], "loss")
-                doc.append(figure(f"q2_{k}", f"fig-{k}", f"{q2.METHODS[k]}: (a) training and test loss "
-                                  f"({loss_words[k]}) and (b) training and test accuracy on the new task, against epoch."))
-            else:
-                doc.append(missing(q2.METHODS[k], f"make {k}"))
+        if m == "joint":  # the two references in one figure, a row each
+            refs = [(f"{short}: ", methods[k]) for k, short in (("joint", "joint training"),
+                                                                ("ft-all", "every layer")) if methods[k]]
+            if refs:
+                pair_figure(out, "q2_references", None, "loss", refs)
+                doc.append(figure("q2_references", "fig-refs", "The references: " + " and ".join(
+                    f"{'(top) ' if i == 0 and len(refs) > 1 else '(bottom) ' if i else ''}{q2.METHODS[k].split(' (')[0]}"
+                    for i, k in enumerate(k for k in ("joint", "ft-all") if methods[k])) + ": (a) training and test "
+                    "loss (new-task cross-entropy; joint training's CIFAR-10 term is not part of the face evaluation) and "
+                    "(b) training and test accuracy on the new task, against epoch."))
+            doc += [missing(q2.METHODS[k], f"make {k}") for k in ("joint", "ft-all") if not methods[k]]
+        elif methods[m]:
+            pair_figure(out, f"q2_{m}", methods[m], "loss")
+            doc.append(figure(f"q2_{m}", f"fig-{m}", f"{q2.METHODS[m]}: (a) training and test loss "
+                              f"({loss_words[m]}) and (b) training and test accuracy on the new task, against epoch."))
+        else:
+            doc.append(missing(q2.METHODS[m], f"make {m}"))
     doc += [h(3, "(4) Results"),
             p("Table {ref:tab-q2} gives each method's final accuracy on both tasks, and Figure {ref:fig-forgetting} "
               "how the old task fared epoch by epoch and where each method ends on both."),
@@ -817,82 +926,119 @@ def method_text(g, m, tables):
                 tables["finetune_layers"]]
     if m == "lwf":
         w, e, lam = cfg["lwf_warmup"], cfg["epochs"], cfg["lwf_lambda"]
+        span = lambda a, b: f"epoch {a}" if a == b else f"epochs {a}-{b}"  # noqa: E731
         return [p("What was done, following Li and Hoiem (Table {ref:tab-lwf}, Listings {ref:lst-methods} and "
                   "{ref:lst-lwf}; its curves: Figure {ref:fig-lwf}):"),
                 items(["Keep a frozen copy of the original network (the teacher with its old head), in evaluation mode.",
                        f"Add the new head ({cfg['subjects']} outputs), freshly initialised.",
-                       f"Warm-up, epochs 1-{w}: train the new head alone, backbone and old head frozen, as in feature "
-                       "extraction.",
-                       f"Joint stage, epochs {w + 1}-{e}: train every layer. For each augmented face batch, the frozen "
+                       f"Warm-up, {span(1, w)}: train the new head alone, backbone and old head frozen, as in feature "
+                       "extraction. The old-task term then reaches no trained weight, so it is not computed (the "
+                       "first lines of Listing {ref:lst-lwf}).",
+                       f"Joint stage, {span(w + 1, e)}: train every layer. For each augmented face batch, the frozen "
                        "original gives y_o, its old-head outputs on the same images.",
                        f"Minimise CE(new head, face label) + λo·CE(softmax(y_o/T), softmax(old head/T)) with T = "
                        f"{cfg['lwf_T']:g} and λo = {lam:g} (no T² factor, as in the paper), plus the L2 regulariser "
                        f"{cfg['wd']:g} as weight decay.",
                        "BatchNorm: " + ("statistics adapt to faces." if cfg.get("adapt_bn") else
                                         "running statistics frozen, as in feature extraction."),
-                       "Evaluate the new head on the face test set and the old head on CIFAR-10's test set after every "
-                       "epoch."], ordered=True),
+                       "Evaluate the new head on the face test set and the old head on the CIFAR-10 test set after "
+                       "every epoch."], ordered=True),
                 tables["lwf_setup"],
                 listing("lst-lwf", "The LwF loss", common.lwf_loss)]
     joint, ftall = g["methods"]["joint"], g["methods"]["ft-all"]
-    text = ("Two references bracket LwF. Joint training uses LwF's rates, warm-up and epochs, but trains on the old "
+    text = ("Two references frame LwF. Joint training uses LwF's rates, warm-up and epochs, but trains on the old "
             "data too: each step a face batch and a CIFAR-10 batch of the same size, loss CE(new head, faces) + "
-            "CE(old head, CIFAR-10). Having the old data, it bounds from above what any method could keep"
-            + (" (Figure {ref:fig-joint})." if joint else "."))
+            "CE(old head, CIFAR-10). Having the old data, it is the usual upper reference for what a method can keep"
+            + (" (Figure {ref:fig-refs})." if joint else "."))
     if ftall:
         text += (f" Fine-tuning every layer trains the whole backbone at {ftall[0]['config']['ft_all_lr']:g}% on faces "
                  "alone, with no term for the old task: what LwF's λo·CE term protects against (Figure "
-                 "{ref:fig-ft-all}).")
+                 "{ref:fig-refs}).")
     return [p(text)] if joint or ftall else []
 
 
 def q2_observations(g):
+    """The discussion of Table (4) of Q2: what each method keeps and learns, each comparison with its noise,
+    and what the comparisons do and do not isolate."""
     methods = g["methods"]
     runs = {m: r for m, r in methods.items() if r}
     ref = next(iter(runs.values()))
+    cfg = ref[0]["config"]
     n, n_test = max(len(r) for r in runs.values()), g["teacher"]["result"].get("test_images", 10000)
+    faces_test = cfg["subjects"] * (cfg["per_subject"] - cfg["train_per_subject"])
     before = ref[0]["result"]["old_test_acc_before"]
     typical = stats([v for r in runs.values() for v in accs(r, "old_test_acc")])[0]
-    obs = [noise_note(n, n_test, typical / 100)]
+    obs = [noise_note(n, n_test, typical / 100)
+           + f" The new task's test set is smaller, {faces_test:,} face images, so there one image is "
+             f"{100 / faces_test:.1f} points and one standard error of an accuracy near 60% is "
+             f"{100 * math.sqrt(0.24 / faces_test):.1f}."]
+    old = lambda m: accs(runs[m], "old_test_acc")  # noqa: E731
+    new = lambda m: accs(runs[m], "new_test_acc")  # noqa: E731
     if "fe" in runs:
-        fe = runs["fe"]
-        same = all(r["result"]["old_test_acc"] == r["result"]["old_test_acc_before"] for r in fe)
-        obs.append(("Check: feature extraction keeps the old task exactly " if same else
-                    "CHECK FAILED: feature extraction changed the old task ")
-                   + f"({pct(before)}% before, {mean_sd(accs(fe, 'old_test_acc'))}% after), as it must: no weight "
-                   "or BatchNorm statistic of the backbone or the old head can change. This tests the freezing, "
-                   f"it is not a finding. On the new task it reaches {mean_sd(accs(fe, 'new_test_acc'))}%.")
-    words = {"ft": "Fine-tuning", "lwf": "LwF", "joint": "Joint training", "ft-all": "Fine-tuning every layer"}
-    keep = [f"{words[m]} reaches {mean_sd(accs(r, 'new_test_acc'))}% on faces and keeps "
-            f"{mean_sd(accs(r, 'old_test_acc'))}% of the old task ({compared(accs(r, 'old_test_acc'), [before])} "
-            "from before)"
-            for m, r in runs.items() if m != "fe"]
+        same = all(r["result"]["old_test_acc"] == r["result"]["old_test_acc_before"] for r in runs["fe"])
+        obs.append((f"As it must by construction, feature extraction keeps the old task exactly ({pct(before)}% "
+                    f"before and after): this confirms that the backbone, its BatchNorm statistics and the old head "
+                    "stayed frozen, and is not an experimental finding." if same else
+                    f"Feature extraction changed the old task ({pct(before)}% before, {mean_sd(old('fe'))}% after), "
+                    "which frozen weights cannot do: these runs are not to be trusted.")
+                   + f" On faces it reaches {mean_sd(new('fe'))}%"
+                   + (", the least of all methods: features learnt for CIFAR-10's objects, used as they are, "
+                      "separate faces less well than features that adapt to them."
+                      if all(stats(new("fe"))[0] <= stats(new(m))[0] for m in runs) else "."))
+    words = {"ft": "fine-tuning", "lwf": "LwF", "joint": "joint training", "ft-all": "fine-tuning every layer"}
+    keep = [f"{words[m]} reaches {mean_sd(new(m))}% on faces and keeps {mean_sd(old(m))}% of the old task "
+            f"({compared(old(m), [before])} from before)" for m in runs if m != "fe"]
     if keep:
-        obs.append("; ".join(keep) + ".")
+        text = "; ".join(keep) + "."
+        obs.append(text[0].upper() + text[1:])
     if "ft" in runs and "fe" in runs:
-        d = difference(accs(runs["ft"], "old_test_acc"), accs(runs["fe"], "old_test_acc"))[0]
-        obs.append("Fine-tuning " + ("forgets: " if d < 0 else "does not forget here: ")
-                   + f"its old task moves {d:+.2f} points against feature extraction's, because the layers it changes "
-                   "are shared by both heads and nothing in its loss holds the old head's outputs in place.")
-    for b, a, why in (("lwf", "ft", "the assignment's two methods that change the backbone"),
-                      ("lwf", "ft-all", "the same rates, without and with LwF's old-task term"),
-                      ("joint", "lwf", "the old data itself against LwF's stand-in for it")):
-        if a in runs and b in runs:
-            obs.append(f"{words[b]} against {words[a][0].lower() + words[a][1:]} ({why}): old task "
-                       f"{compared(accs(runs[b], 'old_test_acc'), accs(runs[a], 'old_test_acc'))}; new task "
-                       f"{compared(accs(runs[b], 'new_test_acc'), accs(runs[a], 'new_test_acc'))}.")
+        d = difference(old("ft"), old("fe"))[0]
+        obs.append("Fine-tuning " + ("forgets" if d < 0 else "does not forget here")
+                   + f" ({d:+.2f} points on the old task against feature extraction): the layers it changes are "
+                   "shared by both heads, and nothing in its loss holds the old head's outputs in place.")
+    if "lwf" in runs and "ft" in runs:
+        ft, lw = runs["ft"][0]["config"], runs["lwf"][0]["config"]
+        obs.append(f"LwF against fine-tuning, the assignment's two methods that change the backbone: old task "
+                   f"{compared(old('lwf'), old('ft'))}; new task {compared(new('lwf'), new('ft'))}. They differ in "
+                   f"more than LwF's old-task term: fine-tuning trains {', '.join(x for x, _ in ft['ft_layers'])} at "
+                   f"{', '.join(f'{r:g}%' for _, r in ft['ft_layers'])} from the first epoch, LwF every layer at "
+                   f"{lw['lwf_lr']:g}% after a warm-up of {lw['lwf_warmup']} epoch{'s' * (lw['lwf_warmup'] != 1)}.")
+    sweep = g["lwf_sweep"]
+    if "lwf" in runs and 0.0 in sweep:
+        obs.append("LwF against the same training without its old-task term (λo = 0: the same rates, warm-up and "
+                   f"epochs): old task {compared(old('lwf'), accs(sweep[0.0], 'old_test_acc'))}; new task "
+                   f"{compared(new('lwf'), accs(sweep[0.0], 'new_test_acc'))}. This is the comparison that isolates "
+                   "the term.")
     if "lwf" in runs and "ft-all" in runs:
-        d = difference(accs(runs["lwf"], "old_test_acc"), accs(runs["ft-all"], "old_test_acc"))[0]
-        obs.append(("LwF keeps more of the old task than the same training without its old-task term: that term "
-                    "holds the old head's responses on the face images close to the original network's, a stand-in for "
-                    "the old data it does not have." if d > 0 else
-                    "Here LwF does not keep more of the old task than the same training without its old-task term.")
-                   + " Joint training, which has the old data, shows what such a stand-in can at best achieve."
-                   * ("joint" in runs))
-    if g["lwf_sweep"]:
-        sweep = g["lwf_sweep"]
+        d = difference(old("lwf"), old("ft-all"))[0]
+        obs.append(f"LwF against fine-tuning every layer at the same rate, without warm-up and without the old-task "
+                   f"term: old task {compared(old('lwf'), old('ft-all'))}; new task "
+                   f"{compared(new('lwf'), new('ft-all'))}. "
+                   + ("LwF keeps more of the old task: its term holds the old head's responses on the face images "
+                      "close to the original network's, standing in for the old data it does not have; the price is "
+                      "paid on the new task, as the backbone is held back from the face features."
+                      if d > 0 else "Here LwF does not keep more of the old task."))
+    if "ft-all" in runs:
+        gap = stats([r["result"]["new_train_acc"] - r["result"]["new_test_acc"] for r in runs["ft-all"]])[0]
+        if gap > 10:
+            obs.append(f"Fine-tuning every layer fits the face training images by {gap:.1f} points more than the "
+                       "test images: with all its weights free and few images per subject, it overfits.")
+    if "joint" in runs and "lwf" in runs:
+        obs.append(f"Joint training against LwF: old task {compared(old('joint'), old('lwf'))}; new task "
+                   f"{compared(new('joint'), new('lwf'))}. With the old data at hand, joint training is the usual "
+                   "upper reference for what a method without it can keep.")
+    if sweep:
         obs.append("Over λo (Table {ref:tab-lwf-sweep}), the old task's test accuracy goes " + ", ".join(
-            f"{mean_sd(accs(r, 'old_test_acc'))}% at λo = {v:g}" for v, r in sweep.items()) + ".")
+            f"{mean_sd(accs(r, 'old_test_acc'))}% at λo = {v:g}" for v, r in sweep.items())
+            + ": the weight of the old-task term moves LwF between plasticity and stability.")
+    if all(m in runs for m in ("fe", "ft", "lwf")):
+        mean = {m: (stats(old(m))[0], stats(new(m))[0]) for m in ("fe", "ft", "lwf")}
+        if mean["ft"][0] < mean["lwf"][0] < mean["fe"][0] and mean["fe"][1] < mean["ft"][1]:
+            obs.append("In short, the assignment's three methods trade one task for the other: feature extraction "
+                       f"keeps CIFAR-10 ({mean['fe'][0]:.1f}%) and learns faces least ({mean['fe'][1]:.1f}%), "
+                       f"fine-tuning learns faces ({mean['ft'][1]:.1f}%) and forgets CIFAR-10 ({mean['ft'][0]:.1f}%), "
+                       f"and LwF keeps more of CIFAR-10 than fine-tuning ({mean['lwf'][0]:.1f}%) for "
+                       f"{mean['lwf'][1]:.1f}% on faces, without the old data.")
     return obs
 
 
@@ -952,6 +1098,19 @@ def commands(g):
     return out
 
 
+def wrap_command(cmd, width=100):
+    """A shell command broken between its options (with backslashes) into lines of about `width` characters."""
+    words, lines = cmd.split(" --"), []
+    line = words[0]
+    for w in words[1:]:
+        if len(line) + len(w) + 3 > width:
+            lines.append(line + " \\")
+            line = "    --" + w
+        else:
+            line += " --" + w
+    return "\n".join(lines + [line])
+
+
 def git_commit():
     try:
         commit = subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -986,7 +1145,7 @@ def unref(text, refs=None):
 
 def esc(text):
     """Plain text -> Typst markup: every markup character escaped ('--' would be a dash, '//' a comment)."""
-    text = re.sub(r"([\\#*_$@<>\[\]`~])", r"\\\1", text)
+    text = re.sub(r"([\\#*_$@<>\[\]`~;])", r"\\\1", text)
     return text.replace("//", "\\/\\/").replace("/*", "\\/*").replace("--", "-\\-")
 
 
@@ -1009,11 +1168,7 @@ def typ_inline(text):
     return "".join(out)
 
 
-def md_inline(text, refs):
-    return unref(text, refs)
-
-
-PREAMBLE = r"""#set document(title: [%(title)s], author: "%(author)s")
+PREAMBLE = r"""#set document(title: [%(title)s], author: %(author)s)
 #set page(paper: "a4", margin: (x: 1.8cm, top: 1.8cm, bottom: 2cm), numbering: "1")
 #set text(size: 10pt, lang: "en")
 #set par(justify: true)
@@ -1030,10 +1185,16 @@ PREAMBLE = r"""#set document(title: [%(title)s], author: "%(author)s")
 #show figure.where(kind: raw): set block(breakable: true)
 #set table(stroke: none, inset: (x: 5pt, y: 3pt))
 #show table: set par(justify: false)
-// Code with the line numbers of its source file (`numbers`: one per line; none: 1, 2, 3, ...).
+// Code with the line numbers of its source file (`numbers`: one per line; none: 1, 2, 3, ...); a line
+// that follows left-out lines (a docstring) is marked with a vertical ellipsis; long lines wrap beside
+// the numbers.
 #let code(numbers: none, body) = {
-  show raw.line: it => box(width: 2.4em, align(right, text(fill: luma(130))[#(
-    if numbers == none { it.number } else { numbers.at(it.number - 1) })])) + h(0.8em) + it.body
+  show raw.line: it => {
+    let n = if numbers == none { it.number } else { numbers.at(it.number - 1) }
+    let gap = numbers != none and it.number > 1 and numbers.at(it.number - 2) + 1 != n
+    box(width: 100%%, grid(columns: (3.6em, 1fr), column-gutter: 0.8em,
+      align(right, text(fill: luma(130))[#if gap [⋮#h(0.3em)]#n]), it.body))
+  }
   block(fill: luma(246), inset: 5pt, radius: 2pt, width: 100%%, align(left, body))
 }
 """
@@ -1047,7 +1208,8 @@ def fence(text):
 def typst(doc, refs):
     """The report in Typst markup."""
     title = next(b for b in doc if b["kind"] == "title")
-    lines = [PREAMBLE % {"title": esc(TITLE), "author": title["author"].replace('"', "'") or "(name)"}]
+    author = f'"{title["author"]}"' if title["author"] and '"' not in title["author"] else "()"
+    lines = [PREAMBLE % {"title": esc(TITLE), "author": author}]
     for b in doc:
         k = b["kind"]
         if k == "title":
@@ -1058,8 +1220,8 @@ def typst(doc, refs):
                       f"  Name: #{blank(b['author'], '6cm')} #h(1.5cm) Student ID: #{blank(b['student_id'], '3.5cm')}",
                       "]", ""]
         elif k == "h":
-            if b["level"] == 1:
-                lines += ["#place.flush()"]  # the figures of a question stay with it
+            if b["level"] <= 2:
+                lines += ["#place.flush()"]  # the figures of a question, or of a part, stay with it
             lines += ["=" * b["level"] + " " + typ_inline(b["text"]), ""]
         elif k == "p":
             lines += [typ_inline(b["text"]), ""]
@@ -1073,7 +1235,8 @@ def typst(doc, refs):
                 body += ["    table.header(" + ", ".join(f"strong[{typ_inline(c)}]" for c in b["header"]) + "),",
                          "    table.hline(stroke: 0.5pt),"]
             for row in b["rows"]:
-                body.append("    " + ", ".join(f"[{typ_inline(c)}]" for c in row) + ",")
+                body.append("    table.hline(stroke: 0.5pt)," if row == RULE else
+                            "    " + ", ".join(f"[{typ_inline(c)}]" for c in row) + ",")
             body += ["    table.hline(),", "  ),"]
             lines += ["#figure(", *body, f"  caption: [{typ_inline(b['caption'])}],", f") <{b['label']}>", ""]
         elif k == "figure":
@@ -1088,7 +1251,7 @@ def typst(doc, refs):
             lines += ["#figure(", "  [", *body, "  ],", f"  caption: [{typ_inline(b['caption'])}],",
                       f") <{b['label']}>", ""]
         elif k == "commands":
-            ticks, text = fence("\n".join(b["lines"]))
+            ticks, text = fence("\n".join(wrap_command(c) for c in b["lines"]))
             lines += [f"{ticks}sh", text, ticks, ""]
         elif k == "appendix":
             lines += ["#pagebreak()", "#context [#metadata(here().page()) <appendix-page>]",
@@ -1112,18 +1275,18 @@ def markdown(doc, refs):
         elif k == "h":
             lines += ["#" * (b["level"] + 1) + " " + b["text"], ""]
         elif k == "p":
-            lines += [md_inline(b["text"], refs), ""]
+            lines += [unref(b["text"], refs), ""]
         elif k == "list":
-            lines += [(f"{i}. " if b["ordered"] else "- ") + md_inline(t, refs) for i, t in enumerate(b["items"], 1)] + [""]
+            lines += [(f"{i}. " if b["ordered"] else "- ") + unref(t, refs) for i, t in enumerate(b["items"], 1)] + [""]
         elif k == "table":
-            lines += [f"**{refs[b['label']]}.** {md_inline(b['caption'], refs)}", "",
-                      common.md_table([md_inline(c, refs) for c in b["header"]],
-                                      [[md_inline(c, refs) for c in row] for row in b["rows"]])]
+            lines += [f"**{refs[b['label']]}.** {unref(b['caption'], refs)}", "",
+                      common.md_table([unref(c, refs) for c in b["header"]],
+                                      [[unref(c, refs) for c in row] for row in b["rows"] if row != RULE])]
         elif k == "figure":
             lines += [f"![{refs[b['label']]}](figures/{b['name']}.png)", "",
-                      f"*{refs[b['label']]}. {md_inline(b['caption'], refs)}*", ""]
+                      f"*{refs[b['label']]}. {unref(b['caption'], refs)}*", ""]
         elif k == "code":
-            lines += [f"**{refs[b['label']]}.** {md_inline(b['caption'], refs)}", ""]
+            lines += [f"**{refs[b['label']]}.** {unref(b['caption'], refs)}", ""]
             for part in b["parts"]:
                 lines += ["```python", part["text"].rstrip("\n"), "```", ""]
         elif k == "commands":

@@ -56,7 +56,7 @@ def test_fine_tuning_changes_only_the_chosen_layers(out, cifar_root, faces_root)
             assert torch.equal(v, after), k  # frozen; BatchNorm statistics frozen too
     report.main(["--out", str(out)])
     table = (out / "tables" / "finetune_layers.md").read_text()
-    assert "| conv5_2 (layer4.1) | 10% (0.001) | fine-tuned; BatchNorm statistics frozen |" in table  # the teacher: lr 0.01
+    assert "| conv5_2 | 10% (0.001) | fine-tuned; BatchNorm statistics frozen |" in table  # the teacher: lr 0.01
 
 
 def test_fine_tuning_learning_rates_are_what_was_asked():

@@ -52,7 +52,8 @@ def test_batches_shuffle_every_image_at_most_once_and_evaluate_in_order():
 def test_cifar_loader_reads_the_real_format(cifar_root):
     data = load_cifar10(cifar_root, torch.device("cpu"))
     (x, y), (xt, yt) = data["train"], data["test"]
-    assert x.shape == (60, 3, 32, 32) and x.dtype == torch.uint8 and xt.shape == (30, 3, 32, 32)
+    assert x.shape == (60, 3, 32, 32) and x.dtype == torch.uint8 and xt.shape == (30, 3, 32, 32) and len(yt) == 30
+    assert data["official"] is False  # synthetic files: not CIFAR-10's md5s (the report says so on its first page)
     with open(os.path.join(cifar_root, "cifar-10-batches-py", "data_batch_1"), "rb") as f:
         batch = pickle.load(f, encoding="latin1")
     n = len(batch["labels"])
@@ -120,5 +121,9 @@ def test_the_official_files_are_recognised_by_md5_and_unpickled_as_torchvision_d
     monkeypatch.setattr(common.CIFAR10, "train_list", official)  # pretend these are the official files
     used = []
     monkeypatch.setattr(common._CifarUnpickler, "load", lambda self: used.append(1) or pickle.Unpickler.load(self))
-    load_cifar10(str(tmp_path), torch.device("cpu"))
+    data = load_cifar10(str(tmp_path), torch.device("cpu"))
     assert len(used) == 1  # only the test batch, whose md5 is not the official one, went through the restricted reader
+    assert data["official"] is False  # one file is not official: the data is not CIFAR-10
+    monkeypatch.setattr(common.CIFAR10, "test_list", [["test_batch", hashlib.md5((folder / "test_batch").read_bytes())
+                                                       .hexdigest()]])
+    assert load_cifar10(str(tmp_path), torch.device("cpu"))["official"] is True

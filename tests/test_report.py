@@ -50,6 +50,9 @@ def fake_out(out, seeds=2, epochs=3):
                       history(epochs, acc, lambda e: {"test_ce": 1.0 / e}),
                       {"train_acc": acc + 10, "test_acc": acc, "train_loss": 0.5, "test_loss": 0.6, "T": T, "lam": lam,
                        "seed": i, "epochs": epochs, "device": "cpu"})
+    with open(f"{out}/kd/soft_targets.json", "w") as f:  # as q1b_kd.py records them (common.soft_target_summary)
+        json.dump({"label": 3} | {f"{T:g}": {"top": 0.9 / T ** 0.5, "true": 0.8 / T ** 0.5, "entropy": 1 - 0.5 / T,
+                                             "example": [0.1] * 10} for T in (1, 5, 10, 20)}, f)
     with open(f"{out}/kd/sweep.json", "w") as f:
         json.dump({"T": [2.0, 8.0], "lam": [0.5, 0.9], "seeds": 1}, f)
     for T, lam, acc in ((2.0, 0.5, 66.25), (2.0, 0.9, 71.5), (8.0, 0.5, 64.0), (8.0, 0.9, 69.75)):
@@ -155,7 +158,8 @@ def test_observations_give_each_difference_with_its_standard_error_and_verdict(m
     assert report.compared([60.0], [58.0]) == "+2.00 points"  # one seed each: the section says it cannot be judged
     assert "picked as the best of 4 on the test set itself, which flatters it" in body
     assert "T = 2 and λ = 0.9, reaches 71.50%" in body and "does not reach the teacher" in body
-    assert "Check: feature extraction keeps the old task exactly" in body
+    assert "As it must by construction, feature extraction keeps the old task exactly (93.00% before and after)" in body
+    assert "is not an experimental finding" in body
 
 
 def test_an_edited_report_source_is_never_overwritten(tmp_path, capsys):
@@ -204,3 +208,12 @@ def test_report_without_runs_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         report.main(["--out", str(tmp_path / "none")])
     assert str(e.value).startswith("error: ") and "nothing has been run yet" in str(e.value)
+
+
+def test_with_one_seed_differences_are_set_against_the_test_sets_own_noise(tmp_path):
+    fake_out(str(tmp_path), seeds=1)  # students at 60, 62, 64, 66, 68 % on 10,000 test images
+    obs = " ".join(report.q1_observations(report.gather(str(tmp_path))))
+    assert "one seed, so differences between runs cannot be judged against seed-to-seed noise" in obs
+    bound = 2 * 100 * (2 * 0.64 * 0.36 / 10000) ** 0.5  # two standard errors of a difference near 64%: 1.36 points
+    assert f"on these 10,000 test images are {bound:.1f} points, and not every difference is within it" in obs
+    assert "KD 1 (T = 5) +4.00 points" in obs
