@@ -158,6 +158,11 @@ def schedule(cfg):
     return warm + "cosine decay to 0, updated after every step"
 
 
+def steps(teacher, batch):
+    """SGD steps per epoch at `batch` on the teacher's training set (the last incomplete batch dropped)."""
+    return max(1, teacher["result"].get("train_images", 50000) // batch)
+
+
 def data_words(teacher):
     r = teacher["result"]
     if r.get("cifar10_official", True):
@@ -192,7 +197,8 @@ def teacher_tables(t):
              ["Learning-rate schedule", schedule(cfg)],
              ["Weight decay (L2)", f"{cfg['wd']:g}"],
              ["Dropout", "none (ResNet18 has none)"],
-             ["Batch size", f"{cfg['batch']}"], ["Epochs", f"{cfg['epochs']}"],
+             ["Batch size", f"{cfg['batch']} ({steps(t, cfg['batch'])} steps per epoch)"],
+             ["Epochs", f"{cfg['epochs']}"],
              ["Precision", PRECISION[cfg.get("precision", "fp32")]], ["Seed", f"{cfg['seed']}"],
              ["Training accuracy and loss", "after every epoch, in evaluation mode on the un-augmented training "
                                             "images, so that they compare with the test set's"]]
@@ -256,7 +262,8 @@ def kd_tables(g):
              ["Optimiser", f"SGD, Nesterov momentum {cfg['momentum']:g}, weight decay {cfg['wd']:g}"],
              ["Learning-rate schedule", schedule(cfg)],
              ["Gradient clipping", f"each student's gradient norm clipped to {cfg['clip']:g}" if cfg["clip"] else "none"],
-             ["Batch size", f"{cfg['batch']}"], ["Epochs", f"{cfg['epochs']}"],
+             ["Batch size", f"{cfg['batch']} ({steps(t, cfg['batch'])} steps per epoch)"],
+             ["Epochs", f"{cfg['epochs']}"],
              ["Precision", PRECISION[cfg.get("precision", "fp32")]], ["Seeds", seeds_words(first)],
              ["Training", "the five students (and their seeds) side by side on the same batches, one teacher forward "
                           "pass per step for all of them"],
@@ -356,7 +363,8 @@ def q2_tables(g):
              ["Original learning rate (100%)", f"{cfg['lr']:g}, the teacher's peak learning rate"],
              ["Optimiser", f"SGD, Nesterov momentum {cfg['momentum']:g}, weight decay (L2) {cfg['wd']:g}"],
              ["Schedule", "cosine decay to 0, updated after every step"],
-             ["Batch size, epochs", f"{cfg['batch']}, {cfg['epochs']}"],
+             ["Batch size, epochs", f"{cfg['batch']} ({cfg['subjects'] * cfg['train_per_subject'] // cfg['batch']} "
+                                    f"steps per epoch), {cfg['epochs']}"],
              ["BatchNorm", f"frozen layers in evaluation mode; trained layers: {bn}"],
              ["Precision", PRECISION[cfg.get("precision", "fp32")]], ["Seeds", seeds_words(ref)],
              ["Old-task accuracy", "the old head on CIFAR-10: test set after every epoch, training set at the end"]]
@@ -809,7 +817,7 @@ def q1_observations(g):
                 f"{compared(acc[lam1], acc[base])} from λ = 0.")
         if rise is not None and others and rise > max(others):
             text += (f" Its test accuracy rose by {rise:.1f} points in the last epoch, more than any other student's "
-                     f"({max(others):.1f} at most): it learns more slowly rather than less, its gradient being the "
+                     f"({max(others):.1f} at most): it may be learning more slowly rather than less, its only signal being the "
                      "teacher's smoothed distribution alone.")
         obs.append(text)
     gaps = {label: stats([r["result"]["train_acc"] - r["result"]["test_acc"] for r in runs])[0]
@@ -881,7 +889,7 @@ def question_2(g):
             if refs:
                 pair_figure(out, "q2_references", None, "loss", refs)
                 doc.append(figure("q2_references", "fig-refs", "The references: " + " and ".join(
-                    f"{'(top) ' if i == 0 and len(refs) > 1 else '(bottom) ' if i else ''}{q2.METHODS[k].split(' (')[0]}"
+                    f"{'(top) ' if i == 0 and len(refs) > 1 else '(bottom) ' if i else ''}{q2.METHODS[k].split(' (')[0].lower()}"
                     for i, k in enumerate(k for k in ("joint", "ft-all") if methods[k])) + ": (a) training and test "
                     "loss (new-task cross-entropy; joint training's CIFAR-10 term is not part of the face evaluation) and "
                     "(b) training and test accuracy on the new task, against epoch."))
@@ -982,7 +990,7 @@ def q2_observations(g):
                     f"Feature extraction changed the old task ({pct(before)}% before, {mean_sd(old('fe'))}% after), "
                     "which frozen weights cannot do: these runs are not to be trusted.")
                    + f" On faces it reaches {mean_sd(new('fe'))}%"
-                   + (", the least of all methods: features learnt for CIFAR-10's objects, used as they are, "
+                   + (", the least of all methods: features learnt for the objects of CIFAR-10, used as they are, "
                       "separate faces less well than features that adapt to them."
                       if all(stats(new("fe"))[0] <= stats(new(m))[0] for m in runs) else "."))
     words = {"ft": "fine-tuning", "lwf": "LwF", "joint": "joint training", "ft-all": "fine-tuning every layer"}
