@@ -1,7 +1,7 @@
 """Q1 part A: the teacher. torchvision's ImageNet ResNet18, strides changed for 32x32 CIFAR-10 input
 (last feature map 8x8x512), a new 10-way fc, all layers fine-tuned.
 
-Writes out/teacher/: config.json, history.json (train and test loss and accuracy per epoch),
+Writes OUT/teacher/: config.json, history.json (train and test loss and accuracy per epoch),
 checkpoint.pt while it trains, model.pt, curves.png and result.json. `make report` turns
 them into the assignment's tables and figures. Re-running resumes an interrupted run and skips a
 finished one.

@@ -304,18 +304,22 @@ def test_the_cross_entropy_with_the_labels_comes_from_the_same_pass(tmp_path):
     assert all(r["test_ce"] == pytest.approx(r["test_loss"], rel=1e-5) for r in h) and "train_ce" not in h[0]
 
 
-def test_a_checkpoint_written_on_another_device_resumes_with_re_seeded_data_and_says_so(tmp_path, capsys):
-    full = run(tmp_path / "full")
-
+def checkpoint_from_elsewhere(run_dir, **fields):
+    """A run interrupted after epoch 1, its checkpoint then changed as another device would have written it."""
     def stop(epoch):
         if epoch == 2:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", on_epoch=stop)
-    path = tmp_path / "cut" / "checkpoint.pt"
-    ck = load_checkpoint(str(path))
-    ck["device"], ck["gen"] = "cuda:0", [torch.zeros(16, dtype=torch.uint8)]  # as a CUDA generator's state is
-    save_atomic(ck, str(path))
+        run(run_dir, on_epoch=stop)
+    path = run_dir / "checkpoint.pt"
+    save_atomic(load_checkpoint(str(path)) | fields, str(path))
+    return path
+
+
+def test_a_checkpoint_written_on_another_device_resumes_with_re_seeded_data_and_says_so(tmp_path, capsys):
+    full = run(tmp_path / "full")
+    # as CUDA writes it: its generators' states are 16 bytes (seed and offset)
+    path = checkpoint_from_elsewhere(tmp_path / "cut", device="cuda:0", gen=[torch.zeros(16, dtype=torch.uint8)])
     capsys.readouterr()
     resumed = run(tmp_path / "cut")
     err = capsys.readouterr().err
@@ -328,15 +332,7 @@ def test_a_checkpoint_written_on_another_device_resumes_with_re_seeded_data_and_
 
 
 def test_a_checkpoint_that_cannot_be_resumed_here_names_its_device_and_is_kept(tmp_path):
-    def stop(epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", on_epoch=stop)
-    path = tmp_path / "cut" / "checkpoint.pt"
-    ck = load_checkpoint(str(path))
-    ck["device"], ck["model"] = "cuda:1", {"w": torch.zeros(1)}  # a state this run cannot take
-    save_atomic(ck, str(path))
+    path = checkpoint_from_elsewhere(tmp_path / "cut", device="cuda:1", model={"w": torch.zeros(1)})  # not this model
     before = path.read_bytes()
     with pytest.raises(SystemExit) as e:
         run(tmp_path / "cut")
