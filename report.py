@@ -28,7 +28,7 @@ import common
 import q1a_teacher as q1a
 import q1b_kd as q1b
 import q2_continual as q2
-from common import Parser, die, file_sha256, pyplot, read_json, run, stride_changes
+from common import Parser, die, file_sha256, pct, pyplot, read_json, run, stride_changes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COURSE = "EEE7331-01 Special Topics in Deep Learning, 2022 Autumn"
@@ -78,10 +78,6 @@ def gather(out):
 # =============================================================================
 # Numbers with their uncertainty
 # =============================================================================
-
-
-def pct(x):
-    return f"{x:.2f}"
 
 
 def stats(values):
