@@ -234,13 +234,16 @@ def _read_cifar_batch(path, md5):
             raise ValueError("no uint8 'data' of N x 3072 with N 'labels' in 0-9")
     except Exception as e:  # a truncated, foreign or planted pickle
         die(f"cannot read CIFAR-10 batch {path} ({type(e).__name__}: {e}); delete it to download again")
-    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y, official
+    synthetic = str(entry.get("batch_label", "")).startswith("synthetic")  # what write_synthetic_cifar wrote
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y, "official" if official else \
+        "synthetic" if synthetic else "other"
 
 
 def load_cifar10(root, device):
     """CIFAR-10 as {'train': (x, y), 'test': (x, y)}: uint8 NCHW images and int64 labels on `device`,
-    and 'official': whether every batch file is the official one (its md5); downloaded into `root` on
-    first use by torchvision (md5-checked archive)."""
+    and 'source': "official" (every batch file is the official one, its md5), "synthetic" (written by
+    write_synthetic_cifar: the demo's and the tests') or "other" (real images, not the official files,
+    such as the JPEG copy); downloaded into `root` on first use by torchvision (md5-checked archive)."""
     folder = os.path.join(root, CIFAR10.base_folder)
     if not all(os.path.exists(os.path.join(folder, n)) for n, _ in CIFAR10.train_list + CIFAR10.test_list):
         try:
@@ -249,13 +252,14 @@ def load_cifar10(root, device):
         except Exception as e:  # URLError, a truncated or wrong archive
             die(f"CIFAR-10 is not in {folder} and could not be downloaded ({type(e).__name__}: {e}); "
                 f"copy cifar-10-python.tar.gz into {root}/ or set DATA=")
-    out = {"official": True}
+    out, sources = {}, set()
     for split, files in (("train", CIFAR10.train_list), ("test", CIFAR10.test_list)):
         parts = [_read_cifar_batch(os.path.join(folder, name), md5) for name, md5 in files]
         x = torch.from_numpy(np.concatenate([p[0] for p in parts])).permute(0, 3, 1, 2).contiguous()
         y = torch.tensor([v for p in parts for v in p[1]], dtype=torch.long)
         out[split] = (x.to(device), y.to(device))
-        out["official"] &= all(p[2] for p in parts)
+        sources |= {p[2] for p in parts}
+    out["source"] = sources.pop() if len(sources) == 1 else "other"
     return out
 
 
@@ -1128,10 +1132,13 @@ class LossScaler:
 
 def train_epoch(model, loss_fn, opt, sched, data, desc="", clip=0.0, log=None, precision="fp32", scaler=None):
     """One pass of SGD steps over `data`. Returns, per loss (one per student of a lock-step group), the
-    first step whose loss was not finite (0 if none), checked on the device so the loop never waits
-    for the GPU. A non-finite loss adds nothing to the step: a student that diverged stops alone, and
-    its partners' gradients stay their own. `clip` > 0 clips each student's gradient norm to it;
-    `log` (a list) receives every step's losses; `scaler`: fp16 loss scaling (see LossScaler)."""
+    first step at which that student diverged (0 if none), checked on the device so the loop never
+    waits for the GPU. Diverged: its loss was not finite (fp32, bf16), or, under fp16 loss scaling, its
+    loss or gradients overflowed so often that its scale fell below 1 (one overflow only skips a step
+    and halves the scale, as GradScaler does). A diverged student's gradients are zeroed from that step
+    to the end of the epoch, so no NaN reaches its weights and its partners' gradients stay their own.
+    `clip` > 0 clips each student's gradient norm to it; `log` (a list) receives every step's losses;
+    `scaler`: fp16 loss scaling (see LossScaler)."""
     model.train()
     bad = None
     parts = list(model) if isinstance(model, Students) else [model]
@@ -1139,15 +1146,23 @@ def train_epoch(model, loss_fn, opt, sched, data, desc="", clip=0.0, log=None, p
     for step, (x, *ys) in enumerate(tqdm(data, desc=desc, leave=False, disable=None), 1):
         with autocast(x.device, precision):
             loss, _ = loss_fn(model, x, *ys)
-        ok = torch.isfinite(loss)
-        this = (~ok).long().view(-1) * step
-        bad = this if bad is None else torch.where(bad > 0, bad, this)
         if log is not None:
             log.append(loss.detach().float().view(-1))
-        loss = torch.where(ok, scaler(loss), 0).sum()  # a group: the sum's gradient is each student's own gradient
+        ok = torch.isfinite(loss)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        scaler.unscale_()
+        # a group: the sum's gradient is each student's own gradient
+        (scaler(loss) if scaler.enabled else torch.where(ok, loss, 0)).sum().backward()
+        scaler.unscale_()  # fp16: a student whose gradients overflowed gets none (its step is skipped)
+        this = (scaler.scale < 1 if scaler.enabled else ~ok).long().view(-1) * step
+        if bad is None:  # a student stopped in an earlier epoch counts as diverged from the first step
+            this = torch.where(torch.tensor([k in getattr(model, "stopped", ()) for k in range(len(this))],
+                                            device=this.device), 1, this)
+        bad = this if bad is None else torch.where(bad > 0, bad, this)
+        alive = bad == 0
+        for k, part in enumerate(parts):  # 0 * inf in a diverged student's backward pass is NaN: zero it
+            for q in part.parameters():
+                if q.grad is not None:
+                    q.grad.masked_fill_(~alive[k], 0)
         if clip:
             for part in parts:
                 nn.utils.clip_grad_norm_(part.parameters(), clip)

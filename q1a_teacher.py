@@ -57,7 +57,7 @@ def main(argv=None):
         history = fit(model, loss_fn, opt, sched, train, evals, args.epochs, run, cfg, gen, precision=args.precision)
         last = history[-1]
         finish(run, model, history, {k: last[k] for k in ("train_acc", "test_acc", "train_loss", "test_loss")}
-               | {"epochs": args.epochs, "device": str(device), "cifar10_official": data["official"],
+               | {"epochs": args.epochs, "device": str(device), "cifar10_source": data["source"],
                   "train_images": len(y_train), "test_images": len(y_test)}, "Teacher ResNet18 (CIFAR-10)")
     else:
         print(f"{run} is finished (delete it to train again)")

@@ -1,6 +1,7 @@
 """PRECISION: bf16 or fp16 autocast as each card is fast at, fp16 with a loss scale per student."""
 import copy
 import json
+import math
 import shutil
 
 import pytest
@@ -62,6 +63,34 @@ def test_one_students_fp16_overflow_skips_its_step_alone():
     assert all(torch.equal(v, alone[0].state_dict()[k]) for k, v in group[0].state_dict().items())  # as if alone
     assert not torch.equal(group[0].conv.weight, before[0]["conv.weight"])
     assert scalers[0].scale.tolist() == [2.0 ** 16, 2.0 ** 15] and scalers[1].scale.tolist() == [2.0 ** 16]
+
+
+def test_an_fp16_overflow_in_the_forward_pass_skips_a_step_and_only_a_run_of_them_is_a_divergence():
+    """GradScaler's rule: an inf loss (an fp16 overflow in the forward pass) skips that step and halves
+    the scale; the student trains on. Only a loss that overflows step after step, until the scale falls
+    below 1 (17 steps from 2^16), is a divergence."""
+    torch.manual_seed(0)
+    group = Students([Net(), Net()])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(40) % 10
+    steps = []
+
+    def loss_fn(students, xb, yb, inf_steps):  # student 1's loss is inf at the steps given
+        logits = students(xb)
+        losses = torch.stack([F.cross_entropy(lg.float(), yb) for lg in logits])
+        steps.append(1)
+        return losses * torch.tensor([1.0, math.inf if len(steps) in inf_steps else 1.0]), logits
+    opt = sgd(group.parameters(), 0.1)
+    scaler = LossScaler(list(group), enabled=True)
+    bad = train_epoch(group, lambda *a: loss_fn(*a, {2}), opt, warmup_cosine(opt, 100, 0),
+                      Batches(x, y, batch_size=8), precision="fp16", scaler=scaler)  # 5 steps, one inf
+    assert bad == [0, 0] and scaler.scale.tolist() == [2.0 ** 16, 2.0 ** 15]
+    assert all(torch.isfinite(q).all() for q in group.parameters())
+    steps.clear()
+    bad = train_epoch(group, lambda *a: loss_fn(*a, set(range(1, 100))), opt, warmup_cosine(opt, 100, 0),
+                      Batches(x.repeat(5, 1, 1, 1), y.repeat(5), batch_size=8), precision="fp16", scaler=scaler)
+    assert bad == [0, 16]  # 2^15 halved 16 times is 0.5: diverged at the 16th step of this epoch
+    assert all(torch.isfinite(q).all() for q in group.parameters())
 
 
 def test_the_loss_scale_grows_after_a_run_of_good_steps_and_is_off_outside_fp16():

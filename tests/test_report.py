@@ -35,7 +35,7 @@ def fake_out(out, seeds=2, epochs=3):
         t.pop(k)
     write_run(f"{out}/teacher", t, history(epochs, 94.0), {
         "train_acc": 97.25, "test_acc": 94.0, "train_loss": 0.1, "test_loss": 0.2, "epochs": epochs, "device": "cpu",
-        "cifar10_official": True, "train_images": 50000, "test_images": 10000})
+        "cifar10_source": "official", "train_images": 50000, "test_images": 10000})
     with open(f"{out}/teacher/model.pt", "wb") as f:
         f.write(b"weights")
     kd = vars(q1b.parse(["--epochs", str(epochs)]))

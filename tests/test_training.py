@@ -148,11 +148,7 @@ def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path, tiny_cifar, cap
     assert "resuming" in capsys.readouterr().out
 
 
-class Pair(nn.ModuleList):
-    """Two Tiny models in lock-step, as common.Students."""
-
-    def forward(self, x):
-        return torch.stack([m(x) for m in self])
+from common import Students as Pair  # two Tiny models in lock-step
 
 
 def run_pair(run_dir, nan_at=None, epochs=3):
@@ -187,6 +183,30 @@ def test_a_student_that_diverges_stops_alone_and_its_partner_trains_on_unchanged
     assert all(torch.equal(p, q) for p, q in zip(a[0].parameters(), b[0].parameters()))
     again, _ = run_pair(tmp_path / "broken", nan_at=13)  # a rerun does not train or die again
     assert json.dumps(without_time(again)) == json.dumps(without_time(broken))  # NaN included
+
+
+def test_no_nan_reaches_the_weights_of_a_student_whose_loss_turned_nan(tmp_path):
+    """loss * NaN masked to 0 still sends 0 * NaN = NaN into that student's gradients; fused SGD would
+    write them into its weights and train on them to the end of the epoch."""
+    _, b = run_pair(tmp_path / "broken", nan_at=13)  # epoch 2, step 3; the group goes on to the end of epoch 2
+    assert all(torch.isfinite(q).all() for q in b[1].parameters())
+    assert all(torch.isfinite(v).all() for v in b[1].state_dict().values())
+
+
+def test_a_single_run_whose_loss_turns_nan_keeps_finite_weights_to_the_end_of_the_epoch():
+    torch.manual_seed(0)
+    model = Tiny()
+    x, y = data()
+    opt = sgd(model.parameters(), 0.05)
+    steps = []
+
+    def nan_at_3(m, xb, yb):
+        loss, logits = cross_entropy(m, xb, yb)
+        steps.append(1)
+        return (loss * float("nan") if len(steps) == 3 else loss), logits
+    from common import train_epoch
+    bad = train_epoch(model, nan_at_3, opt, warmup_cosine(opt, 10, 0), Batches(x, y, batch_size=20))
+    assert bad == [3] and all(torch.isfinite(q).all() for q in model.parameters())
 
 
 def test_a_group_stops_when_every_student_has_diverged(tmp_path):
