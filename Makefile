@@ -164,7 +164,7 @@ lr-range: $(STAMP)
 	$(PYTHON) bench.py --lr-range --out $(strip $(OUT)) $(call opt,DEVICE,device) $(call opt,BATCH,batch)
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -o tmp_path_retention_policy=failed tests
+	$(PYTHON) -m pytest -q -rs -o tmp_path_retention_policy=failed tests
 
 clean:
 	rm -rf $(strip $(OUT))

@@ -1046,9 +1046,14 @@ def sgd(groups, lr, momentum=0.9, weight_decay=5e-4):
         return torch.optim.SGD(groups, **kw)
 
 
-def warmup_cosine(opt, total_steps, warmup_steps):
-    """Per-step schedule: linear warm-up to each group's lr, then cosine decay to zero."""
+def warmup_cosine(opt, total_steps, warmup_steps, restart=0):
+    """Per-step schedule: linear warm-up to each group's lr, then cosine decay to zero. `restart` > 0: two
+    stages, each its own cosine from the full rate to zero (LwF: steps before `restart`, its warm-up,
+    and the joint stage after it)."""
     def factor(step):
+        if restart:
+            start, length = (0, restart) if step < restart else (restart, total_steps - restart)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start) / max(1, length))))
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))

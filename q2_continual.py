@@ -100,6 +100,13 @@ def build(method, teacher, args, lr, seed=None):
     return net, groups, stages
 
 
+def schedule(method, opt, args, steps):
+    """Cosine decay per step over the epochs; LwF's and joint training's two stages each decay from their
+    full rates, so the joint stage starts at LWF_LR, not at what the warm-up left of it."""
+    return warmup_cosine(opt, args.epochs * steps, 0,
+                         restart=args.lwf_warmup * steps if method in ("lwf", "joint") else 0)
+
+
 def run_dir(args, key, i=0):
     """out/continual/<key>/ for the first seed, <key>_seed<i>/ for seed i."""
     return os.path.join(args.out, "continual", key + (f"_seed{i}" if i else ""))
@@ -160,7 +167,7 @@ def run_method(key, method, lambda_o, i, teacher, cifar, faces, before, args, lr
             old["acc"] = evaluate(net, old_task, cifar_test, precision=args.precision)[1]
         return {"old_test_acc": old["acc"]}
     opt = sgd(groups, lr, args.momentum, args.wd)
-    sched = warmup_cosine(opt, args.epochs * len(train), 0)
+    sched = schedule(method, opt, args, len(train))
     history = fit(net, loss_fn, opt, sched, train, evals, args.epochs, run, method_config(method, args, lr, i, lambda_o),
                   gen, extra=old_task_test, on_epoch=stages, precision=args.precision)
     write_json(os.path.join(run, "split.json"), {"subjects": faces["subjects"], **faces["files"]})
@@ -193,7 +200,9 @@ def main(argv=None):
         faces |= {s: tuple(t.to(device) for t in faces[s]) for s in ("train", "test")}
         print(f"faces: {len(faces['train'][0])} train / {len(faces['test'][0])} test images of "
               f"{args.subjects} subjects from {folder}")
-        untouched = ContinualNet(copy.deepcopy(teacher), args.subjects).to(device)
+        untouched = ContinualNet(copy.deepcopy(teacher), args.subjects).to(device, memory_format=torch.channels_last)
+        if args.compile:  # measured as the methods are, so that feature extraction's old task compares exactly
+            untouched.compile()
         before = [evaluate(untouched, old_task, Batches(*cifar[s], batch_size=1024), precision=args.precision)[1]
                   for s in ("train", "test")]
         for key, m, v, i in todo:

@@ -363,7 +363,8 @@ def q2_tables(g):
                          f"layer) and a new 512→{cfg['subjects']} layer, freshly initialised (Listing {{ref:lst-net}})"],
              ["Original learning rate (100%)", f"{cfg['lr']:g}, the teacher's peak learning rate"],
              ["Optimiser", f"SGD, Nesterov momentum {cfg['momentum']:g}, weight decay (L2) {cfg['wd']:g}"],
-             ["Schedule", "cosine decay to 0, updated after every step"],
+             ["Schedule", "cosine decay to 0, updated after every step; LwF and joint training: one such "
+                          "decay in the warm-up and another, from the full rates, in the joint stage"],
              ["Batch size, epochs", f"{cfg['batch']} ({cfg['subjects'] * cfg['train_per_subject'] // cfg['batch']} "
                                     f"steps per epoch), {cfg['epochs']}"],
              ["BatchNorm", f"frozen layers in evaluation mode; trained layers: {bn}"],

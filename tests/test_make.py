@@ -7,8 +7,10 @@ from conftest import ROOT
 
 
 def make(*args, cwd=ROOT, env=None):
-    return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env or os.environ)
+    """`make ARGS` as a user starts it: without the MAKEFLAGS, MFLAGS and MAKELEVEL of a `make test` that
+    runs this suite (`make test PYTHON=python3` would hand its PYTHON to every make started here)."""
+    env = {k: v for k, v in (env or os.environ).items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 
 FAKE = """#!/bin/sh
