@@ -5,7 +5,8 @@
 #   make test      the test suite (CPU, no network), under 4 min on 2 cores (+1 min to make .venv)
 #   make report    the hand-in: out/report.pdf (and .typ, .md) from whatever has run; AUTHOR= STUDENT_ID=
 #   make plan      what make all will run on this card: precision, lock-step groups, memory, disk, time
-#   make bench     throughput of each kind of step; make lr-range: the students' lr range test
+#   make bench     throughput of each kind of step; make lr-range / make compare: the students' lr range
+#                  test and recipe comparison on the CIFAR-10 in DATA
 # Steps: teacher -> kd / kd-table / kd-sweep, teacher -> fe / ft / lwf / joint / ft-all (continual), lwf-sweep -> report.
 # Each step resumes an interrupted run and skips a finished one (the scripts check out/<run>/).
 #
@@ -50,6 +51,7 @@ LWF_WARMUP ?=#            5 epochs of new head alone
 LWF_T  ?=#                2
 LWF_LAMBDA ?=#            1
 LWF_LAMBDAS ?= 0.1 0.3 1 3#  make lwf-sweep: LwF at these λo, and at 0 (fine-tuning at LwF's rates)
+RECIPES ?=#               make compare: student recipes of bench.py (default: all)
 ADAPT_BN ?=#              0: BatchNorm statistics frozen in fine-tuning and LwF
 AUTHOR ?=#                make report: the student's name on the title page (empty: a line to fill in)
 STUDENT_ID ?=#            make report: the student's ID
@@ -70,7 +72,7 @@ CL_ARGS = $(RUN_ARGS) $(call qopt,FACES,faces) $(call opt,FACES_URL,faces-url) $
           $(call opt,ADAPT_BN,adapt-bn) $(call opt,SEEDS,seeds)
 TEACHER_DONE = $(strip $(OUT))/teacher/result.json
 
-.PHONY: all teacher kd kd-table kd-sweep continual fe ft lwf joint ft-all lwf-sweep report demo bench lr-range plan test deps \
+.PHONY: all teacher kd kd-table kd-sweep continual fe ft lwf joint ft-all lwf-sweep report demo bench lr-range compare plan test deps \
         clean help
 .NOTPARALLEL:  # one GPU, and steps that share run folders: `make -j` runs them one at a time
 
@@ -159,9 +161,14 @@ plan: $(STAMP)
 	$(PYTHON) bench.py --plan --out $(strip $(OUT)) $(call opt,DEVICE,device) --teacher-args "$(TEACHER_ARGS)" \
 	  --kd-args "$(KD_ARGS) $(call opt,SWEEP_T,sweep-T) $(call opt,SWEEP_LAM,sweep-lam) $(call opt,GROUP,group) \
 	  $(call opt,SWEEP_SEEDS,sweep-seeds)" --cl-args '$(CL_ARGS)'
-# the students' lr range test on full-size synthetic CIFAR-10 (uses OUT/teacher if there): OUT/lr_range.png
+# the students' lr range test on the CIFAR-10 in DATA (synthetic images if none; uses OUT/teacher if there):
+# OUT/lr_range.png and .md; make compare: the student recipes of bench.py's RECIPES, EPOCHS each: OUT/compare.md
 lr-range: $(STAMP)
-	$(PYTHON) bench.py --lr-range --out $(strip $(OUT)) $(call opt,DEVICE,device) $(call opt,BATCH,batch)
+	$(PYTHON) bench.py --lr-range --data $(strip $(DATA)) --out $(strip $(OUT)) $(call opt,DEVICE,device) \
+	  $(call opt,BATCH,batch)
+compare: $(STAMP)
+	$(PYTHON) bench.py --compare $(RECIPES) --data $(strip $(DATA)) --out $(strip $(OUT)) $(call opt,DEVICE,device) \
+	  $(call opt,BATCH,batch) $(call opt,EPOCHS,epochs)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -rs -o tmp_path_retention_policy=failed tests

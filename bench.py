@@ -17,13 +17,14 @@ import time
 
 import matplotlib.pyplot as plt
 import torch
+import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from common import (CIFAR10, MEAN, PRECISIONS, RESNET18_FILE, STD, Batches, Parser, StudentCNN, Students, autocast,
+from common import (CIFAR10, die, evaluate, MEAN, PRECISIONS, RESNET18_FILE, STD, Batches, Parser, StudentCNN, Students, autocast,
                     cross_entropy, distill_loss, group_size, load_cifar10, load_teacher, lockstep_groups, md_table,
-                    normalize, positive, positive_int, run, setup, sgd, student_memory, teacher_resnet18, train_epoch,
+                    nonneg, normalize, positive, positive_int, run, setup, sgd, student_memory, teacher_resnet18, train_epoch,
                     warmup_cosine, write_synthetic_cifar)
 
 
@@ -60,15 +61,27 @@ def train_seconds(model, loss_fn, data, warm, device, precision):
     return timed(lambda: train_epoch(model, loss_fn, opt, sched, data, precision=precision), device)
 
 
-def lr_range(args, device):
-    """The students' lr range test (Smith 2017): the lr grows geometrically every step, from --lr-min to
-    --lr-max, at the real batch size, on full-size synthetic CIFAR-10 (50,000 + 10,000 images written in
-    the real format); each student's loss is logged per step. A student diverges where its loss turns
-    non-finite or rises above both 4x its minimum and 1.5x its start. Students: λ=0 and λ=1, T=20,
-    each without and with gradient clipping. Writes OUT/lr_range.png and OUT/lr_range.md."""
+def cifar_or_synthetic(args, device):
+    """The training images of the CIFAR-10 in DATA when it is there (and words for them), else full-size
+    synthetic CIFAR-10 (50,000 + 10,000 images written in the real format)."""
+    if os.path.exists(os.path.join(args.data, CIFAR10.base_folder)):
+        data = load_cifar10(args.data, device)
+        words = {"official": "CIFAR-10", "other": "CIFAR-10 images, not the official files",
+                 "synthetic": "synthetic CIFAR-10"}[data["source"]]
+        return data, f"{words} of {args.data} ({len(data['train'][1]):,} training, {len(data['test'][1]):,} test images)"
     with tempfile.TemporaryDirectory() as root:
         write_synthetic_cifar(root, n_train=50000, n_test=10000)
-        x, y = load_cifar10(root, device)["train"]
+        return load_cifar10(root, device), "full-size synthetic CIFAR-10 (no CIFAR-10 in DATA)"
+
+
+def lr_range(args, device):
+    """The students' lr range test (Smith 2017): the lr grows geometrically every step, from --lr-min to
+    --lr-max, at the real batch size, on the CIFAR-10 in DATA (synthetic images if there is none);
+    each student's loss is logged per step. A student diverges where its loss turns non-finite or
+    rises above both 4x its minimum and 1.5x its start. Students: λ=0 and λ=1, T=20 (the two extremes of
+    the soft term's weight), each with the clip of --clips. Writes OUT/lr_range.png and OUT/lr_range.md."""
+    data, words = cifar_or_synthetic(args, device)
+    x, y = data["train"]
     gen = torch.Generator(device=device).manual_seed(0)
     teacher = teacher_resnet18(pretrained=False).to(device, memory_format=torch.channels_last)
     path = os.path.join(args.out, "teacher", "model.pt")
@@ -86,7 +99,7 @@ def lr_range(args, device):
     data = Batches(x[:steps * b], y[:steps * b], batch_size=b, shuffle=True, augment=True, gen=gen)
     lrs = [args.lr_min * (args.lr_max / args.lr_min) ** (i / (steps - 1)) for i in range(steps)]
     students, curves = [("λ=0", 1.0, 0.0), ("λ=1, T=20", 20.0, 1.0)], {}
-    for clip in (0.0, args.clip):
+    for clip in args.clips:
         torch.manual_seed(0)
         group = Students([StudentCNN(bn=True) for _ in students]).to(device, memory_format=torch.channels_last)
         opt = sgd(group.parameters(), args.lr_min)
@@ -117,13 +130,84 @@ def lr_range(args, device):
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "lr_range.png"), dpi=120)
     plt.close(fig)
-    note = (f"{steps} steps of batch {b}, lr {args.lr_min:g} to {args.lr_max:g} geometrically; full-size synthetic "
-            f"CIFAR-10; teacher: {how}; SGD Nesterov 0.9, wd 5e-4; {args.precision}. "
+    note = (f"{steps} steps of batch {b}, lr {args.lr_min:g} to {args.lr_max:g} geometrically "
+            f"({(args.lr_max / args.lr_min) ** (1 / (steps - 1)):.3f}x a step); {words}; teacher: {how}; "
+            f"SGD Nesterov 0.9, wd 5e-4; {args.precision}. "
             + (f"Lowest lr at which a student diverges: {first:.3g}; a third of it: {first / 3:.3g}." if first else ""))
     with open(os.path.join(args.out, "lr_range.md"), "w") as f:
         f.write(f"### Student lr range test\n\n{md_table(['student', 'lr at lowest loss', 'lr where it diverges'], rows)}"
                 f"\n{note}\n")
     print(md_table(["student", "lr at lowest loss", "lr where it diverges"], rows) + note)
+
+
+def _flat_dropout(p):
+    def make():
+        m = StudentCNN(bn=True)
+        m.classifier.insert(0, nn.Dropout(p))  # on the 93,312 flattened features, before the first FC
+        return m
+    return make
+
+
+def _fc1_at(rate, lr):
+    def groups(m):
+        fc1 = list(m.classifier[0].parameters())
+        rest = [q for q in m.parameters() if all(q is not f for f in fc1)]
+        return [{"params": rest, "lr": lr}, {"params": fc1, "lr": lr * rate}]
+    return groups
+
+
+# Student recipes compared on the real images (λ = 0): name -> (model, optimiser, clip). The first is the default.
+RECIPES = {
+    "sgd": ("SGD Nesterov 0.9, lr 0.04, wd 5e-4, clip 5 (the default)",
+            lambda: StudentCNN(bn=True), lambda m: sgd(m.parameters(), 0.04), 5.0),
+    "sgd-noclip": ("SGD Nesterov 0.9, lr 0.04, wd 5e-4, no clip",
+                   lambda: StudentCNN(bn=True), lambda m: sgd(m.parameters(), 0.04), 0.0),
+    "sgd-fc1": ("SGD as the default, the 93,312-input FC at 10% of the lr",
+                lambda: StudentCNN(bn=True), lambda m: sgd(_fc1_at(0.1, 0.04)(m), 0.04), 5.0),
+    "sgd-dropout": ("SGD as the default, dropout 0.5 on the flattened features",
+                    _flat_dropout(0.5), lambda m: sgd(m.parameters(), 0.04), 5.0),
+    "adamw": ("AdamW, lr 1e-3, wd 0.05, no clip",
+              lambda: StudentCNN(bn=True), lambda m: torch.optim.AdamW(m.parameters(), 1e-3, weight_decay=0.05), 0.0),
+}
+
+
+def compare(args, device):
+    """Student recipes on the CIFAR-10 in DATA, λ = 0, --epochs each, batch 512, crop + flip, BatchNorm,
+    cosine to 0 over the run after a warm-up of a tenth of it; the same seed, data order and
+    augmentation for every recipe. Test accuracy after every epoch -> OUT/compare.md (one row per
+    recipe, written as each finishes)."""
+    names = args.compare or list(RECIPES)
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        die(f"--compare: unknown recipe {unknown[0]!r}; the recipes are {', '.join(RECIPES)}")
+    data, words = cifar_or_synthetic(args, device)
+    b, rows = args.batch or 512, []
+    test = Batches(*data["test"], batch_size=1024)
+    header = ["recipe"] + [f"epoch {e}" for e in range(1, args.epochs + 1)] + ["train loss, last epoch", "minutes"]
+    for name in names:
+        what, make, optimiser, clip = RECIPES[name]
+        torch.manual_seed(0)
+        model = make().to(device, memory_format=torch.channels_last)
+        gen = torch.Generator(device=device).manual_seed(0)
+        train = Batches(*data["train"], batch_size=b, shuffle=True, augment=True, gen=gen)
+        opt = optimiser(model)
+        total = args.epochs * len(train)
+        sched = warmup_cosine(opt, total, max(1, total // 10))
+        accs, t0 = [], time.time()
+        for epoch in range(1, args.epochs + 1):
+            log = []
+            bad = train_epoch(model, cross_entropy, opt, sched, train, desc=f"{name} epoch {epoch}", clip=clip, log=log,
+                              precision=args.precision)
+            accs.append("diverged" if any(bad) else f"{evaluate(model, cross_entropy, test, precision=args.precision)[1]:.2f}")
+            print(f"{name} epoch {epoch}: test {accs[-1]}%, train loss {float(torch.cat(log[-len(log) // 5:]).mean()):.3f}",
+                  flush=True)
+        rows.append([what] + accs + [f"{float(torch.cat(log[-len(log) // 5:]).mean()):.3f}", f"{(time.time() - t0) / 60:.1f}"])
+        with open(os.path.join(args.out, "compare.md"), "w") as f:
+            f.write(f"### Student recipes, λ = 0: test accuracy (%) after each epoch\n\n{md_table(header, rows)}\n"
+                    f"{words}; batch {b}, {len(train)} steps per epoch, crop + flip, BatchNorm, warm-up over a tenth of "
+                    f"the {total} steps then cosine to 0; seed 0 for all; {args.precision}; train loss: mean of the last "
+                    f"fifth of the epoch's steps.\n")
+    print(md_table(header, rows))
 
 
 def plan(args, device):
@@ -274,10 +358,16 @@ def main(argv=None):
                                                                         "(the teacher's and students' default)")
     p.add_argument("--workers", type=positive_int, default=2)
     p.add_argument("--lr-range", action="store_true", help="instead: the students' lr range test (see lr_range)")
-    p.add_argument("--range-steps", type=positive_int, default=60)
+    p.add_argument("--data", default="data", help="lr range test and comparison: the CIFAR-10 to use (synthetic if none)")
+    p.add_argument("--range-steps", type=positive_int, default=120, help="lr range test: steps (>= 100, so the loss "
+                   "has time to react)")
     p.add_argument("--lr-min", type=positive, default=1e-4)
     p.add_argument("--lr-max", type=positive, default=3.0)
-    p.add_argument("--clip", type=positive, default=5.0, help="the gradient-norm clip tried in the lr range test")
+    p.add_argument("--clips", type=nonneg, nargs="+", default=[0.0, 5.0], help="lr range test: gradient-norm clips "
+                   "to try (0: none)")
+    p.add_argument("--compare", nargs="*", default=None, help="instead: train the student recipes named "
+                   "(default: all of RECIPES) with λ=0 and record test accuracy per epoch")
+    p.add_argument("--epochs", type=positive_int, default=2, help="--compare: epochs per recipe")
     p.add_argument("--teacher-steps", type=positive_int, default=40)
     p.add_argument("--plan", action="store_true", help="instead: make plan (see plan)")
     p.add_argument("--teacher-args", default="", help="make plan: the teacher step's arguments")
@@ -289,6 +379,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if args.lr_range:
         return lr_range(args, device)
+    if args.compare is not None:
+        return compare(args, device)
     if args.plan:
         return plan(args, device)
     gpu = device.type == "cuda"

@@ -1,6 +1,7 @@
 import pytest
 
 import bench
+from conftest import one_line_error
 
 
 def test_bench_prints_its_table_in_a_tiny_configuration(tmp_path, capsys):
@@ -39,3 +40,22 @@ def test_make_plan_arithmetic(tmp_path, monkeypatch, capsys):
     weights = 45e6 + 15 * 94e6 + 15 * 45e6
     assert f"{(weights + 30 * 94e6) / 1e9:.1f} GB at the end, {(weights + 2 * 10 * 374e6) / 1e9:.1f} GB at the peak" in out
     assert (tmp_path / "plan.md").exists()
+
+
+def test_the_recipe_comparison_reads_the_cifar_in_data_and_records_each_epoch(tmp_path, cifar_root, capsys):
+    bench.main(["--compare", "sgd", "adamw", "--data", cifar_root, "--out", str(tmp_path), "--device", "cpu",
+                "--epochs", "2", "--batch", "20"])
+    table = (tmp_path / "compare.md").read_text()
+    rows = [r for r in table.splitlines() if r.startswith("| SGD") or r.startswith("| AdamW")]
+    assert len(rows) == 2 and all(len(r.split("|")) == 7 for r in rows)  # recipe, 2 epochs, loss, minutes
+    assert "synthetic CIFAR-10 of" in table and "60 training, 30 test images" in table and "3 steps per epoch" in table
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--compare", "sgd", "lion", "--data", cifar_root, "--out", str(tmp_path), "--device", "cpu"])
+    one_line_error(e, "unknown recipe 'lion'", "sgd, sgd-noclip")
+
+
+def test_the_lr_range_test_reads_the_cifar_in_data(tmp_path, cifar_root):
+    bench.main(["--lr-range", "--data", cifar_root, "--out", str(tmp_path), "--device", "cpu", "--batch", "6",
+                "--range-steps", "8", "--clips", "0", "--teacher-steps", "1"])
+    md = (tmp_path / "lr_range.md").read_text()
+    assert "synthetic CIFAR-10 of" in md and "8 steps of batch 6" in md and md.count("no clip") == 2
