@@ -34,6 +34,7 @@ SWEEP_T ?=#               kd-sweep temperatures: 1 2 4 8 16 32
 SWEEP_LAM ?=#             kd-sweep lambdas: 0.1 0.3 0.5 0.7 0.9
 SWEEP_SEEDS ?=#           seeds per student of the sweep: 1
 GROUP  ?=#                students per lock-step group (KD table and sweep): as many as fit the GPU, 10 on the CPU
+FC1_LR ?=#                students: lr of the first FC (93,312 inputs), % of LR: 10
 CLIP   ?=#                students: clip each one's gradient norm to this: 5 (0: off)
 CKPT_EVERY ?=#            lock-step groups: checkpoint every k epochs (0, the default: writes under 5% of the time)
 PRECISION ?=#             auto (bf16 on GPUs of compute capability >= 8.0, fp16 below, fp32 on the CPU), bf16, fp16, fp32
@@ -63,7 +64,7 @@ RUN_ARGS = --data $(strip $(DATA)) --out $(strip $(OUT)) $(call opt,DEVICE,devic
            $(call opt,COMPILE,compile)
 TEACHER_ARGS = $(RUN_ARGS) $(call opt,WARMUP,warmup) $(call opt,PRETRAINED,pretrained)
 KD_ARGS = $(RUN_ARGS) $(call opt,WARMUP,warmup) $(call opt,BN,bn) $(call opt,DROPOUT,dropout) $(call opt,AUGMENT,augment) \
-          $(call opt,SEEDS,seeds) $(call opt,CLIP,clip) $(call opt,CKPT_EVERY,ckpt-every)
+          $(call opt,SEEDS,seeds) $(call opt,FC1_LR,fc1-lr) $(call opt,CLIP,clip) $(call opt,CKPT_EVERY,ckpt-every)
 CL_ARGS = $(RUN_ARGS) $(call qopt,FACES,faces) $(call opt,FACES_URL,faces-url) $(call opt,SUBJECTS,subjects) \
           $(call opt,PER_SUBJECT,per-subject) $(call opt,TRAIN_PER_SUBJECT,train-per-subject) \
           $(call opt,FACE_SIZE,face-size) $(call qopt,FT_LAYERS,ft-layers) $(call opt,LWF_LR,lwf-lr) \

@@ -22,10 +22,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from common import (CIFAR10, die, evaluate, MEAN, PRECISIONS, RESNET18_FILE, STD, Batches, Parser, StudentCNN, Students, autocast,
-                    cross_entropy, distill_loss, group_size, load_cifar10, load_teacher, lockstep_groups, md_table,
-                    nonneg, normalize, positive, positive_int, run, setup, sgd, student_memory, teacher_resnet18, train_epoch,
-                    warmup_cosine, write_synthetic_cifar)
+from common import (CIFAR10, MEAN, PRECISIONS, RESNET18_FILE, STD, Batches, Parser, StudentCNN, Students, autocast,
+                    cross_entropy, die, distill_loss, evaluate, group_size, load_cifar10, load_teacher,
+                    lockstep_groups, md_table, nonneg, normalize, positive, positive_int, run, setup, sgd,
+                    student_groups, student_memory, teacher_resnet18, train_epoch, warmup_cosine,
+                    write_synthetic_cifar)
 
 
 class PilDataset(Dataset):
@@ -148,14 +149,6 @@ def _flat_dropout(p):
     return make
 
 
-def _fc1_at(rate, lr):
-    def groups(m):
-        fc1 = list(m.classifier[0].parameters())
-        rest = [q for q in m.parameters() if all(q is not f for f in fc1)]
-        return [{"params": rest, "lr": lr}, {"params": fc1, "lr": lr * rate}]
-    return groups
-
-
 # Student recipes compared on the real images (λ = 0): name -> (model, optimiser, clip). The first is the default.
 RECIPES = {
     "sgd": ("SGD Nesterov 0.9, lr 0.04, wd 5e-4, clip 5 (the default)",
@@ -163,7 +156,7 @@ RECIPES = {
     "sgd-noclip": ("SGD Nesterov 0.9, lr 0.04, wd 5e-4, no clip",
                    lambda: StudentCNN(bn=True), lambda m: sgd(m.parameters(), 0.04), 0.0),
     "sgd-fc1": ("SGD as the default, the 93,312-input FC at 10% of the lr",
-                lambda: StudentCNN(bn=True), lambda m: sgd(_fc1_at(0.1, 0.04)(m), 0.04), 5.0),
+                lambda: StudentCNN(bn=True), lambda m: sgd(student_groups(m, 0.04, 0.1), 0.04), 5.0),
     "sgd-dropout": ("SGD as the default, dropout 0.5 on the flattened features",
                     _flat_dropout(0.5), lambda m: sgd(m.parameters(), 0.04), 5.0),
     "adamw": ("AdamW, lr 1e-3, wd 0.05, no clip",

@@ -823,6 +823,15 @@ class StudentCNN(nn.Module):
         return self.classifier(self.features(x).permute(0, 2, 3, 1).flatten(1))
 
 
+def student_groups(students, lr, fc1_rate):
+    """Parameter groups of students (a StudentCNN or a lock-step group): the first FC (93,312 inputs,
+    46.7M weights) at `fc1_rate` times `lr`, every other layer at `lr`."""
+    fc1 = {id(q) for m in (students if isinstance(students, nn.ModuleList) else [students])
+           for q in m.classifier[0].parameters()}
+    return [{"params": [q for q in students.parameters() if id(q) not in fc1], "lr": lr},
+            {"params": [q for q in students.parameters() if id(q) in fc1], "lr": lr * fc1_rate}]
+
+
 class Students(nn.ModuleList):
     """Students trained in lock-step on the same batches: forward returns their logits stacked (K, B, 10).
     `stopped`: the indices of students that diverged, which the group's loss no longer runs."""

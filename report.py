@@ -198,6 +198,9 @@ def teacher_tables(t):
              ["Loss", "cross-entropy" + (f", label smoothing {cfg['label_smoothing']:g}" if cfg["label_smoothing"] else "")],
              ["Optimiser", f"SGD, Nesterov momentum {cfg['momentum']:g}"],
              ["Learning-rate schedule", schedule(cfg)],
+             ["First fully connected layer", f"{cfg.get('fc1_lr', 100):g}% of the learning rate (its 93,312 inputs "
+                                             "make it the sharpest direction of the loss)"
+                                             if cfg.get("fc1_lr", 100) != 100 else "the same learning rate"],
              ["Weight decay (L2)", f"{cfg['wd']:g}"],
              ["Dropout", "none (ResNet18 has none)"],
              ["Batch size", f"{cfg['batch']} ({steps(t, cfg['batch'])} steps per epoch)"],
@@ -264,6 +267,9 @@ def kd_tables(g):
              ["Loss", "λ·T²·CE(softmax(t/T), softmax(s/T)) + (1−λ)·CE(y, softmax(s)); T = 1 at test time"],
              ["Optimiser", f"SGD, Nesterov momentum {cfg['momentum']:g}, weight decay {cfg['wd']:g}"],
              ["Learning-rate schedule", schedule(cfg)],
+             ["First fully connected layer", f"{cfg.get('fc1_lr', 100):g}% of the learning rate (its 93,312 inputs "
+                                             "make it the sharpest direction of the loss)"
+                                             if cfg.get("fc1_lr", 100) != 100 else "the same learning rate"],
              ["Gradient clipping", f"each student's gradient norm clipped to {cfg['clip']:g}" if cfg["clip"] else "none"],
              ["Batch size", f"{cfg['batch']} ({steps(t, cfg['batch'])} steps per epoch)"],
              ["Epochs", f"{cfg['epochs']}"],

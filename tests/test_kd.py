@@ -194,3 +194,17 @@ def test_the_group_that_fits_the_free_memory():
     # 1 student: 3 GB (1 GB of it shared: the step's fixed part); 2 students: 5 GB: 2 GB per student
     assert common.fit_group(free=40e9, one=3e9, two=5e9) == int((0.8 * 40e9 - 1e9) / 2e9) == 15
     assert common.fit_group(free=1e9, one=3e9, two=5e9) == 1  # never below one
+
+
+def test_the_first_fc_trains_at_its_own_fraction_of_the_rate_in_a_group_and_alone():
+    from common import student_groups
+    group = Students([StudentCNN(bn=True), StudentCNN(bn=True)])
+    fast, slow = student_groups(group, 0.04, 0.1)
+    assert slow["lr"] == pytest.approx(0.004) and fast["lr"] == 0.04
+    ids = lambda ps: {id(q) for q in ps}  # noqa: E731
+    assert ids(slow["params"]) == ids([m.classifier[0].weight for m in group] + [m.classifier[0].bias for m in group])
+    assert ids(fast["params"]) | ids(slow["params"]) == ids(group.parameters())
+    assert not ids(fast["params"]) & ids(slow["params"])
+    assert sum(q.numel() for q in slow["params"]) == 2 * (93312 * 500 + 500)
+    one = student_groups(group[0], 0.04, 0.1)
+    assert ids(one[1]["params"]) == ids(group[0].classifier[0].parameters())

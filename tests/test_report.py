@@ -39,7 +39,7 @@ def fake_out(out, seeds=2, epochs=3):
     with open(f"{out}/teacher/model.pt", "wb") as f:
         f.write(b"weights")
     kd = vars(q1b.parse(["--epochs", str(epochs)]))
-    shared = {k: kd[k] for k in ("epochs", "lr", "batch", "momentum", "wd", "warmup", "clip", "bn", "dropout",
+    shared = {k: kd[k] for k in ("epochs", "lr", "fc1_lr", "batch", "momentum", "wd", "warmup", "clip", "bn", "dropout",
                                  "augment", "seed")} | {"precision": "fp32", "teacher_sha256": "ab" * 32}
     accs = {}
     for k, (label, T, lam) in enumerate(q1b.TABLE):
