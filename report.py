@@ -260,8 +260,10 @@ def kd_tables(g):
              ["BatchNorm", "after each convolution, as in the teacher" if cfg["bn"] else "none"],
              ["Dropout", f"{cfg['dropout']:g} before the last layer" if cfg["dropout"] else "none, as in the teacher"],
              ["Pre-processing", "as the teacher's"],
-             ["Initialisation", "PyTorch's default; the students of one seed start from the same weights, so they "
-                                "differ only in T and λ"],
+             ["Initialisation", "PyTorch's default; the students of one seed start from the same weights"
+                                + (", so they differ only in T and λ" if not cfg["clip"] else
+                                   ": they differ in T and λ, and in how often the one clip of their gradient norms "
+                                   "binds on losses of different T and λ")],
              ["Soft targets", "softmax(t/T) of the teacher's logits t, in evaluation mode and without gradient, on "
                               "the same augmented batch as the student"],
              ["Loss", "λ·T²·CE(softmax(t/T), softmax(s/T)) + (1−λ)·CE(y, softmax(s)); T = 1 at test time"],
