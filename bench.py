@@ -103,7 +103,7 @@ def lr_range(args, device):
     for clip in args.clips:
         torch.manual_seed(0)
         group = Students([StudentCNN(bn=True) for _ in students]).to(device, memory_format=torch.channels_last)
-        opt = sgd(group.parameters(), args.lr_min)
+        opt = sgd(student_groups(group, args.lr_min, args.fc1_lr / 100), args.lr_min)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lrs[min(i, steps - 1)] / args.lr_min)
         log = []
         train_epoch(group, distill_loss(teacher, [(T, lam, 0) for _, T, lam in students]), opt, sched, data,
@@ -133,7 +133,7 @@ def lr_range(args, device):
     plt.close(fig)
     note = (f"{steps} steps of batch {b}, lr {args.lr_min:g} to {args.lr_max:g} geometrically "
             f"({(args.lr_max / args.lr_min) ** (1 / (steps - 1)):.3f}x a step); {words}; teacher: {how}; "
-            f"SGD Nesterov 0.9, wd 5e-4; {args.precision}. "
+            f"SGD Nesterov 0.9, wd 5e-4, the first FC at {args.fc1_lr:g}% of the lr; {args.precision}. "
             + (f"Lowest lr at which a student diverges: {first:.3g}; a third of it: {first / 3:.3g}." if first else ""))
     with open(os.path.join(args.out, "lr_range.md"), "w") as f:
         f.write(f"### Student lr range test\n\n{md_table(['student', 'lr at lowest loss', 'lr where it diverges'], rows)}"
@@ -356,6 +356,8 @@ def main(argv=None):
                    "has time to react)")
     p.add_argument("--lr-min", type=positive, default=1e-4)
     p.add_argument("--lr-max", type=positive, default=3.0)
+    p.add_argument("--fc1-lr", type=positive, default=10.0, help="lr range test: the first FC's lr, %% of the lr "
+                   "(q1b_kd.py's default)")
     p.add_argument("--clips", type=nonneg, nargs="+", default=[0.0, 5.0], help="lr range test: gradient-norm clips "
                    "to try (0: none)")
     p.add_argument("--compare", nargs="*", default=None, help="instead: train the student recipes named "
