@@ -2,7 +2,7 @@
 # The first run on a GPU: the teacher and the KD table on real CIFAR-10 at the default epochs, and Q2 on
 # synthetic faces, with no internet; each step's wall time and accuracy go to OUT/gpu_check.md.
 #
-#   bash docs/gpu_check.sh [ZIP]
+#   bash docs/gpu_check.sh [ZIP] [VAR=value ...]
 #
 # ZIP (default ../shared/data/cifar10-jpeg.zip): the JPEG copy of CIFAR-10, written as DATA/cifar-10-batches-py
 # (real images, not the official files); with no zip, DATA must hold CIFAR-10 already. No internet means no
@@ -12,7 +12,8 @@
 # of make's as arguments (PRECISION=fp16, GROUP=5, EPOCHS=1, ...), passed to every step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ZIP=${1:-../shared/data/cifar10-jpeg.zip}
+ZIP=../shared/data/cifar10-jpeg.zip
+if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then ZIP=$1; shift; fi  # the rest: make's VAR=value
 OUT=${OUT:-out/gpu} DATA=${DATA:-data/gpu}
 VARS=(OUT="$OUT" DATA="$DATA" PRETRAINED=0 SEEDS=1 FACES="$DATA/faces")
 if [ -n "${PYTHON:-}" ]; then VARS+=(PYTHON="$PYTHON"); else PYTHON=.venv/bin/python; fi
@@ -44,8 +45,14 @@ rows.append(f"| continual | {float(times['continual']):.0f} s | " + ", ".join(
 rows.append(f"| report | {float(times['report']):.0f} s | |")
 card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 cfg = json.load(open(f"{out}/teacher/config.json"))
-text = (f"### gpu_check on {card}, {cfg['precision']}, torch {torch.__version__}\n\nCIFAR-10 images, not the "
-        "official files (the JPEG copy), teacher from random weights, SEEDS=1, 100 synthetic face subjects.\n\n"
+t = acc(f"{out}/teacher/result.json")
+data = {"official": "CIFAR-10", "other": "CIFAR-10 images, not the official files",
+        "synthetic": "synthetic CIFAR-10"}[t.get("cifar10_source", "official")]
+subjects = json.load(open(q2[0].replace("result.json", "config.json")))["subjects"] if q2 else 0
+text = (f"### gpu_check on {card}, {cfg['precision']}, torch {torch.__version__}\n\n{data} "
+        f"({t['train_images']:,} training, {t['test_images']:,} test images), teacher from "
+        f"{'ImageNet' if cfg['pretrained'] else 'random'} weights, {cfg['epochs']} epochs, SEEDS=1, "
+        f"{subjects} synthetic face subjects.\n\n"
         "| step | wall time | test accuracy |\n|---|---|---|\n" + "\n".join(rows) + "\n")
 open(os.path.join(out, "gpu_check.md"), "w").write(text)
 print(text)
