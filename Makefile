@@ -152,8 +152,8 @@ demo: $(STAMP)
 	    FT_LAYERS="conv4_x:100 conv5_x:100" LWF_LR=30 FT_ALL_LR=30; \
 	  $(DEMO_STEP) kd-sweep $(DEMO_VARS) EPOCHS=1 BATCH=24 LR=0.004 SWEEP_T="2 8" SWEEP_LAM="0.5 0.9"; \
 	  $(DEMO_STEP) report $(DEMO_VARS); } > $(strip $(DEMO))/commands.txt
-	$(PYTHON) -c 'import common; common.write_demo_data("$(strip $(DEMO))/data"); \
-	  common.run_commands(open("$(strip $(DEMO))/commands.txt").read())'
+	$(PYTHON) -c 'import machinery; machinery.write_demo_data("$(strip $(DEMO))/data"); \
+	  machinery.run_commands(open("$(strip $(DEMO))/commands.txt").read())'
 
 bench: $(STAMP)
 	$(PYTHON) bench.py --out $(strip $(OUT)) $(call opt,DEVICE,device)

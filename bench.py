@@ -22,11 +22,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from common import (CIFAR10, MEAN, PRECISIONS, RESNET18_FILE, STD, Batches, Parser, StudentCNN, Students, autocast,
-                    cross_entropy, die, distill_loss, evaluate, group_size, load_cifar10, load_teacher,
-                    lockstep_groups, md_table, nonneg, normalize, positive, positive_int, run, setup, sgd,
-                    student_groups, student_memory, teacher_resnet18, train_epoch, warmup_cosine,
-                    write_synthetic_cifar)
+from common import (MEAN, STD, Batches, StudentCNN, Students, cross_entropy, evaluate, load_cifar10, load_teacher,
+                    normalize, sgd, student_groups, teacher_resnet18, train_epoch, warmup_cosine)
+from machinery import (CIFAR10, PRECISIONS, RESNET18_FILE, Parser, autocast, die, group_size, lockstep_groups, md_table,
+                       nonneg, positive, positive_int, run, setup, student_memory, write_synthetic_cifar)
+import q1b_kd
+from q1b_kd import distill_loss
 
 
 class PilDataset(Dataset):
@@ -106,7 +107,7 @@ def lr_range(args, device):
         opt = sgd(student_groups(group, args.lr_min, args.fc1_lr / 100), args.lr_min)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lrs[min(i, steps - 1)] / args.lr_min)
         log = []
-        train_epoch(group, distill_loss(teacher, [(T, lam, 0) for _, T, lam in students]), opt, sched, data,
+        train_epoch(group, distill_loss(teacher, [(T, lam) for _, T, lam in students]), opt, sched, data,
                     desc=f"lr range, clip {clip:g}", clip=clip, log=log, precision=args.precision)
         for k, (label, _, _) in enumerate(students):
             curves[f"{label}, " + (f"clip {clip:g}" if clip else "no clip")] = [float(v[k]) for v in log]
@@ -210,7 +211,6 @@ def plan(args, device):
     Trains nothing; writes OUT/plan.md."""
     import shlex
     import q1a_teacher
-    import q1b_kd
     import q2_continual
     split = lambda s: shlex.split(s or "")  # noqa: E731
     t = q1a_teacher.parse(split(args.teacher_args))
@@ -224,7 +224,8 @@ def plan(args, device):
     n, n_test, faces, face_test = 50000, 10000, c.subjects * c.train_per_subject, c.subjects * (c.per_subject - c.train_per_subject)
     weights = {"teacher": 45e6, "student": 94e6, "q2": 45e6}  # on disk at the end (students in float16)
     per_ckpt = 187e6 * 2  # a student in a group checkpoint while it trains: float32 weights + momentum
-    size = group_size(k, device)
+    sizing = lambda j: Students([StudentCNN(bn=bool(k.bn)) for _ in range(j)])  # noqa: E731  (memory probe)
+    size = group_size(k, device, sizing)
     table = lockstep_groups([(T, lam, i) for _, T, lam in q1b_kd.TABLE for i in range(seeds)], size)
     pairs = list(dict.fromkeys((T if lam else 1.0, lam) for lam in k.sweep_lam for T in k.sweep_T))
     sweep = lockstep_groups([(T, lam, i) for T, lam in pairs for i in range(k.sweep_seeds)], size)
@@ -273,7 +274,7 @@ def plan(args, device):
         props = torch.cuda.get_device_properties(device)
         free = torch.cuda.mem_get_info(device)[0]
         name = f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB, compute capability {props.major}.{props.minor})"
-        one, two = (student_memory(j, k.batch, k.bn, args.precision, device) for j in (1, 2))
+        one, two = (student_memory(sizing, j, k.batch, args.precision, device) for j in (1, 2))
         need = {"teacher": peaks["teacher_train"], "continual": peaks["face_train"],
                 "kd-table": one + (max(map(len, table)) - 1) * (two - one),
                 "kd-sweep": one + (max(map(len, sweep)) - 1) * (two - one)}
@@ -397,13 +398,13 @@ def main(argv=None):
     rows.append(["teacher training step (ResNet18)", f"{n / sec:,.0f} images/s", ""])
     sec = train_seconds(StudentCNN(bn=True), cross_entropy, data, warm, device, args.precision)
     rows.append(["student training step", f"{n / sec:,.0f} images/s", ""])
-    sec = train_seconds(Students([StudentCNN(bn=True)]), distill_loss(frozen, [(4.0, 0.5, 0)]), data, warm, device,
+    sec = train_seconds(Students([StudentCNN(bn=True)]), distill_loss(frozen, [(4.0, 0.5)]), data, warm, device,
                         args.precision)
     rows.append(["KD step (teacher forward + student step)", f"{n / sec:,.0f} images/s", ""])
     print(md_table(["measure", "result", "ratio"], rows), end="", flush=True)
 
     k = args.students
-    pairs = [(2.0 ** i, 0.5, 0) for i in range(k)]
+    pairs = [(2.0 ** i, 0.5) for i in range(k)]
     lock = train_seconds(Students([StudentCNN(bn=True) for _ in pairs]), distill_loss(frozen, pairs), data, warm, device,
                          args.precision)
     alone = sum(train_seconds(Students([StudentCNN(bn=True)]), distill_loss(frozen, [pair]), data, warm, device,

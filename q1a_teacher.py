@@ -12,7 +12,8 @@ import os
 import torch
 
 from common import (Batches, Parser, cross_entropy, die, features, finish, finished, fit, flag, load_cifar10, nonneg,
-                    nonneg_int, pct, read_json, run, setup, sgd, stride_changes, teacher_resnet18, warmup_cosine)
+                    nonneg_int, pct, plot_curves, read_json, run, setup, sgd, stride_changes, teacher_resnet18,
+                    warmup_cosine)
 
 
 def parse(argv=None):
@@ -55,10 +56,11 @@ def main(argv=None):
         sched = warmup_cosine(opt, args.epochs * len(train), args.warmup * len(train))
         loss_fn = functools.partial(cross_entropy, label_smoothing=args.label_smoothing)
         history = fit(model, loss_fn, opt, sched, train, evals, args.epochs, run, cfg, gen, precision=args.precision)
+        plot_curves([history], os.path.join(run, "curves.png"), "Teacher ResNet18 (CIFAR-10)")  # loss, accuracy
         last = history[-1]
-        finish(run, model, history, {k: last[k] for k in ("train_acc", "test_acc", "train_loss", "test_loss")}
+        finish(run, model, {k: last[k] for k in ("train_acc", "test_acc", "train_loss", "test_loss")}
                | {"epochs": args.epochs, "device": str(device), "cifar10_source": data["source"],
-                  "train_images": len(y_train), "test_images": len(y_test)}, "Teacher ResNet18 (CIFAR-10)")
+                  "train_images": len(y_train), "test_images": len(y_test)})
     else:
         print(f"{run} is finished (delete it to train again)")
     result = read_json(os.path.join(run, "result.json"))

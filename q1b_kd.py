@@ -12,18 +12,16 @@ and seeds. `make report` turns the students' folders into the assignment's table
 """
 import argparse
 import contextlib
-import gc
 import hashlib
 import json
 import os
-import shutil
 
 import torch
 
-from common import (Batches, Parser, SeedBatches, StudentCNN, Students, die, distill_loss, diverged, file_sha256,
-                    finish, finished, fit, flag, fraction, group_size, load_cifar10, load_teacher, lockstep_groups,
-                    nonneg, nonneg_int, pct, positive, positive_int, predict, read_json, run, setup, sgd,
-                    soft_target_summary, student_groups, warmup_cosine, write_json)
+from common import (Batches, Parser, SeedBatches, StudentCNN, Students, die, diverged, file_sha256, finish, finished,
+                    fit, flag, fraction, kd_loss, load_cifar10, load_teacher, nonneg, nonneg_int, pct, plot_curves,
+                    positive, positive_int, predict, read_json, run, setup, sgd, soft_target_summary, student_groups,
+                    train_lockstep, warmup_cosine, write_json)
 
 # The assignment's table (Q1B (4)): label, T, lam. lam = 0 is plain cross-entropy, so its T is moot.
 TABLE = [("Student Network (λ = 0)", 1.0, 0.0), ("Student Network (λ = 1)", 20.0, 1.0),
@@ -74,6 +72,22 @@ def group_dir(args, specs):
     return os.path.join(args.out, "kd", "lockstep_" + hashlib.sha1(json.dumps(specs).encode()).hexdigest()[:10])
 
 
+def distill_loss(teacher, specs):
+    """The loss of a lock-step group: each student's kd_loss at its own (T, lam) of `specs`, stacked. The
+    teacher's logits t: on a training batch, one forward pass of the teacher in eval mode and without
+    gradients, on exactly the augmented images the students see; an evaluation batch brings them cached."""
+    teacher.eval()  # BatchNorm on its running statistics: the teacher of part A as it was trained
+
+    def loss(students, x, y, t=None):
+        if t is None:
+            with torch.no_grad():
+                t = teacher(x)
+        s = students(x)  # (students, batch, 10); in training, each student on its own seed's images
+        ts, ys = students.parts(t), students.parts(y)  # the teacher's logits and the labels of those images
+        return torch.stack([kd_loss(s[k], ts[k], ys[k], T, lam) for k, (T, lam) in enumerate(specs)]), s
+    return loss
+
+
 def train_group(specs, teacher, data, t_logits, args, shared, device):
     """Train the students `specs` = [(T, lam, seed index), ...] in lock-step (the group's checkpoint and
     history in group_dir) into out/kd/<student>/: each student's curves, weights and result.
@@ -84,7 +98,7 @@ def train_group(specs, teacher, data, t_logits, args, shared, device):
     for _, _, i in specs:
         torch.manual_seed(args.seed + i)  # students of one seed start from the same weights, in any group
         models.append(StudentCNN(bn=bool(args.bn), dropout=args.dropout))
-    students = Students(models).to(device, memory_format=torch.channels_last)
+    students = Students(models, seeds=[seeds.index(i) for *_, i in specs]).to(device, memory_format=torch.channels_last)
     if args.compile:
         for m in students:
             m.compile()
@@ -97,9 +111,9 @@ def train_group(specs, teacher, data, t_logits, args, shared, device):
     sched = warmup_cosine(opt, args.epochs * len(train), args.warmup * len(train))
 
     print(f"-- lock-step group of {len(specs)} student(s): " + ", ".join(name(*p) for p in specs))
-    loss_fn = distill_loss(teacher, [(T, lam, seeds.index(i)) for T, lam, i in specs], len(seeds))
+    loss_fn = distill_loss(teacher, [(T, lam) for T, lam, _ in specs])
     history = fit(students, loss_fn, opt, sched, train, evals, args.epochs, group_dir(args, specs),
-                  shared | {"students": [list(p) for p in specs]}, gens, group=True, clip=args.clip,
+                  shared | {"students": [list(p) for p in specs]}, gens, clip=args.clip,
                   ce=("test",), ckpt_every=args.ckpt_every, precision=args.precision,  # test_ce: any T and λ compared
                   final_only=("train",) if args.sweep else ())  # the sweep's table needs final numbers only
     dead = diverged(history)
@@ -113,35 +127,11 @@ def train_group(specs, teacher, data, t_logits, args, shared, device):
             result["diverged"] = "diverged at epoch {}, step {}".format(*dead[k])
         write_json(os.path.join(folder, "config.json"), student_config(shared, T, lam, i))
         write_json(os.path.join(folder, "history.json"), h)
-        finish(folder, None if k in dead else students[k], h, result,
-               (f"Student T={T:g}, λ={lam:g}" if lam else "Student λ=0 (labels only)") + (f", seed {args.seed + i}"),
-               LOSS_LABEL, half=True)  # 94 MB, not 187: 45 students fit the 8 GB that make all may use
+        plot_curves([h], os.path.join(folder, "curves.png"), (f"Student T={T:g}, λ={lam:g}" if lam else
+                    "Student λ=0 (labels only)") + f", seed {args.seed + i}", LOSS_LABEL)
+        finish(folder, None if k in dead else students[k], result, half=True)  # 94 MB, not 187: 45 students fit 8 GB
     with contextlib.suppress(FileNotFoundError):  # every student is finished: the group's checkpoint goes
         os.remove(os.path.join(group_dir(args, specs), "checkpoint.pt"))
-
-
-def train_groups(todo, teacher, data, t_logits, args, shared, device):
-    """Every student of `todo` in lock-step groups that fit: a group that runs out of GPU memory on its
-    first step (nothing trained yet) splits in two and starts again; later, it stops, keeping its checkpoint."""
-    queue = lockstep_groups(todo, group_size(args, device))
-    while queue:
-        specs = queue.pop(0)
-        try:
-            train_group(specs, teacher, data, t_logits, args, shared, device)
-            continue
-        except torch.cuda.OutOfMemoryError:
-            if len(specs) == 1 or os.path.exists(os.path.join(group_dir(args, specs), "checkpoint.pt")):
-                die(f"out of GPU memory with {len(specs)} student(s) in lock-step in {group_dir(args, specs)} (its last "
-                    f"checkpoint is kept); give a smaller GROUP= (or BATCH=) and run the same command again")
-        size = (len(specs) + 1) // 2
-        print(f"out of GPU memory on the first step of {len(specs)} students in lock-step: "
-              f"starting again in groups of at most {size}")
-        shutil.rmtree(group_dir(args, specs), ignore_errors=True)  # nothing trained: only its config
-        if not args.group:  # a rerun makes the same groups
-            write_json(os.path.join(args.out, "kd", "group.json"), {"group": size, "reason": "out of memory"})
-        gc.collect()
-        torch.cuda.empty_cache()
-        queue[:0] = lockstep_groups(specs, size)
 
 
 def student_config(shared, T, lam, i):
@@ -178,7 +168,9 @@ def main(argv=None):
         t_logits = [predict(teacher, Batches(data[s][0], batch_size=1024), args.precision) for s in ("train", "test")]
         write_json(os.path.join(args.out, "kd", "soft_targets.json"),  # Q1B (1): the table's soft targets, test set
                    soft_target_summary(t_logits[1], data["test"][1], sorted({1.0} | {T for _, T, lam in TABLE if lam})))
-        train_groups(todo, teacher, data, t_logits, args, shared, device)
+        sizing = lambda k: Students([StudentCNN(bn=bool(args.bn)) for _ in range(k)])  # noqa: E731  (memory probe)
+        train_lockstep(todo, lambda specs: train_group(specs, teacher, data, t_logits, args, shared, device),
+                       lambda specs: group_dir(args, specs), args, device, sizing)
     else:
         print("every student asked for is finished (delete its folder under out/kd/ to train it again)")
     failed = []

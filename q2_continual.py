@@ -19,8 +19,8 @@ import torch
 
 from common import (DIGIFACE_URL, Batches, ContinualNet, JointBatches, Parser, die, evaluate, fetch_digiface,
                     file_sha256, finish, finished, fit, flag, joint_loss, load_cifar10, load_faces, load_teacher,
-                    lwf_loss, new_task, nonneg, nonneg_int, old_task, parse_layers, pct, positive, positive_int, predict,
-                    read_json, resnet_layers, run, setup, sgd, trains_old_task, warmup_cosine, write_json)
+                    lwf_loss, new_task, nonneg, nonneg_int, old_task, parse_layers, pct, plot_curves, positive,
+                    positive_int, predict, read_json, resnet_layers, run, setup, sgd, warmup_cosine, write_json)
 
 METHODS = {"fe": "Feature Extraction", "ft": "Fine Tuning", "lwf": "LwF",  # the assignment's three, then references
            "joint": "Joint training (reference)", "ft-all": "Fine-tuning all layers (reference)"}
@@ -57,8 +57,8 @@ def parse(argv=None):
         die(f"--train-per-subject ({args.train_per_subject}) must be below --per-subject ({args.per_subject})")
     if ({"lwf", "joint"} & set(args.methods) or args.lwf_sweep) and args.lwf_warmup >= args.epochs:
         die(f"--lwf-warmup ({args.lwf_warmup}) must be below --epochs ({args.epochs})")
-    first = parse_layers(args.ft_layers)[0][1]  # a bad FT_LAYERS fails now, not after the other methods
-    args.ft_all_lr = args.ft_all_lr or first
+    args.layers = parse_layers(args.ft_layers, resnet_layers())  # a bad FT_LAYERS fails now, not after the others
+    args.ft_all_lr = args.ft_all_lr or args.layers[0][1]
     return args
 
 
@@ -69,42 +69,52 @@ def trained_layers(method, net, args):
     of the original)]. Everything else stays frozen, and its BatchNorm statistics with it."""
     if method == "ft":  # Q2 (2): the chosen layers, each at its own rate
         return [([q for m in resnet_layers()[layer] for q in net.backbone.get_submodule(m).parameters()], rate)
-                for layer, rate in parse_layers(args.ft_layers)]
+                for layer, rate in args.layers]
     if method == "ft-all":  # reference: every layer of the backbone, on faces only
         return [(list(net.backbone.parameters()), args.ft_all_lr)]
-    if method in ("lwf", "joint"):  # Q2 (3): backbone and old head, once the warm-up is over (lwf_stage)
+    if method in ("lwf", "joint"):  # Q2 (3): backbone and old head, in the second stage
         return [(net.old_task_parameters(), args.lwf_lr)]
     return []  # fe, Q2 (1): the new head alone
 
 
-def lwf_stage(net, epoch, warmup):
-    """LwF's two stages (Li & Hoiem), joint training's too: epochs 1..warmup train the new head alone
-    (backbone and old head frozen, as in feature extraction); later epochs train every layer jointly."""
-    for q in net.old_task_parameters():
-        q.requires_grad_(epoch > warmup)
-
-
-def build(method, teacher, args, lr, seed=None):
-    """The two-headed network, its parameter groups (each with its lr) and the per-epoch hook."""
-    torch.manual_seed(args.seed if seed is None else seed)  # the same fresh new head for every method of a seed
-    net = ContinualNet(copy.deepcopy(teacher), args.subjects, adapt_bn=bool(args.adapt_bn))
+def optimiser(net, trained, lr, args, steps):
+    """SGD over the new head at `lr` (100%) and `trained` [(parameters, rate in % of lr)], every other weight
+    frozen, with a cosine decay from these full rates to 0 over `steps`."""
     net.requires_grad_(False)
-    net.new.requires_grad_(True)
-    trained = trained_layers(method, net, args)
-    for params, _ in trained:
-        for q in params:
-            q.requires_grad_(True)
     groups = [{"params": list(net.new.parameters()), "lr": lr}] + [{"params": ps, "lr": lr * rate / 100}
                                                                    for ps, rate in trained]
-    stages = functools.partial(lwf_stage, net, warmup=args.lwf_warmup) if method in ("lwf", "joint") else None
-    return net, groups, stages
+    for q in (q for g in groups for q in g["params"]):
+        q.requires_grad_(True)
+    opt = sgd(groups, lr, args.momentum, args.wd)
+    return opt, warmup_cosine(opt, steps, 0)
 
 
-def schedule(method, opt, args, steps):
-    """Cosine decay per step over the epochs; LwF's and joint training's two stages each decay from their
-    full rates, so the joint stage starts at LWF_LR, not at what the warm-up left of it."""
-    return warmup_cosine(opt, args.epochs * steps, 0,
-                         restart=args.lwf_warmup * steps if method in ("lwf", "joint") else 0)
+def train_method(method, net, teacher, faces, cifar, lambda_o, args, lr, run, cfg, gen, extra=None):
+    """Train `method` on the face split `faces` over the run's epochs into `run`: fe, ft and ft-all in one
+    stage; LwF (Li & Hoiem) and joint training in two, each with its own optimiser and schedule."""
+    fit_stage = functools.partial(fit, epochs=args.epochs, run_dir=run, config=cfg, gen=gen, extra=extra,
+                                  precision=args.precision)
+    data = Batches(*faces["train"], batch_size=args.batch, shuffle=True, augment=True, pad=args.face_size // 8, gen=gen)
+    evals = {s: Batches(*faces[s], batch_size=1024) for s in ("train", "test")}
+    steps, w = len(data), args.lwf_warmup
+    if method not in ("lwf", "joint"):
+        opt, sched = optimiser(net, trained_layers(method, net, args), lr, args, args.epochs * steps)
+        return fit_stage(net, new_task, opt, sched, data, evals)
+    # Stage 1, the warm-up (epochs 1..LWF_WARMUP): the new head alone, as feature extraction trains it. The old
+    # task's loss would reach no trained weight: neither the original network nor a CIFAR-10 batch is needed.
+    opt, sched = optimiser(net, [], lr, args, w * steps)
+    fit_stage(net, new_task, opt, sched, data, evals, stage=(1, w))
+    # Stage 2, every layer (the rest of the epochs): backbone and old head at LWF_LR %, the new head at 100 %.
+    if method == "lwf":
+        original = copy.deepcopy(teacher).eval().requires_grad_(False)  # the network before any change
+        loss_fn = lwf_loss(original, args.lwf_T, lambda_o)
+        # its outputs on the un-augmented face sets never change: computed once, for the evaluations
+        evals = {s: Batches(*faces[s], predict(original, b, args.precision), batch_size=1024) for s, b in evals.items()}
+    else:  # joint training: old and new data together, a CIFAR-10 batch beside each face batch
+        loss_fn = joint_loss
+        data = JointBatches(data, Batches(*cifar["train"], batch_size=args.batch, shuffle=True, augment=True, gen=gen))
+    opt, sched = optimiser(net, trained_layers(method, net, args), lr, args, (args.epochs - w) * steps)
+    return fit_stage(net, loss_fn, opt, sched, data, evals, stage=(w + 1, args.epochs))
 
 
 def run_dir(args, key, i=0):
@@ -129,7 +139,7 @@ def method_config(method, args, lr, i=0, lambda_o=None):
     if method != "fe":
         cfg["adapt_bn"] = args.adapt_bn
     if method == "ft":
-        cfg["ft_layers"] = [list(x) for x in parse_layers(args.ft_layers)]
+        cfg["ft_layers"] = [list(x) for x in args.layers]
     if method in ("lwf", "joint"):
         cfg |= {k: getattr(args, k) for k in ("lwf_lr", "lwf_warmup")}
     if method == "lwf":
@@ -144,40 +154,29 @@ def run_method(key, method, lambda_o, i, teacher, cifar, faces, before, args, lr
     into run_dir(key, i)."""
     run = run_dir(args, key, i)
     print(f"-- {METHODS[method]}" + (f" λo={lambda_o:g}" if key != method else "") + f", seed {args.seed + i} -> {run}")
-    net, groups, stages = build(method, teacher, args, lr, args.seed + i)
+    torch.manual_seed(args.seed + i)  # the same fresh new head for every method of a seed
+    net = ContinualNet(copy.deepcopy(teacher), args.subjects, adapt_bn=bool(args.adapt_bn))
     net = net.to(device, memory_format=torch.channels_last)
     if args.compile:
         net.compile()
-    gen = torch.Generator(device=device).manual_seed(args.seed + i)
-    train = Batches(*faces["train"], batch_size=args.batch, shuffle=True, augment=True, pad=args.face_size // 8, gen=gen)
-    loss_fn, y_o = new_task, {"train": (), "test": ()}
-    if method == "joint":  # old and new data together: a CIFAR-10 batch beside each face batch
-        loss_fn = joint_loss
-        train = JointBatches(train, Batches(*cifar["train"], batch_size=args.batch, shuffle=True, augment=True, gen=gen))
-    if method == "lwf":
-        original = copy.deepcopy(teacher).eval().requires_grad_(False)  # the network before any change
-        loss_fn = lwf_loss(original, args.lwf_T, lambda_o)
-        # its outputs on the un-augmented face sets never change: computed once for the evaluations
-        y_o = {s: (predict(original, Batches(faces[s][0], batch_size=1024), args.precision),) for s in y_o}
-    evals = {s: Batches(*faces[s], *y_o[s], batch_size=1024) for s in ("train", "test")}
     cifar_test, old = Batches(*cifar["test"], batch_size=1024), {"acc": before[1]}
 
     def old_task_test(net, epoch):  # only an epoch that trained a weight of the old task can change it; the last is measured
-        if trains_old_task(net) or epoch == args.epochs:
+        if epoch == args.epochs or any(q.requires_grad for q in net.old_task_parameters()):
             old["acc"] = evaluate(net, old_task, cifar_test, precision=args.precision)[1]
         return {"old_test_acc": old["acc"]}
-    opt = sgd(groups, lr, args.momentum, args.wd)
-    sched = schedule(method, opt, args, len(train))
-    history = fit(net, loss_fn, opt, sched, train, evals, args.epochs, run, method_config(method, args, lr, i, lambda_o),
-                  gen, extra=old_task_test, on_epoch=stages, precision=args.precision)
+    gen = torch.Generator(device=device).manual_seed(args.seed + i)
+    history = train_method(method, net, teacher, faces, cifar, lambda_o, args, lr, run,
+                           method_config(method, args, lr, i, lambda_o), gen, extra=old_task_test)
     write_json(os.path.join(run, "split.json"), {"subjects": faces["subjects"], **faces["files"]})
+    plot_curves([history], os.path.join(run, "curves.png"), METHODS[method] + f", seed {args.seed + i}: new task (faces)")
     last = history[-1]
     cifar_train = Batches(*cifar["train"], batch_size=1024)
     result = {"old_train_acc": evaluate(net, old_task, cifar_train, precision=args.precision)[1],
               "old_test_acc": last["old_test_acc"], "new_train_acc": last["train_acc"],
               "new_test_acc": last["test_acc"], "old_train_acc_before": before[0], "old_test_acc_before": before[1],
               "seed": args.seed + i, "epochs": args.epochs, "device": str(device)}
-    finish(run, net, history, result, METHODS[method] + f", seed {args.seed + i}: new task (faces)")
+    finish(run, net, result)
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import common  # noqa: E402
+import machinery  # noqa: E402
 import q1a_teacher  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def offline(monkeypatch, tmp_path):
 def cifar_root(tmp_path_factory):
     """A small synthetic CIFAR-10 in the real cifar-10-batches-py format."""
     root = str(tmp_path_factory.mktemp("cifar"))
-    common.write_synthetic_cifar(root, n_train=60, n_test=30)
+    machinery.write_synthetic_cifar(root, n_train=60, n_test=30)
     return root
 
 
@@ -38,7 +38,7 @@ def cifar_root(tmp_path_factory):
 def tiny_cifar(tmp_path_factory):
     """A tinier one (20 + 10 images), for the tests that start a script as a process and stop it."""
     root = str(tmp_path_factory.mktemp("tiny_cifar"))
-    common.write_synthetic_cifar(root, n_train=20, n_test=10)
+    machinery.write_synthetic_cifar(root, n_train=20, n_test=10)
     return root
 
 
@@ -46,7 +46,7 @@ def tiny_cifar(tmp_path_factory):
 def faces_root(tmp_path_factory):
     """A synthetic face folder: 6 subjects x 12 images of 24x24."""
     root = str(tmp_path_factory.mktemp("faces"))
-    common.write_synthetic_faces(root, subjects=6, per_subject=12, size=24)
+    machinery.write_synthetic_faces(root, subjects=6, per_subject=12, size=24)
     return root
 
 

@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
 import q2_continual as q2
 import report
-from common import (Batches, ContinualNet, _prototypes, _samples, cross_entropy, evaluate, fit, load_cifar10, sgd,
-                    soft_cross_entropy, teacher_resnet18, warmup_cosine, write_synthetic_cifar)
+from common import (Batches, ContinualNet, cross_entropy, evaluate, fit, load_cifar10, sgd, soft_cross_entropy,
+                    teacher_resnet18, warmup_cosine)
+from machinery import _prototypes, _samples, write_synthetic_cifar
 
 
 def run(out, cifar_root, faces_root, *extra):
@@ -74,7 +74,8 @@ def test_fine_tuning_changes_only_the_chosen_layers(out, cifar_root, faces_root)
 
 def test_fine_tuning_learning_rates_are_what_was_asked():
     args = q2.parse(["--ft-layers", "conv5_x:10 conv1:1"])
-    net, groups, _ = q2.build("ft", teacher_resnet18(pretrained=False), args, 0.1)
+    net = ContinualNet(teacher_resnet18(pretrained=False), 100)
+    groups = q2.optimiser(net, q2.trained_layers("ft", net, args), 0.1, args, steps=10)[0].param_groups
     assert [g["lr"] for g in groups] == pytest.approx([0.1, 0.01, 0.001])
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     assert ids(groups[1]["params"]) == ids(net.backbone.layer4.parameters())
@@ -84,29 +85,49 @@ def test_fine_tuning_learning_rates_are_what_was_asked():
 
 
 @pytest.mark.parametrize("method", ["lwf", "joint", "ft"])
-def test_lwfs_joint_stage_starts_at_its_full_rates_and_each_stage_decays_to_zero(method):
+def test_each_stage_has_its_own_optimiser_decaying_from_its_full_rates_to_zero(method):
     args = q2.parse(["--epochs", "10", "--lwf-warmup", "4", "--lwf-lr", "10"])
-    net, groups, _ = q2.build(method, teacher_resnet18(pretrained=False), args, 0.1)
-    opt = sgd(groups, 0.1)
-    sched, lrs = q2.schedule(method, opt, args, steps=5), []
-    for _ in range(50):
-        lrs.append([g["lr"] for g in opt.param_groups])
-        opt.step()
-        sched.step()
-    assert lrs[0] == pytest.approx([0.1, 0.01])  # new head 100%, backbone and old head 10%
-    if method == "ft":  # one decay over the 10 epochs
-        assert lrs[20] == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * 20 / 50)), 0.01 * 0.5 * (1 + math.cos(math.pi * 20 / 50))])
-    else:  # the warm-up's 20 steps decay from the full rate, and the joint stage starts from it again
-        assert lrs[19][0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 19 / 20)))
-        assert lrs[20] == pytest.approx([0.1, 0.01])
-        assert lrs[49][1] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 29 / 30)))
+    net = ContinualNet(teacher_resnet18(pretrained=False), 100)
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    cos = lambda lr, i, n: lr * 0.5 * (1 + math.cos(math.pi * i / n))  # noqa: E731
+
+    def lrs(opt, sched, n):
+        out = []
+        for _ in range(n):
+            out.append([g["lr"] for g in opt.param_groups])
+            opt.step()
+            sched.step()
+        return out
+    if method == "ft":  # one stage, one decay over the 10 epochs (5 steps each)
+        got = lrs(*q2.optimiser(net, q2.trained_layers(method, net, args), 0.1, args, 50), 50)
+        assert got[0] == pytest.approx([0.1, 0.01]) and got[20] == pytest.approx([cos(0.1, 20, 50), cos(0.01, 20, 50)])
+        return
+    opt, sched = q2.optimiser(net, [], 0.1, args, 20)  # stage 1, the warm-up's 20 steps: the new head alone
+    assert ids(p for p in net.parameters() if p.requires_grad) == ids(net.new.parameters())
+    got = lrs(opt, sched, 20)
+    assert got[0] == [0.1] and got[19][0] == pytest.approx(cos(0.1, 19, 20))
+    opt, sched = q2.optimiser(net, q2.trained_layers(method, net, args), 0.1, args, 30)  # stage 2: every layer
+    assert ids(p for p in net.parameters() if p.requires_grad) == ids(net.parameters())
+    got = lrs(opt, sched, 30)  # new head 100%, backbone and old head 10%, from the full rates again
+    assert got[0] == pytest.approx([0.1, 0.01]) and got[29][1] == pytest.approx(cos(0.01, 29, 30))
+
+
+def test_lwfs_two_stages_in_a_run_measure_the_old_task_once_it_can_change(out, cifar_root, faces_root):
+    run(out, cifar_root, faces_root, "--methods", "lwf", "--epochs", "4", "--lwf-warmup", "2")
+    h = json.load(open(out / "continual" / "lwf" / "history.json"))
+    lr = json.load(open(out / "teacher" / "config.json"))["lr"]  # 4 steps an epoch, each stage its own cosine
+    assert [r["lr"] for r in h] == pytest.approx([lr / 2, 0, lr / 2, 0], abs=1e-12)
+    before = json.load(open(out / "continual" / "lwf" / "result.json"))["old_test_acc_before"]
+    assert [r["old_test_acc"] for r in h[:2]] == [before] * 2  # the warm-up trains no weight of the old task
+    cfg = json.load(open(out / "continual" / "lwf" / "config.json"))
+    assert cfg["lwf_warmup"] == 2 and not (out / "continual" / "lwf" / "checkpoint.pt").exists()
 
 
 def test_lwf_targets_are_the_original_networks_outputs_on_the_batch():
     torch.manual_seed(0)
     teacher = teacher_resnet18(pretrained=False).eval()
     state = copy.deepcopy(teacher.state_dict())
-    net, _, _ = q2.build("lwf", teacher, q2.parse([]), 0.1)
+    net = ContinualNet(copy.deepcopy(teacher), 100)
     with torch.no_grad():
         net.backbone.layer4[1].conv2.weight.mul_(1.5)  # the network has moved away from the original
     net.eval()
@@ -139,7 +160,9 @@ class Small(nn.Module):
 @pytest.fixture(scope="module")
 def pair_of_tasks(tmp_path_factory):
     """The old task (synthetic CIFAR-10, a Small teacher trained on it) and a new task (10 other patterns):
-    the old-task test accuracy before, and after each method at the same rates (100% of 0.05, 1 warm-up epoch)."""
+    the old-task test accuracy before, and after each method trained by q2.train_method at the same rates
+    (100% of 0.05, 1 warm-up epoch of 6); what the backbone and old head were after the warm-up; every call
+    of LwF's frozen original (its epoch)."""
     tmp = tmp_path_factory.mktemp("pair")
     torch.manual_seed(0)
     write_synthetic_cifar(str(tmp / "old"), n_train=400, n_test=200)
@@ -152,32 +175,31 @@ def pair_of_tasks(tmp_path_factory):
     before = evaluate(ContinualNet(copy.deepcopy(teacher), 10), q2.old_task, old_test)[1]
     g = torch.Generator().manual_seed(1)
     labels = torch.arange(300) % 10
-    faces = (_samples(_prototypes(10, 32, seed=7), labels, g), labels)
-    after, nets, originals = {}, {}, []
-    runs = [("lwf", v) for v in (0.0, 0.3, 1.0, 3.0)] + [("joint", None), ("ft-all", None)]
-    # and LwF and joint training again, computing the warm-up's old-task terms that reach no trained weight
-    runs += [("lwf", 1.0, "full"), ("joint", None, "full")]
-    for method, lam, *full in runs:  # lambda_o = 0 is fine-tuning every layer, with the same warm-up and rates
+    x = _samples(_prototypes(10, 32, seed=7), labels, g)
+    faces = {"train": (x, labels), "test": (x[:60], labels[:60])}
+    after, warm, originals = {}, {}, []
+    counted = copy.deepcopy(teacher)  # the teacher train_method copies LwF's original from: each call counted
+    for method, lam in [("lwf", v) for v in (0.0, 0.3, 1.0, 3.0)] + [("joint", None), ("ft-all", None)]:
+        # lambda_o = 0 is fine-tuning every layer, with the same warm-up and rates
         args = q2.parse(["--subjects", "10", "--lwf-lr", "100", "--ft-all-lr", "100", "--lwf-warmup", "1",
-                         "--lwf-lambda", str(lam or 0), "--epochs", "6"])
-        net, groups, on_epoch = q2.build(method, teacher, args, 0.05)
-        gen = torch.Generator().manual_seed(0)
-        train = Batches(*faces, batch_size=32, shuffle=True, augment=True, gen=gen)
-        original = copy.deepcopy(teacher).eval()
-        original.register_forward_pre_hook(lambda m, a: originals.append(bool(full)))
-        loss = q2.lwf_loss(original, 2.0, lam) if method == "lwf" else q2.new_task
-        if method == "joint":
-            train, loss = q2.JointBatches(train, Batches(*cifar["train"], batch_size=32, shuffle=True, gen=gen)), q2.joint_loss
-        opt = sgd(groups, 0.05)
-        with pytest.MonkeyPatch.context() as m:
-            if full:
-                m.setattr(common, "trains_old_task", lambda net: True)
-            fit(net, loss, opt, q2.schedule(method, opt, args, len(train)), train, {}, 6, str(tmp / f"{method}{lam}{full}"),
-                {}, gen, on_epoch=on_epoch)
-        key = (method if lam is None else lam, *full)
-        after[key[0] if not full else key], nets[key] = evaluate(net, q2.old_task, old_test)[1], net.state_dict()
+                         "--lwf-lambda", str(lam or 0), "--epochs", "6", "--batch", "32", "--face-size", "32"])
+        args.precision = "fp32"
+        torch.manual_seed(0)
+        net = ContinualNet(copy.deepcopy(teacher), 10)
+        epoch = [0]
+        counted._forward_pre_hooks.clear()
+        counted.register_forward_pre_hook(lambda m, a: originals.append((lam, epoch[0])))  # (λo, epochs done)
+
+        def after_epoch(net, e, key=method if lam is None else lam):
+            epoch[0] = e
+            if e == 1:  # the end of the warm-up
+                warm[key] = copy.deepcopy(net.state_dict())
+            return {}
+        q2.train_method(method, net, counted, faces, cifar, lam, args, 0.05, str(tmp / f"{method}{lam}"), {},
+                        torch.Generator().manual_seed(0), extra=after_epoch)
+        after[method if lam is None else lam] = evaluate(net, q2.old_task, old_test)[1]
     print("old-task accuracy before", before, "after", after)
-    return before, after, nets, originals
+    return before, after, warm, originals, teacher
 
 
 def test_lwf_keeps_more_of_the_old_task_than_fine_tuning_all_layers_at_the_same_rate(pair_of_tasks):
@@ -204,12 +226,14 @@ def test_the_lwf_sweep_moves_toward_the_old_task_as_lambda_o_grows(pair_of_tasks
     assert all(b >= a - 2.3 for a, b in zip(sweep, sweep[1:])) and sweep[-1] > sweep[0] + 10, sweep
 
 
-def test_the_warm_up_skips_the_original_and_the_cifar_batch_and_changes_nothing(pair_of_tasks):
-    *_, nets, originals = pair_of_tasks
-    for key in ((1.0, "full"), ("joint", "full")):  # every weight and statistic, bit for bit
-        assert all(torch.equal(v, nets[key[:1]][k]) for k, v in nets[key].items()), key
-    # LwF's frozen original: 300 faces in batches of 32, 9 steps per epoch, 6 epochs; the warm-up (epoch 1) skips it
-    assert originals.count(True) == 6 * 9 and originals.count(False) == 4 * 5 * 9  # the four λo, warm-up skipped
+def test_the_warm_up_trains_the_new_head_alone_and_never_calls_the_original(pair_of_tasks):
+    *_, warm, originals, teacher = pair_of_tasks
+    for key in (0.0, 1.0, "joint"):  # after epoch 1, every weight and statistic of backbone and old head, bit for bit
+        assert all(torch.equal(v, warm[key]["old." + k[3:]] if k.startswith("fc.") else warm[key]["backbone." + k])
+                   for k, v in teacher.state_dict().items()), key
+    # LwF's frozen original: 300 faces in batches of 32, 9 steps an epoch, in epochs 2-6 only, and once for each of the
+    # two face sets' evaluations (its outputs on them cached); for each of the four λo
+    assert len(originals) == 4 * (5 * 9 + 2) and all(done >= 1 for _, done in originals)  # none before epoch 1 ended
 
 
 def test_a_continual_run_of_another_teacher_is_refused(out, cifar_root, faces_root):

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import MEAN, STD, Batches, augment, load_cifar10, normalize, write_synthetic_cifar
+from common import MEAN, STD, Batches, augment, load_cifar10, normalize
+from machinery import write_synthetic_cifar
 from conftest import one_line_error
 
 
@@ -114,17 +115,17 @@ def test_any_pickle_protocol_of_a_plain_batch_loads(tmp_path, protocol):
 
 def test_the_official_files_are_recognised_by_md5_and_unpickled_as_torchvision_does(tmp_path, monkeypatch):
     import hashlib
-    import common
+    import machinery
     write_synthetic_cifar(str(tmp_path), n_train=20, n_test=10)
     folder = tmp_path / "cifar-10-batches-py"
-    official = [[n, hashlib.md5((folder / n).read_bytes()).hexdigest()] for n, _ in common.CIFAR10.train_list]
-    monkeypatch.setattr(common.CIFAR10, "train_list", official)  # pretend these are the official files
+    official = [[n, hashlib.md5((folder / n).read_bytes()).hexdigest()] for n, _ in machinery.CIFAR10.train_list]
+    monkeypatch.setattr(machinery.CIFAR10, "train_list", official)  # pretend these are the official files
     used = []
-    monkeypatch.setattr(common._CifarUnpickler, "load", lambda self: used.append(1) or pickle.Unpickler.load(self))
+    monkeypatch.setattr(machinery._CifarUnpickler, "load", lambda self: used.append(1) or pickle.Unpickler.load(self))
     data = load_cifar10(str(tmp_path), torch.device("cpu"))
     assert len(used) == 1  # only the test batch, whose md5 is not the official one, went through the restricted reader
     assert data["source"] == "other"  # one file is not official: not the official files
-    monkeypatch.setattr(common.CIFAR10, "test_list", [["test_batch", hashlib.md5((folder / "test_batch").read_bytes())
+    monkeypatch.setattr(machinery.CIFAR10, "test_list", [["test_batch", hashlib.md5((folder / "test_batch").read_bytes())
                                                        .hexdigest()]])
     assert load_cifar10(str(tmp_path), torch.device("cpu"))["source"] == "official"
 

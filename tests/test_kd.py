@@ -7,10 +7,11 @@ import torch
 import torch.nn as nn
 
 import common
+import machinery
 import q1b_kd
 import report
-from conftest import one_line_error
 from common import Batches, StudentCNN, Students, kd_loss, sgd, teacher_resnet18, train_epoch, warmup_cosine
+from conftest import one_line_error
 
 
 def args(cifar_root, out, *extra):
@@ -64,7 +65,7 @@ def test_soft_targets_come_from_the_teacher_in_eval_mode_without_grad_on_the_stu
     data = Batches(x, torch.arange(8) % 10, batch_size=4, shuffle=True, augment=True,
                    gen=torch.Generator().manual_seed(0))
     opt = sgd(students.parameters(), 0.01)
-    train_epoch(students, q1b_kd.distill_loss(spy, [(4.0, 0.5, 0)]), opt, warmup_cosine(opt, 10, 0), data)
+    train_epoch(students, q1b_kd.distill_loss(spy, [(4.0, 0.5)]), opt, warmup_cosine(opt, 10, 0), data)
     assert len(spy.seen) == len(inputs) == 2
     for (tx, training, grad), sx in zip(spy.seen, inputs):
         assert torch.equal(tx, sx) and not training and not grad
@@ -75,12 +76,12 @@ def test_the_group_loss_is_each_students_kd_loss():
     teacher = teacher_resnet18(pretrained=False).eval()
     students = Students([StudentCNN(), StudentCNN()]).eval()
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
-    pairs = [(2.0, 0.3, 0), (8.0, 1.0, 0)]
+    pairs = [(2.0, 0.3), (8.0, 1.0)]
     with torch.no_grad():
         losses, logits = q1b_kd.distill_loss(teacher, pairs)(students, x, y)
         t = teacher(x)
-        for k, (T, lam, _) in enumerate(pairs):
-            assert torch.allclose(losses[k], kd_loss(students[k](x), t, y, T, lam, kl=True), rtol=1e-5, atol=1e-6)
+        for k, (T, lam) in enumerate(pairs):
+            assert torch.allclose(losses[k], kd_loss(students[k](x), t, y, T, lam), rtol=1e-5, atol=1e-6)
 
 
 def test_a_diverging_student_stops_alone_the_tables_say_so_and_the_exit_is_non_zero(tmp_path, cifar_root, teacher_out,
@@ -90,14 +91,14 @@ def test_a_diverging_student_stops_alone_the_tables_say_so_and_the_exit_is_non_z
     shutil.copytree(teacher_out, out)
     real, calls = common.kd_loss, []
 
-    def kd_loss(s, t, y, T, lam, kl=False):  # student T=8 turns NaN at its 5th training step: epoch 2, step 2 (3 per epoch)
-        loss = real(s, t, y, T, lam, kl)
+    def kd_loss(s, t, y, T, lam):  # student T=8 turns NaN at its 5th training step: epoch 2, step 2 (3 per epoch)
+        loss = real(s, t, y, T, lam)
         if T == 8 and torch.is_grad_enabled():
             calls.append(1)
             if len(calls) >= 5:
                 loss = loss * float("nan")
         return loss
-    monkeypatch.setattr(common, "kd_loss", kd_loss)  # what distill_loss calls
+    monkeypatch.setattr(q1b_kd, "kd_loss", kd_loss)  # what distill_loss calls
     argv = args(cifar_root, out, "--sweep", "--sweep-T", "4", "8", "--sweep-lam", "0.5")
     with pytest.raises(SystemExit) as e:
         q1b_kd.main(argv)
@@ -109,7 +110,7 @@ def test_a_diverging_student_stops_alone_the_tables_say_so_and_the_exit_is_non_z
     report.main(["--out", str(out)])
     assert "| 8 | diverged at epoch 2, step 2 |" in (out / "tables" / "kd_sweep.md").read_text()
     assert not (out / "kd" / "sweep1" / "checkpoint.pt").exists()
-    monkeypatch.setattr(common, "kd_loss", real)
+    monkeypatch.setattr(q1b_kd, "kd_loss", real)
     with pytest.raises(SystemExit) as again:  # a rerun trains nothing and still says so
         q1b_kd.main(argv)
     assert str(again.value) == str(e.value)
@@ -134,7 +135,7 @@ def test_the_table_in_one_group_and_split_after_running_out_of_memory_gives_the_
     assert "out of GPU memory on the first step of 5 students in lock-step: starting again in groups of at most 3" \
            in printed and "of 3 students in lock-step: starting again in groups of at most 2" in printed
     assert printed.count("-- lock-step group of") == 2 + 3  # 5 and 3 ran out, then 2 + 1 and 2
-    assert common.read_json(str(split / "kd" / "group.json"))["group"] == 2  # a rerun makes the same groups
+    assert machinery.read_json(str(split / "kd" / "group.json"))["group"] == 2  # a rerun makes the same groups
     for _, T, lam in q1b_kd.TABLE:  # the same initial weights, data order and augmentation: the same students
         a, b = (json.load(open(o / "kd" / q1b_kd.name(T, lam) / "history.json"))[0] for o in (one, split))
         for k in ("train_loss", "test_loss", "train_acc", "test_acc"):
@@ -146,10 +147,10 @@ def test_the_table_in_one_group_and_split_after_running_out_of_memory_gives_the_
 
 def test_lock_step_groups_keep_each_students_seeds_together_where_they_fit():
     specs = [(T, 0.1, i) for T in (5.0, 10.0, 20.0) for i in range(3)]
-    groups = common.lockstep_groups(specs, 7)
+    groups = machinery.lockstep_groups(specs, 7)
     assert [[s[:2] for s in g] for g in groups] == [[(5.0, 0.1)] * 3 + [(10.0, 0.1)] * 3, [(20.0, 0.1)] * 3]
-    assert [len(g) for g in common.lockstep_groups(specs, 2)] == [2, 1, 2, 1, 2, 1]  # a student's seeds split
-    assert sorted(s for g in common.lockstep_groups(specs, 4) for s in g) == sorted(specs)
+    assert [len(g) for g in machinery.lockstep_groups(specs, 2)] == [2, 1, 2, 1, 2, 1]  # a student's seeds split
+    assert sorted(s for g in machinery.lockstep_groups(specs, 4) for s in g) == sorted(specs)
 
 
 def test_a_student_of_another_teacher_is_refused(tmp_path, cifar_root, teacher_out, small_students):
@@ -192,8 +193,8 @@ def test_seeds_train_in_lock_step_with_one_teacher_pass_per_step_and_seed_0_as_i
 
 def test_the_group_that_fits_the_free_memory():
     # 1 student: 3 GB (1 GB of it shared: the step's fixed part); 2 students: 5 GB: 2 GB per student
-    assert common.fit_group(free=40e9, one=3e9, two=5e9) == int((0.8 * 40e9 - 1e9) / 2e9) == 15
-    assert common.fit_group(free=1e9, one=3e9, two=5e9) == 1  # never below one
+    assert machinery.fit_group(free=40e9, one=3e9, two=5e9) == int((0.8 * 40e9 - 1e9) / 2e9) == 15
+    assert machinery.fit_group(free=1e9, one=3e9, two=5e9) == 1  # never below one
 
 
 def test_the_first_fc_trains_at_its_own_fraction_of_the_rate_in_a_group_and_alone():

@@ -17,6 +17,11 @@ def soft_ce_by_hand(s, t, T):
     return -sum(pi * math.log(qi) for pi, qi in zip(p, q))
 
 
+def kl_by_hand(s, t, T):
+    p, q = softmax(t, T), softmax(s, T)
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
 S = [[1.0, 2.0, 0.5], [-0.3, 0.0, 3.0]]
 TL = [[0.3, -1.0, 2.0], [1.5, 1.0, -2.0]]
 Y = [1, 2]
@@ -28,18 +33,19 @@ def test_soft_cross_entropy_by_hand_summed_over_classes_and_averaged_over_the_ba
         assert soft_cross_entropy(torch.tensor(S), torch.tensor(TL), T).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_kd_loss_by_hand():
+def test_kd_loss_by_hand_its_soft_term_kl_summed_over_classes_and_averaged_over_the_batch():
     T, lam = 4.0, 0.3
     hard = sum(-math.log(softmax(s)[y]) for s, y in zip(S, Y)) / 2
-    soft = sum(soft_ce_by_hand(s, t, T) for s, t in zip(S, TL)) / 2
+    soft = sum(kl_by_hand(s, t, T) for s, t in zip(S, TL)) / 2
     got = kd_loss(torch.tensor(S), torch.tensor(TL), torch.tensor(Y), T, lam).item()
     assert got == pytest.approx(lam * T * T * soft + (1 - lam) * hard, rel=1e-6)
 
 
-def test_kd_loss_edges_lam0_is_cross_entropy_and_lam1_is_scaled_soft_ce():
+def test_kd_loss_edges_lam0_is_cross_entropy_and_lam1_is_scaled_kl():
     s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
     assert kd_loss(s, t, y, T=20, lam=0).item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
-    assert kd_loss(s, t, y, T=20, lam=1).item() == pytest.approx(400 * soft_cross_entropy(s, t, 20).item(), rel=1e-6)
+    kl = F.kl_div(F.log_softmax(s / 20, -1), F.log_softmax(t / 20, -1), log_target=True, reduction="batchmean")
+    assert kd_loss(s, t, y, T=20, lam=1).item() == pytest.approx(400 * kl.item(), rel=1e-5)
 
 
 def test_kd_gradient_at_lam1_is_T_times_the_softmax_difference_over_the_batch():
@@ -58,15 +64,20 @@ def test_kd_loss_rejects_bad_T_and_lam(T, lam):
 
 def test_the_kl_form_is_the_ce_form_minus_the_teachers_entropy_with_the_same_gradient():
     T, lam = 20.0, 0.7
-    entropy = sum(-sum(p * math.log(p) for p in softmax(t, T)) for t in TL) / 2
-    ce = kd_loss(torch.tensor(S), torch.tensor(TL), torch.tensor(Y), T, lam).item()
-    kl = kd_loss(torch.tensor(S), torch.tensor(TL), torch.tensor(Y), T, lam, kl=True).item()
-    assert kl == pytest.approx(ce - lam * T * T * entropy, rel=1e-5, abs=1e-5)
+    s, t, y = torch.tensor(S), torch.tensor(TL), torch.tensor(Y)
+    entropy = sum(-sum(p * math.log(p) for p in softmax(v, T)) for v in TL) / 2
+    ce_form = lam * T * T * soft_cross_entropy(s, t, T) + (1 - lam) * F.cross_entropy(s, y)
+    assert kd_loss(s, t, y, T, lam).item() == pytest.approx(ce_form.item() - lam * T * T * entropy, rel=1e-5, abs=1e-5)
     t = torch.randn(6, 10)
-    assert kd_loss(t.clone(), t, torch.zeros(6, dtype=torch.long), 20.0, 1.0, kl=True).item() == pytest.approx(0, abs=1e-4)
+    assert kd_loss(t.clone(), t, torch.zeros(6, dtype=torch.long), 20.0, 1.0).item() == pytest.approx(0, abs=1e-4)
+    t[0, 0] = 1e4  # a teacher so sure that its other soft targets underflow to 0 at T = 1: 0 log 0 counts as 0
+    assert math.isfinite(kd_loss(torch.randn(6, 10), t, torch.arange(6), 1.0, 0.5).item())
     grads = []
-    for form in (False, True):
+    for form in ("kl", "ce"):
         s = torch.randn(6, 10, generator=torch.Generator().manual_seed(0), requires_grad=True)
-        kd_loss(s, t, torch.arange(6), 5.0, 0.4, kl=form).backward()
+        y = torch.arange(6)
+        loss = kd_loss(s, t, y, 5.0, 0.4) if form == "kl" else \
+            0.4 * 25 * soft_cross_entropy(s, t, 5.0) + 0.6 * F.cross_entropy(s, y)
+        loss.backward()
         grads.append(s.grad)
     assert torch.allclose(*grads, atol=1e-6)

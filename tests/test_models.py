@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from common import (RESNET18_FILE, ContinualNet, StudentCNN, Students, features, stride_changes,
-                    teacher_resnet18)
+from common import ContinualNet, StudentCNN, Students, features, stride_changes, teacher_resnet18
 from conftest import one_line_error
+from machinery import RESNET18_FILE
 
 
 def convs(model):
@@ -98,6 +98,23 @@ def test_students_stack_their_logits():
     x = torch.randn(3, 3, 32, 32)
     out = group(x)
     assert out.shape == (2, 3, 10) and torch.allclose(out[1], group[1](x))
+
+
+def test_in_training_each_student_sees_its_own_seeds_part_and_a_stopped_student_is_not_run():
+    calls = []
+    small = [nn.Sequential(nn.Flatten(), nn.Linear(12, 10)) for _ in range(3)]
+    for k, m in enumerate(small):
+        m.register_forward_pre_hook(lambda mod, a, k=k: calls.append(k))
+    group = Students(small, seeds=[1, 0, 1])  # a batch of two seeds' parts: students 0 and 2 learn from the second
+    x, y = torch.randn(8, 3, 2, 2), torch.arange(8)
+    out = group.train()(x)
+    assert out.shape == (3, 4, 10) and [p.tolist() for p in group.parts(y)] == [[4, 5, 6, 7], [0, 1, 2, 3], [4, 5, 6, 7]]
+    assert torch.equal(out[0], small[0](x[4:]).float()) and torch.equal(out[1], small[1](x[:4]).float())
+    calls.clear()
+    group.stopped = frozenset({2})  # it diverged: NaN logits, never run
+    out = group(x)
+    assert calls == [0, 1] and out[2].isnan().all() and out[:2].isfinite().all()
+    assert group.eval()(x).shape == (3, 8, 10) and all(p is y for p in group.parts(y))  # evaluation: the whole batch
 
 
 def test_continual_net_has_two_heads_and_freezes_batchnorm_of_frozen_layers():

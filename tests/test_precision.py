@@ -9,11 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
+import machinery
 import q1a_teacher
 import q2_continual as q2
-from common import Batches, LossScaler, Students, get_precision, sgd, train_epoch, warmup_cosine
+from common import Batches, Students, sgd, train_epoch, warmup_cosine
 from conftest import one_line_error
+from machinery import LossScaler, get_precision
 
 
 def test_auto_is_bf16_from_compute_capability_8_fp16_below_and_fp32_on_the_cpu(monkeypatch):
@@ -113,7 +114,7 @@ def test_fp16_end_to_end_on_the_cpu_agrees_with_fp32(tmp_path, teacher_out, face
     would do (skipped steps leave the new head untrained: tens of percent). They must differ, though, or fp16
     was not used. The old task, untouched, stays exactly the teacher's in both."""
     runs, cifar = {}, str(tmp_path / "cifar")
-    common.write_synthetic_cifar(cifar, n_train=10, n_test=10)  # the old task, small: float16 is slow on a CPU
+    machinery.write_synthetic_cifar(cifar, n_train=10, n_test=10)  # the old task, small: float16 is slow on a CPU
     for precision in ("fp32", "fp16"):
         out = tmp_path / precision
         shutil.copytree(teacher_out, out)
@@ -139,4 +140,4 @@ def test_a_run_made_in_one_precision_is_not_resumed_in_another(tmp_path, cifar_r
         q1a_teacher.main(["--data", cifar_root, "--out", str(out), "--pretrained", "0", "--epochs", "1", "--batch",
                           "20", "--lr", "0.01", "--warmup", "0", "--device", "cpu", "--precision", "bf16"])
     one_line_error(e, "another config", "precision: fp32 -> bf16")
-    assert common.read_json(str(out / "teacher" / "config.json"))["precision"] == "fp32"
+    assert machinery.read_json(str(out / "teacher" / "config.json"))["precision"] == "fp32"

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import re
 import signal
@@ -12,10 +13,12 @@ import torch.nn as nn
 
 import torch.nn.functional as F
 
-from common import (Batches, cross_entropy, diverged, finish, fit, load_checkpoint, save_atomic, sgd,
-                    warmup_cosine)
+import machinery
 import q1a_teacher
+import q1b_kd
+from common import Batches, cross_entropy, fit, sgd, warmup_cosine
 from conftest import ROOT, one_line_error
+from machinery import diverged, finish, load_checkpoint, save_atomic
 
 
 class Tiny(nn.Module):
@@ -36,7 +39,16 @@ def data():
     return x, y
 
 
-def run(run_dir, epochs=3, config=None, loss_fn=cross_entropy, on_epoch=None, lr=0.05, **kw):
+def stop_at(epoch):
+    """An `extra` that stops the run at `epoch` after its evaluation, before its checkpoint: as a kill in that epoch."""
+    def extra(model, e):
+        if e == epoch:
+            raise KeyboardInterrupt
+        return {"extra": 1.0}
+    return extra
+
+
+def run(run_dir, epochs=3, config=None, loss_fn=cross_entropy, stop=None, lr=0.05, **kw):
     torch.manual_seed(0)
     model = Tiny()
     x, y = data()
@@ -46,7 +58,7 @@ def run(run_dir, epochs=3, config=None, loss_fn=cross_entropy, on_epoch=None, lr
     opt = sgd(model.parameters(), lr)
     sched = warmup_cosine(opt, epochs * len(train), len(train))
     return fit(model, loss_fn, opt, sched, train, evals, epochs, str(run_dir), config or {"lr": lr}, gen,
-               extra=lambda m, epoch: {"extra": 1.0}, on_epoch=on_epoch, **kw)
+               extra=stop_at(stop), **kw)
 
 
 def without_time(history):
@@ -64,16 +76,49 @@ def test_fit_lowers_the_loss_and_records_every_field(tmp_path):
 
 def test_an_interrupted_run_resumes_to_the_same_history(tmp_path):
     full = run(tmp_path / "full")
-
-    def stop(epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt  # as a kill after epoch 1's checkpoint
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", on_epoch=stop)
+        run(tmp_path / "cut", stop=2)  # as a kill after epoch 1's checkpoint
     assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["epoch"] == 1
     resumed = run(tmp_path / "cut")
     assert [r["epoch"] for r in resumed] == [1, 2, 3]
     assert without_time(resumed) == without_time(full)  # same RNG streams: the same numbers, exactly
+
+
+def run_in_stages(run_dir, stop=None):
+    """Five epochs in two stages with their own optimisers, as LwF's: epochs 1-2 train the last layer alone,
+    epochs 3-5 every layer at a tenth of the rate, each stage's own cosine from its full rate."""
+    torch.manual_seed(0)
+    model = Tiny()
+    x, y = data()
+    gen = torch.Generator().manual_seed(0)
+    train = Batches(x, y, batch_size=20, shuffle=True, augment=True, pad=2, gen=gen)
+    evals = {"test": Batches(x[:50], y[:50], batch_size=64)}
+    model.requires_grad_(False)
+    model.fc.requires_grad_(True)
+    opt = sgd(model.fc.parameters(), 0.05)
+    fit(model, cross_entropy, opt, warmup_cosine(opt, 2 * len(train), 0), train, evals, 5, str(run_dir), {}, gen,
+        stage=(1, 2), extra=stop_at(stop))
+    frozen = {k: v.clone() for k, v in model.body.state_dict().items()}
+    model.requires_grad_(True)
+    opt = sgd([{"params": model.fc.parameters(), "lr": 0.05}, {"params": model.body.parameters(), "lr": 0.005}], 0.05)
+    history = fit(model, cross_entropy, opt, warmup_cosine(opt, 3 * len(train), 0), train, evals, 5, str(run_dir), {},
+                  gen, stage=(3, 5), extra=stop_at(stop))
+    return history, frozen
+
+
+@pytest.mark.parametrize("stop", [2, 3, 4])  # in stage 1; in stage 2's first epoch; later in stage 2
+def test_a_run_in_two_stages_resumes_in_either_to_the_same_history(tmp_path, stop):
+    full, frozen = run_in_stages(tmp_path / "full")
+    assert [r["epoch"] for r in full] == [1, 2, 3, 4, 5]
+    torch.manual_seed(0)
+    start = Tiny().body.state_dict()  # stage 1 trains the last layer alone (BatchNorm statistics move: Tiny is no ContinualNet)
+    assert all(torch.equal(v, start[k]) for k, v in frozen.items() if "running" not in k and "num_batches" not in k)
+    assert full[1]["lr"] == pytest.approx(0) and full[2]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi / 3)))
+    with pytest.raises(KeyboardInterrupt):
+        run_in_stages(tmp_path / "cut", stop=stop)
+    assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["epoch"] == stop - 1
+    resumed, _ = run_in_stages(tmp_path / "cut")
+    assert without_time(resumed) == without_time(full)  # each epoch once, the same numbers
 
 
 def test_a_changed_config_is_refused_and_the_run_is_left_alone(tmp_path):
@@ -171,7 +216,7 @@ def run_pair(run_dir, nan_at=None, epochs=3):
         return loss, logits
     opt = sgd(model.parameters(), 0.05)
     sched = warmup_cosine(opt, epochs * len(train), 0)
-    return fit(model, loss_fn, opt, sched, train, evals, epochs, str(run_dir), {}, gen, group=True), model
+    return fit(model, loss_fn, opt, sched, train, evals, epochs, str(run_dir), {}, gen), model
 
 
 def test_a_student_that_diverges_stops_alone_and_its_partner_trains_on_unchanged(tmp_path):
@@ -217,26 +262,26 @@ def test_a_group_stops_when_every_student_has_diverged(tmp_path):
     train = Batches(x, y, batch_size=20, shuffle=True, gen=gen)
     opt = sgd(model.parameters(), 0.05)
     nan = lambda m, xb, yb: (m(xb).mean((1, 2)) * float("nan"), m(xb))  # noqa: E731
-    h = fit(model, nan, opt, warmup_cosine(opt, 50, 0), train, {}, 5, str(tmp_path / "r"), {}, gen, group=True)
+    h = fit(model, nan, opt, warmup_cosine(opt, 50, 0), train, {}, 5, str(tmp_path / "r"), {}, gen)
     assert len(h) == 1 and diverged(h) == {0: (1, 1), 1: (1, 1)}
 
 
-def test_finish_keeps_weights_history_figures_and_result_and_removes_the_checkpoint(tmp_path):
+def test_finish_keeps_weights_history_and_result_and_removes_the_checkpoint(tmp_path):
     h = run(tmp_path / "run", epochs=2)
     assert (tmp_path / "run" / "checkpoint.pt").exists()
-    finish(str(tmp_path / "run"), Tiny(), h, {"test_acc": 1.0}, "t")
+    finish(str(tmp_path / "run"), Tiny(), {"test_acc": 1.0})
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
-        "config.json", "curves.png", "history.json", "model.pt", "result.json"]
+        "config.json", "history.json", "model.pt", "result.json"]
 
 
 def test_a_write_that_fails_for_lack_of_space_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pt"
     save_atomic({"epoch": 1, "w": torch.zeros(10)}, str(path))
     before = path.read_bytes()
-    code = ("import resource, signal, sys, torch; sys.path.insert(0, %r); import common\n"
+    code = ("import resource, signal, sys, torch; sys.path.insert(0, %r); import machinery\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # a full disk: writes past 1 MB fail (EFBIG)
             "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
-            "common.save_atomic({'epoch': 2, 'w': torch.zeros(1 << 20)}, %r)\n") % (ROOT, str(path))
+            "machinery.save_atomic({'epoch': 2, 'w': torch.zeros(1 << 20)}, %r)\n") % (ROOT, str(path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith(f"error: cannot write {path}") and "the previous checkpoint.pt is kept" in r.stderr
@@ -250,7 +295,7 @@ def test_a_run_folder_held_by_another_process_is_refused(tmp_path, tiny_cifar):
     (out / "teacher").mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(%r, 'w'); "
                                "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"
-                               % str(out / "teacher" / ".lock")], stdout=subprocess.PIPE, text=True)  # as common.hold
+                               % str(out / "teacher" / ".lock")], stdout=subprocess.PIPE, text=True)  # as machinery.hold
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(SystemExit) as e:
@@ -265,35 +310,28 @@ def test_a_run_folder_held_by_another_process_is_refused(tmp_path, tiny_cifar):
 
 
 def test_cudnn_autotuning_is_on_for_every_cuda_run(monkeypatch):
-    import common
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    assert common.get_device("") == torch.device("cuda")  # the default path, DEVICE not given
+    assert machinery.get_device("") == torch.device("cuda")  # the default path, DEVICE not given
     assert torch.backends.cudnn.benchmark is True
 
 
 def test_a_gpu_box_whose_torch_cannot_use_the_gpu_stops_unless_device_is_given(tmp_path, monkeypatch):
-    import common
-    from conftest import one_line_error
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(common, "NVIDIA_DRIVER", str(tmp_path / "version"))
-    assert common.get_device("") == torch.device("cpu")  # no driver: a CPU box, the CPU is the default
+    monkeypatch.setattr(machinery, "NVIDIA_DRIVER", str(tmp_path / "version"))
+    assert machinery.get_device("") == torch.device("cpu")  # no driver: a CPU box, the CPU is the default
     (tmp_path / "version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.95.05\n")
     with pytest.raises(SystemExit) as e:
-        common.get_device("")
+        machinery.get_device("")
     one_line_error(e, "has an NVIDIA GPU but torch", torch.__version__, "DEVICE=cpu")
-    assert common.get_device("cpu") == torch.device("cpu")  # asked for by name: trains there
+    assert machinery.get_device("cpu") == torch.device("cpu")  # asked for by name: trains there
 
 
 def test_checkpoints_every_k_epochs_resume_from_the_last_one_written(tmp_path):
     full = run(tmp_path / "full", epochs=5)
-
-    def stop(epoch):
-        if epoch == 5:
-            raise KeyboardInterrupt  # after epoch 4: the checkpoint of epoch 3 (every 3 epochs) is the last
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", epochs=5, on_epoch=stop, ckpt_every=3)
+    with pytest.raises(KeyboardInterrupt):  # in epoch 5: the checkpoint of epoch 3 (every 3 epochs) is the last
+        run(tmp_path / "cut", epochs=5, stop=5, ckpt_every=3)
     assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["epoch"] == 3
     assert len(json.load(open(tmp_path / "cut" / "history.json"))) == 4  # the history is written every epoch
     resumed = run(tmp_path / "cut", epochs=5, ckpt_every=3)
@@ -301,13 +339,12 @@ def test_checkpoints_every_k_epochs_resume_from_the_last_one_written(tmp_path):
 
 
 def test_automatic_checkpoint_interval_keeps_writes_under_5_percent(tmp_path, monkeypatch, capsys):
-    import common
-    real = common.save_atomic
+    real = machinery.save_atomic
 
     def slow(obj, path, **kw):  # a write that takes far longer than the tiny epoch
         time.sleep(0.5)
         real(obj, path, **kw)
-    monkeypatch.setattr(common, "save_atomic", slow)
+    monkeypatch.setattr(machinery, "save_atomic", slow)
     run(tmp_path / "run", epochs=4, ckpt_every=0)
     k = int(re.search(r"every (\d+) epoch", capsys.readouterr().out)[1])
     assert k > 4  # so only the first epoch was written (none after the last: the run is finished at once)
@@ -326,11 +363,8 @@ def test_the_cross_entropy_with_the_labels_comes_from_the_same_pass(tmp_path):
 
 def checkpoint_from_elsewhere(run_dir, **fields):
     """A run interrupted after epoch 1, its checkpoint then changed as another device would have written it."""
-    def stop(epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        run(run_dir, on_epoch=stop)
+        run(run_dir, stop=2)
     path = run_dir / "checkpoint.pt"
     save_atomic(load_checkpoint(str(path)) | fields, str(path))
     return path
@@ -361,8 +395,7 @@ def test_a_checkpoint_that_cannot_be_resumed_here_names_its_device_and_is_kept(t
 
 
 def test_a_diverged_student_leaves_the_groups_passes_and_its_partner_is_unchanged(tmp_path, monkeypatch):
-    import common
-    from common import Students, distill_loss
+    from common import Students
 
     class Student(nn.Module):
         def __init__(self):
@@ -380,19 +413,19 @@ def test_a_diverged_student_leaves_the_groups_passes_and_its_partner_is_unchange
         x, y = data()
         gen = torch.Generator().manual_seed(0)
         batches = Batches(x, y, batch_size=20, shuffle=True, gen=gen)
-        real, steps = common.kd_loss, []
+        real, steps = q1b_kd.kd_loss, []
 
-        def kd_loss(s, t, yb, T, lam, kl=False):  # the second student's loss turns NaN at step `nan_at` of the run
-            loss = real(s, t, yb, T, lam, kl)
+        def kd_loss(s, t, yb, T, lam):  # the second student's loss turns NaN at step `nan_at` of the run
+            loss = real(s, t, yb, T, lam)
             if T == 8.0 and torch.is_grad_enabled():
                 steps.append(1)
                 if nan_at and len(steps) >= nan_at:
                     loss = loss * float("nan")
             return loss
-        monkeypatch.setattr(common, "kd_loss", kd_loss)
+        monkeypatch.setattr(q1b_kd, "kd_loss", kd_loss)
         opt = sgd(students.parameters(), 0.05)
-        h = fit(students, distill_loss(teacher, [(4.0, 0.5, 0), (8.0, 0.5, 0)]), opt, warmup_cosine(opt, 30, 0),
-                batches, {"test": Batches(x[:50], y[:50], batch_size=64)}, 3, str(folder), {}, gen, group=True)
+        h = fit(students, q1b_kd.distill_loss(teacher, [(4.0, 0.5), (8.0, 0.5)]), opt, warmup_cosine(opt, 30, 0),
+                batches, {"test": Batches(x[:50], y[:50], batch_size=64)}, 3, str(folder), {}, gen)
         return h, students
     clean, a = train(tmp_path / "clean")
     broken, b = train(tmp_path / "broken", nan_at=4)  # 10 steps per epoch: epoch 1, step 4
