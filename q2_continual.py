@@ -159,20 +159,21 @@ def run_method(key, method, lambda_o, i, teacher, cifar, faces, before, args, lr
     net = net.to(device, memory_format=torch.channels_last)
     if args.compile:
         net.compile()
-    cifar_test, old = Batches(*cifar["test"], batch_size=1024), {"acc": before[1]}
+    # the old task after each epoch: its test set, and (to keep the cost of a GPU epoch down) 10,000 training images
+    sets = {s: Batches(*(t[:10000 if s == "train" else None] for t in cifar[s]), batch_size=1024) for s in ("train", "test")}
+    old = {"old_train_acc": before[0], "old_test_acc": before[1]}
 
-    def old_task_test(net, epoch):  # only an epoch that trained a weight of the old task can change it; the last is measured
+    def old_task_acc(net, epoch):  # only an epoch that trained a weight of the old task can change it; the last is measured
         if epoch == args.epochs or any(q.requires_grad for q in net.old_task_parameters()):
-            old["acc"] = evaluate(net, old_task, cifar_test, precision=args.precision)[1]
-        return {"old_test_acc": old["acc"]}
+            old.update({f"old_{s}_acc": evaluate(net, old_task, b, precision=args.precision)[1] for s, b in sets.items()})
+        return dict(old)
     gen = torch.Generator(device=device).manual_seed(args.seed + i)
     history = train_method(method, net, teacher, faces, cifar, lambda_o, args, lr, run,
-                           method_config(method, args, lr, i, lambda_o), gen, extra=old_task_test)
+                           method_config(method, args, lr, i, lambda_o), gen, extra=old_task_acc)
     write_json(os.path.join(run, "split.json"), {"subjects": faces["subjects"], **faces["files"]})
     plot_curves([history], os.path.join(run, "curves.png"), METHODS[method] + f", seed {args.seed + i}: new task (faces)")
     last = history[-1]
-    cifar_train = Batches(*cifar["train"], batch_size=1024)
-    result = {"old_train_acc": evaluate(net, old_task, cifar_train, precision=args.precision)[1],
+    result = {"old_train_acc": evaluate(net, old_task, Batches(*cifar["train"], batch_size=1024), precision=args.precision)[1],
               "old_test_acc": last["old_test_acc"], "new_train_acc": last["train_acc"],
               "new_test_acc": last["test_acc"], "old_train_acc_before": before[0], "old_test_acc_before": before[1],
               "seed": args.seed + i, "epochs": args.epochs, "device": str(device)}
