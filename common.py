@@ -597,11 +597,23 @@ def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, 
 
 
 def pyplot():
-    """matplotlib's pyplot, imported on first use (a process that plots nothing saves a second), files only."""
+    """matplotlib's pyplot, imported on first use (a process that plots nothing saves a second), files only; every
+    text at 7 pt or more where a figure 6.6 inches wide is printed across an A4 page."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
+                         "ytick.labelsize": 7, "axes.grid": True, "grid.alpha": 0.3, "svg.hashsalt": "report",
+                         "svg.fonttype": "path", "figure.constrained_layout.use": True})
     return plt
+
+
+def save(fig, path):
+    """`path`.svg (the report's) and .png."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    for ext, kw in (("svg", {}), ("png", {"dpi": 150})):
+        fig.savefig(f"{path}.{ext}", **kw)
+    pyplot().close(fig)
 
 
 def band(ax, x, ys, label, **kw):
@@ -614,27 +626,28 @@ def band(ax, x, ys, label, **kw):
         ax.fill_between(x, mean - sd, mean + sd, color=line[0].get_color(), alpha=0.2, lw=0)
 
 
-def curve_axes(axes, histories, loss_label="loss", acc_splits=("train", "test"), titles=("(a) loss", "(b) accuracy")):
-    """A run's loss (training and test) and accuracy against epoch on two axes; several histories (its seeds):
-    their mean with a band of +- one standard deviation."""
+def integer_epochs(*axes):
     from matplotlib.ticker import MaxNLocator
-    epochs = [r["epoch"] for r in histories[0]]
-    for ax, metric, splits, title in zip(axes, ("loss", "acc"), (("train", "test"), acc_splits), titles):
-        for split in splits:
-            band(ax, epochs, [[r[f"{split}_{metric}"] for r in h] for h in histories], split)
-        ax.set(xlabel="epoch", ylabel=loss_label if metric == "loss" else "accuracy (%)", title=title)
+    for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
 
 
-def plot_curves(histories, path, title, loss_label="loss"):
-    """A run's curves.png: loss and accuracy against epoch, side by side."""
-    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.2))
-    curve_axes(axes, histories, loss_label)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
-    pyplot().close(fig)
-
+def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test")):
+    """Loss (training and test) and accuracy (of `acc_splits` that the histories hold; old_*: the old task) against
+    epoch, side by side, a row per (title, [the history of each seed]): the mean of the seeds with a band of +- one
+    standard deviation; a loss spanning more than 10x on a log scale. Writes path.svg and path.png."""
+    fig, axes = pyplot().subplots(len(rows), 2, figsize=(6.6, 2.1 * len(rows)), squeeze=False, sharex=True)
+    for (title, hs), (a, b) in zip(rows, axes):
+        epochs = [r["epoch"] for r in hs[0]]
+        for split in ("train", "test"):
+            band(a, epochs, [[r[f"{split}_loss"] for r in h] for h in hs], split)
+        for split in (s for s in acc_splits if all(f"{s}_acc" in r for h in hs for r in h)):
+            band(b, epochs, [[r[f"{split}_acc"] for r in h] for h in hs], split.replace("old_", "old task, "))
+        losses = [r[f"{split}_loss"] for h in hs for r in h for split in ("train", "test")]
+        a.set(ylabel=loss_label, title=f"{title}(a) loss", yscale="log" if 0 < min(losses) < max(losses) / 10 else "linear")
+        b.set(ylabel="accuracy (%)", title=f"{title}(b) accuracy")
+        integer_epochs(a, b)
+        a.legend(), b.legend()
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    save(fig, path)

@@ -6,6 +6,7 @@ read it.
 """
 import argparse
 import contextlib
+import csv
 import ctypes
 import fcntl
 import gc
@@ -968,3 +969,43 @@ def md_table(header, rows):
 
 def pct(x):
     return f"{x:.2f}"
+
+
+# ----------------------------------------------------------------------------- the report's files
+
+def write_tables(out, tables):
+    """The report's tables ({name, caption, header, rows: a row ["---"] is a rule, csv}) as out/tables/<name>.md, .tex and (per-seed numbers) .csv of every table."""
+    tex = dict(zip("\\&%$#_{}~^λ±²·→−×", [r"\textbackslash{}", r"\&", r"\%", r"\$", r"\#", r"\_", r"\{", r"\}",
+                                          r"\textasciitilde{}", r"\^{}", r"$\lambda$", r"$\pm$", r"$^2$", r"$\cdot$",
+                                          r"$\to$", "-", r"$\times$"]))
+    latex = lambda text: "".join(tex.get(c, c) for c in text)  # noqa: E731
+    os.makedirs(os.path.join(out, "tables"), exist_ok=True)
+    for t in tables:
+        rows = [r for r in t["rows"] if r != ["---"]]
+        files = {".md": f"### {t['caption']}\n\n" + md_table(t["header"], rows),
+                 ".tex": "\n".join([f"% {t['caption']}", r"\begin{tabular}{" + "l" * len(t["header"]) + "}", r"\toprule",
+                                    *[" & ".join(map(latex, r)) + r" \\" for r in [t["header"]]], r"\midrule",
+                                    *[" & ".join(map(latex, r)) + r" \\" for r in rows], r"\bottomrule",
+                                    r"\end{tabular}", ""])}
+        if t["csv"]:
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="\n").writerows([t["csv"][0], *t["csv"][1]])
+            files[".csv"] = buf.getvalue()
+        for ext, text in files.items():
+            write_text(os.path.join(out, "tables", t["name"] + ext), text)
+
+
+def write_text(path, text):
+    atomic(lambda tmp: open(tmp, "w", encoding="utf-8").write(text), path)
+
+
+HEADER = "// Written by make report (report.py); sha256 of what follows: {}\n"
+
+
+def written(path):
+    """Whether the .typ at `path` is as make report wrote it (its header's hash matches), or absent."""
+    if not os.path.exists(path):
+        return True
+    with open(path, encoding="utf-8", errors="replace") as f:
+        m = re.fullmatch(HEADER.format("([0-9a-f]{64})").replace("(report.py)", r"\(report\.py\)"), f.readline())
+        return bool(m) and hashlib.sha256(f.read().encode()).hexdigest() == m[1]

@@ -56,7 +56,7 @@ def main(argv=None):
         sched = warmup_cosine(opt, args.epochs * len(train), args.warmup * len(train))
         loss_fn = functools.partial(cross_entropy, label_smoothing=args.label_smoothing)
         history = fit(model, loss_fn, opt, sched, train, evals, args.epochs, run, cfg, gen, precision=args.precision)
-        plot_curves([history], os.path.join(run, "curves.png"), "Teacher ResNet18 (CIFAR-10)")  # loss, accuracy
+        plot_curves([("Teacher ResNet18 (CIFAR-10): ", [history])], os.path.join(run, "curves"), "cross-entropy")
         last = history[-1]
         finish(run, model, {k: last[k] for k in ("train_acc", "test_acc", "train_loss", "test_loss")}
                | {"epochs": args.epochs, "device": str(device), "cifar10_source": data["source"],

@@ -127,8 +127,8 @@ def train_group(specs, teacher, data, t_logits, args, shared, device):
             result["diverged"] = "diverged at epoch {}, step {}".format(*dead[k])
         write_json(os.path.join(folder, "config.json"), student_config(shared, T, lam, i))
         write_json(os.path.join(folder, "history.json"), h)
-        plot_curves([h], os.path.join(folder, "curves.png"), (f"Student T={T:g}, λ={lam:g}" if lam else
-                    "Student λ=0 (labels only)") + f", seed {args.seed + i}", LOSS_LABEL)
+        plot_curves([((f"T={T:g}, λ={lam:g}" if lam else "λ=0") + f", seed {args.seed + i}: ", [h])],
+                    os.path.join(folder, "curves"), LOSS_LABEL)
         finish(folder, None if k in dead else students[k], result, half=True)  # 94 MB, not 187: 45 students fit 8 GB
     with contextlib.suppress(FileNotFoundError):  # every student is finished: the group's checkpoint goes
         os.remove(os.path.join(group_dir(args, specs), "checkpoint.pt"))

@@ -171,7 +171,8 @@ def run_method(key, method, lambda_o, i, teacher, cifar, faces, before, args, lr
     history = train_method(method, net, teacher, faces, cifar, lambda_o, args, lr, run,
                            method_config(method, args, lr, i, lambda_o), gen, extra=old_task_acc)
     write_json(os.path.join(run, "split.json"), {"subjects": faces["subjects"], **faces["files"]})
-    plot_curves([history], os.path.join(run, "curves.png"), METHODS[method] + f", seed {args.seed + i}: new task (faces)")
+    plot_curves([(f"{METHODS[method]}, seed {args.seed + i}: ", [history])], os.path.join(run, "curves"), "loss",
+                ("train", "test", "old_train", "old_test"))
     last = history[-1]
     result = {"old_train_acc": evaluate(net, old_task, Batches(*cifar["train"], batch_size=1024), precision=args.precision)[1],
               "old_test_acc": last["old_test_acc"], "new_train_acc": last["train_acc"],

@@ -5,24 +5,22 @@ edit: once edited, make report leaves it and its report.json alone and writes re
 OUT/report.pdf (typst, offline), OUT/tables/ (Markdown, LaTeX, per-seed CSV) and OUT/figures/ (SVG, PNG).
 """
 import ast
-import csv
 import hashlib
 import inspect
-import io
 import json
 import math
 import os
 import re
 import shutil
 import subprocess
+import textwrap
 
 import torch
 
 import common
-import q1a_teacher as q1a
 import q1b_kd as q1b
 import q2_continual as q2
-from machinery import Parser, atomic, die, file_sha256, md_table, pct, read_json, run
+from machinery import HEADER, Parser, die, file_sha256, md_table, pct, read_json, run, write_tables, write_text, written
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 APPENDIX = ["q1a_teacher.py", "q1b_kd.py", "q2_continual.py", "common.py", "Makefile"]
@@ -168,7 +166,7 @@ def teacher_part(g):
     rows = [[times(c) for i, c in enumerate(row) if i != 1] for row in changes if row[2]] + [["---"]]
     rows += [[times(row[0]), "", "", "", times(row[5]), times(row[6])] for row in changes
              if not row[2] and row[1].startswith("layer")]
-    pair_figure(g["out"], "teacher", [("", [t])], "cross-entropy")
+    common.plot_curves([("", [t["history"]])], os.path.join(g["out"], "figures", "teacher"), "cross-entropy")
     return setup_words(t["config"], [t], t) | {
         "data": data_words(t), "listing": listing("The teacher: torchvision's ResNet18, three strides changed",
                                                   common.teacher_resnet18),
@@ -178,10 +176,8 @@ def teacher_part(g):
         "accuracy": table("teacher_accuracy", f"Teacher: final accuracy (epoch {r['epochs']}, the last points of the "
                           "curves).", ["Training Accuracy (%)", "Testing Accuracy (%)"],
                           [[pct(r["train_acc"]), pct(r["test_acc"])]]),
-        "verdict": f"The teacher ends at {pct(r['test_acc'])}% on the test set, " + (
-            "at least the 90% that the assignment requires" if r["test_acc"] >= 90 else "below the 90% that the "
-            f"assignment requires") + f", and at {pct(r['train_acc'])}% on the training images: a gap of "
-        f"{r['train_acc'] - r['test_acc']:+.2f} points (training minus test)."}
+        "test": pct(r["test_acc"]), "train": pct(r["train_acc"]), "passed": r["test_acc"] >= 90,
+        "gap": f"{r['train_acc'] - r['test_acc']:+.2f}"}
 
 
 def student_layers(bn):
@@ -214,18 +210,15 @@ def kd_part(g):
     for label, T, lam in q1b.TABLE:
         runs = students[label]
         rows.append([label, f"{T:g}" if lam else "-", f"{lam:g}", *(cells(runs, ("train_acc", "test_acc")) if runs
-                                                                   else ["not run yet"] * 2)])
+                                                                   else ["not run yet (make kd-table)"] * 2)])
         per_seed += [[label, T, lam, r["result"]["seed"], r["result"]["train_acc"], r["result"]["test_acc"],
                       r["result"].get("diverged", "")] for r in runs]
-    students_figure(g["out"], students)
-    compare_figure(g["out"], g)
+    common.plot_curves([(label + (f", T = {T:g}" if lam else "") + ": ", [r["history"] for r in students[label]])
+                        for label, T, lam in q1b.TABLE if students[label]], os.path.join(g["out"], "figures", "kd_students"),
+                       "loss", ("test",))
     return setup_words(cfg, first, t) | {
         "params": f"{n_params:,}", "fc1_in": f"{fc1_in:,}", "soft": soft_targets(g), "discussion": q1_discussion(g),
-        "student_text": ("It follows the assignment's table with one departure, a BatchNorm layer after each "
-                         "convolution, carried over from the teacher" if cfg["bn"] else "It follows the assignment's "
-                         "table exactly") + f". With stride-1 pools the last feature map is 27×27×128, so the first "
-                        f"fully connected layer has {fc1_in:,} inputs and holds {fc1_params / 1e6:.1f} million of the "
-                        f"student's {n_params / 1e6:.1f} million weights",
+        "fc1_m": f"{fc1_params / 1e6:.1f}", "params_m": f"{n_params / 1e6:.1f}",
         "student": table("kd_student", "Student network (output sizes measured by running it).",
                          ["Stage", "Layer", "Output", "Parameters"], layers),
         "table": table("kd_table", "Knowledge distillation: final accuracy (last epoch; test at T = 1)" + (
@@ -244,13 +237,13 @@ def soft_targets(g):
         return None
     st = read_json(path)
     temps = [k for k in st if k != "label"]
-    fig, axes = style().subplots(1, len(temps), figsize=(6.6, 2.3), sharey=True)
+    fig, axes = common.pyplot().subplots(1, len(temps), figsize=(6.6, 2.3), sharey=True)
     for ax, T in zip(axes, temps):
         ax.bar(range(10), st[T]["example"], color=["C1" if c == st["label"] else "C0" for c in range(10)])
         ax.set(title=f"T = {T}", xticks=range(10))
         ax.set_xticklabels(common.CIFAR_CLASSES, rotation=90)
     axes[0].set_ylabel("probability")
-    save(fig, g["out"], "kd_soft_targets")
+    common.save(fig, os.path.join(g["out"], "figures", "kd_soft_targets"))
     return table("kd_soft_targets", "The teacher's soft targets softmax(t/T) on the test set: mean probability of its "
                  "top class and of the true class, and mean entropy as a fraction of the uniform distribution's.",
                  ["T", "Top class (%)", "True class (%)", "Entropy"],
@@ -287,7 +280,7 @@ def q2_part(g):
         for task in ("old", "new"):
             rows.append([label if task == "old" else "", "Old Task*" if task == "old" else "New Task",
                          *(cells(methods[m], (f"{task}_train_acc", f"{task}_test_acc")) if methods[m]
-                           else ["not run yet"] * 2)])
+                           else [f"not run yet (make {m})"] * 2)])
         per_seed += [[label, r["result"]["seed"], *(r["result"][k] for k in RESULT_KEYS)] for r in methods[m]]
     before, ft, sweep = ref[0]["result"], methods["ft"] and methods["ft"][0]["config"], g["lwf_sweep"]
     q2_figures(g)
@@ -298,7 +291,9 @@ def q2_part(g):
         "subjects": cfg["subjects"], "test_per": cfg["per_subject"] - cfg["train_per_subject"],
         "runs": {m: bool(r) for m, r in methods.items()}, "lwf": methods["lwf"] and methods["lwf"][0]["config"],
         "ft_all_lr": methods["ft-all"] and methods["ft-all"][0]["config"]["ft_all_lr"], "discussion": q2_discussion(g),
-        "ft_text": ft and ft_text(ft),
+        "ft_layers": ft and joined([f"{layer} at {rate:g}%" for layer, rate in ft["ft_layers"]]),
+        "ft_conv5": bool(ft) and any(x.startswith("conv5") for x, _ in ft["ft_layers"]),
+        "ft_below": bool(ft) and max(rate for _, rate in ft["ft_layers"]) < 100,
         "ft": ft and table("finetune_layers", "Fine-tuning: the layers chosen and their learning rates.",
                            ["Conv layers that you choose to fine-tune", "Learning Rate (x% of the original)", "Remark"],
                            [[layer, f"{rate:g}% ({ft['lr'] * rate / 100:g})", "fine-tuned; BatchNorm statistics "
@@ -320,19 +315,6 @@ def q2_part(g):
         "listings": {"net": listing("The two-headed network", common.ContinualNet),
                      "methods": listing("What each method trains", q2.trained_layers),
                      "lwf": listing("LwF's two stages and its loss", q2.train_method, common.lwf_loss)}}
-
-
-def ft_text(ft):
-    rates = sorted({rate for _, rate in ft["ft_layers"]})
-    why = ("The last stage holds the most task-specific features of the old task (Yosinski et al. 2014), the first to "
-           "need adapting to faces; the earlier stages' generic edges and textures are kept. "
-           if any(layer.startswith("conv5") for layer, _ in ft["ft_layers"]) else "")
-    return (f"This run fine-tuned {joined([f'{layer} at {rate:g}%' for layer, rate in ft['ft_layers']])} of the original "
-            "learning rate, with the new layer at 100% and every other layer frozen. "
-            f"{why}" + (f"A rate below the new head's ({joined([f'{r:g}%' for r in rates])}) lets the "
-                               "pre-trained layers move slowly while the fresh head, which starts from random weights, "
-                               "learns at the full rate." if rates[-1] < 100 else "The chosen layers train at the new "
-                               "head's full rate: the fastest adaptation, and the most forgetting to expect."))
 
 
 # ----------------------------------------------------------------------------- the sentences that depend on results
@@ -476,77 +458,13 @@ def q2_discussion(g):
 
 # ----------------------------------------------------------------------------- figures: out/figures/<name>.svg and .png
 
-def style():
-    """matplotlib with every text at 7 pt or more at print size (figures 6.6 in wide, printed 6.85 in wide)."""
-    plt = common.pyplot()
-    plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
-                         "ytick.labelsize": 7, "axes.grid": True, "grid.alpha": 0.3, "svg.hashsalt": "report",
-                         "svg.fonttype": "path", "figure.constrained_layout.use": True})
-    return plt
-
-
-def save(fig, out, name):
-    os.makedirs(os.path.join(out, "figures"), exist_ok=True)
-    for ext, kw in (("svg", {}), ("png", {"dpi": 150})):
-        fig.savefig(os.path.join(out, "figures", f"{name}.{ext}"), **kw)
-    common.pyplot().close(fig)
-
-
-def integer_epochs(*axes):
-    from matplotlib.ticker import MaxNLocator
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def pair_figure(out, name, rows, loss_label, acc_splits=("train", "test")):
-    """Loss and accuracy side by side, a row per (title, runs); a loss spanning over 10x on a log scale."""
-    fig, axes = style().subplots(len(rows), 2, figsize=(6.6, 2.1 * len(rows)), squeeze=False)
-    for (title, runs), ax in zip(rows, axes):
-        hs = [r["history"] for r in runs]
-        common.curve_axes(ax, hs, loss_label, [s for s in acc_splits if all(f"{s}_acc" in e for h in hs for e in h)],
-                          (f"{title}(a) loss", f"{title}(b) accuracy"))
-        losses = [e[f"{split}_loss"] for h in hs for e in h for split in ("train", "test")]
-        if min(losses) > 0 and max(losses) > 10 * min(losses):
-            ax[0].set_yscale("log")
-    save(fig, out, name)
-
-
-def students_figure(out, students):
-    present = [(label, T, lam, students[label]) for label, T, lam in q1b.TABLE if students[label]]
-    fig, axes = style().subplots(len(present), 2, figsize=(6.6, 1.5 * len(present)), squeeze=False, sharex=True)
-    for row, (label, T, lam, runs) in zip(axes, present):
-        name = label + (f", T = {T:g}" if lam else "")
-        common.curve_axes(row, [r["history"] for r in runs], "loss", ("test",), (f"{name}: loss", f"{name}: test accuracy"))
-    for ax in axes[:-1].flat:
-        ax.set_xlabel("")
-    save(fig, out, "kd_students")
-
-
-def compare_figure(out, g):
-    fig, (a, b) = style().subplots(1, 2, figsize=(6.6, 2.8))
-    for label, T, lam in q1b.TABLE:
-        if runs := g["students"][label]:
-            name, x = (label if label.startswith("KD") else f"λ={lam:g}") + (f", T={T:g}" if lam else ""), \
-                [e["epoch"] for e in runs[0]["history"]]
-            common.band(a, x, [[e["test_acc"] for e in r["history"]] for r in runs], name)
-            common.band(b, x, [[e["test_ce"] for e in r["history"]] for r in runs], name)
-    a.axhline(g["teacher"]["result"]["test_acc"], color="k", ls="--", lw=1, label="teacher")
-    a.set(title="(a) test accuracy (T = 1)", xlabel="epoch", ylabel="%")
-    b.set(title="(b) test cross-entropy with the labels", xlabel="epoch", ylabel="cross-entropy")
-    integer_epochs(a, b)
-    fig.legend(*a.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=7, frameon=False)
-    save(fig, out, "kd_compare")
-
-
 def q2_figures(g):
     """Each method's curves (the new task's loss; accuracy on both tasks, per epoch), and the forgetting figure."""
     methods, both = g["methods"], ("train", "test", "old_train", "old_test")
-    for m in ("fe", "ft", "lwf"):
-        if methods[m]:
-            pair_figure(g["out"], f"q2_{m}", [("", methods[m])], "loss", both)
-    if refs := [(f"{WORDS[k]}: ", methods[k]) for k in ("joint", "ft-all") if methods[k]]:
-        pair_figure(g["out"], "q2_references", refs, "loss", both)
-    fig, (a, b) = style().subplots(1, 2, figsize=(6.6, 3.0))
+    for name, ms in (("fe", ["fe"]), ("ft", ["ft"]), ("lwf", ["lwf"]), ("references", ["joint", "ft-all"])):
+        if rows := [(f"{WORDS[m]}: " if len(ms) > 1 else "", [r["history"] for r in methods[m]]) for m in ms if methods[m]]:
+            common.plot_curves(rows, os.path.join(g["out"], "figures", f"q2_{name}"), "loss", both)
+    fig, (a, b) = common.pyplot().subplots(1, 2, figsize=(6.6, 3.0))
     for m, label in q2.METHODS.items():
         if runs := methods[m]:
             label = label.replace(" (reference)", "*")
@@ -561,9 +479,9 @@ def q2_figures(g):
             b.annotate(f"λo={v:g}", pt, textcoords="offset points", xytext=(3, 3), fontsize=7)
     a.set(title="(a) old task while learning faces", xlabel="epoch", ylabel="CIFAR-10 test accuracy (%)")
     b.set(title="(b) what each method keeps and learns", xlabel="faces: test accuracy (%)", ylabel="CIFAR-10 test (%)")
-    integer_epochs(a)
+    common.integer_epochs(a)
     fig.legend(*b.get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=7, frameon=False)
-    save(fig, g["out"], "q2_forgetting")
+    common.save(fig, os.path.join(g["out"], "figures", "q2_forgetting"))
 
 
 # ----------------------------------------------------------------------------- listings, provenance
@@ -574,38 +492,16 @@ def listing(caption, *objects):
     parts = []
     for obj in objects:
         lines, first = inspect.getsourcelines(obj)
-        indent = len(lines[0]) - len(lines[0].lstrip())
-        doc = {first + n - 1 for node in ast.walk(ast.parse("".join(x[indent:] for x in lines)))
-               if isinstance(getattr(node, "body", None), list) and node.body and isinstance(node.body[0], ast.Expr)
-               and isinstance(getattr(node.body[0], "value", None), ast.Constant) and isinstance(node.body[0].value.value, str)
+        doc = {first + n - 1 for node in ast.walk(ast.parse(textwrap.dedent("".join(lines))))
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node)
                for n in range(node.body[0].lineno, node.body[0].end_lineno + 1)}
-        spans = []
-        for n in (n for n in range(first, first + len(lines)) if n not in doc):
-            spans[-1:] = [[spans[-1][0], n]] if spans and spans[-1][1] == n - 1 else spans[-1:] + [[n, n]]
-        file = os.path.basename(inspect.getsourcefile(obj))
-        if parts and parts[-1]["file"] == file:
-            parts[-1]["spans"] += spans
-        else:
-            parts.append({"file": file, "spans": spans})
-    where = "; ".join(f"{p['file']}, lines " + ", ".join(f"{a}-{b}" for a, b in p["spans"]) for p in parts)
+        keep = [n for n in range(first, first + len(lines)) if n not in doc]
+        starts = [n for n in keep if n - 1 not in keep]
+        parts.append({"file": os.path.basename(inspect.getsourcefile(obj)),
+                      "spans": [[a, next(n for n in keep[keep.index(a):] if n + 1 not in keep)] for a in starts]})
+    where = "; ".join(f"{p['file']}, lines " + ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in p["spans"])
+                      for p in parts)
     return {"caption": f"{caption} ({where})", "parts": parts}
-
-
-def commands(g):
-    """The scripts' command lines that made the results: each one's options that differ from its defaults."""
-    def line(script, parse, cfg, extra=""):
-        defaults = vars(parse([]))
-        return " \\\n    ".join([f"python3 {script}{extra}"] + [
-            f"--{k.replace('_', '-')} " + (" ".join(f"{a}:{b:g}" for a, b in v) if k == "ft_layers" else f"{v:g}"
-                                           if isinstance(v, float) else str(v)) for k, v in cfg.items()
-            if k in defaults and k not in ("data", "out", "faces", "T", "lam", "seed") and defaults[k] != v])
-    out = [line("q1a_teacher.py", q1a.parse, g["teacher"]["config"])] if g["teacher"] else []
-    if first := next((r for r in g["students"].values() if r), None):
-        out.append(line("q1b_kd.py", q1b.parse, first[0]["config"], f" --table --seeds {len(first)}"))
-    if ref := next((r for r in g["methods"].values() if r), None):
-        out.append(line("q2_continual.py", q2.parse, {k: v for r in g["methods"].values() if r
-                                                      for k, v in r[0]["config"].items()}, f" --seeds {len(ref)}"))
-    return out
 
 
 def reproducibility(g):
@@ -616,8 +512,7 @@ def reproducibility(g):
     rows = [["Teacher weights (sha256)", file_sha256(os.path.join(g["out"], "teacher", "model.pt")) if t else "none"],
             ["Code", commit + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")],
             ["PyTorch", torch.__version__], ["Device", ", ".join(devices) or "none"]]
-    return {"table": table("reproducibility", "Provenance of the results.", ["", ""], rows, [0, 1]),
-            "commands": commands(g)}
+    return {"table": table("reproducibility", "Provenance of the results.", ["", ""], rows, [0, 1])}
 
 
 # ----------------------------------------------------------------------------- make report
@@ -625,22 +520,15 @@ def reproducibility(g):
 def report_data(g, author, student_id):
     """Everything report.typ reads (drawing the figures on the way)."""
     t, ref = g["teacher"], next((r for r in g["methods"].values() if r), None)
-    r, notes = (t or {}).get("result", {}), []
-    if r.get("cifar10_source") == "synthetic":
-        notes.append("These runs did not use the real data: they ran on small synthetic substitutes for CIFAR-10 "
-                     f"({r['train_images']:,} training and {r['test_images']:,} test images) and for the faces, so the "
-                     "numbers show what the methods do, not results on CIFAR-10.")
-    elif r.get("cifar10_source") == "other":
-        notes.append("These runs used CIFAR-10 images, not the official files (a copy re-encoded as JPEG, whose pixels "
-                     "differ slightly), " + ("all of them." if (r["train_images"], r["test_images"]) == (50000, 10000)
-                                             else f"{r['train_images']:,} training and {r['test_images']:,} test images."))
-    if t and not t["config"]["pretrained"]:
-        notes.append("The teacher of these runs started from random weights, not from ImageNet's.")
+    r = (t or {}).get("result", {})
     have = lambda key: t and any(g[key].values())  # noqa: E731
     return {"title": "Assignment 2: Knowledge Distillation and Continual Learning", "author": author,
             "course": "EEE7331-01 Special Topics in Deep Learning, 2022 Autumn", "student_id": student_id,
             "appendix": APPENDIX, "repro": reproducibility(g),
-            "intro": {"task": f"{ref[0]['config']['subjects']}-subject" if ref else "100-subject", "notes": notes},
+            "intro": {"task": f"{ref[0]['config']['subjects']}-subject" if ref else "100-subject",
+                      "source": r.get("cifar10_source"), "random": bool(t and not t["config"]["pretrained"]),
+                      "train": f"{r.get('train_images', 0):,}", "test": f"{r.get('test_images', 0):,}",
+                      "full": (r.get("train_images"), r.get("test_images")) == (50000, 10000)},
             "teacher": t and teacher_part(g), "kd": have("students") and kd_part(g) or None,
             "sweep": have("students") and g["sweep"] and any(g["sweep"]["cells"].values()) and sweep_part(g) or None,
             "q2": have("methods") and q2_part(g) or None}
@@ -651,44 +539,6 @@ def tables_in(d):
     if isinstance(d, dict):
         return [d] if "header" in d and "rows" in d else [t for v in d.values() for t in tables_in(v)]
     return [t for v in d for t in tables_in(v)] if isinstance(d, list) else []
-
-
-def write_tables(out, tables):
-    """out/tables/<name>.md, .tex and (per-seed numbers) .csv of every table."""
-    tex = dict(zip("\\&%$#_{}~^λ±²·→−×", [r"\textbackslash{}", r"\&", r"\%", r"\$", r"\#", r"\_", r"\{", r"\}",
-                                          r"\textasciitilde{}", r"\^{}", r"$\lambda$", r"$\pm$", r"$^2$", r"$\cdot$",
-                                          r"$\to$", "-", r"$\times$"]))
-    latex = lambda text: "".join(tex.get(c, c) for c in text)  # noqa: E731
-    os.makedirs(os.path.join(out, "tables"), exist_ok=True)
-    for t in tables:
-        rows = [r for r in t["rows"] if r != ["---"]]
-        files = {".md": f"### {t['caption']}\n\n" + md_table(t["header"], rows),
-                 ".tex": "\n".join([f"% {t['caption']}", r"\begin{tabular}{" + "l" * len(t["header"]) + "}", r"\toprule",
-                                    *[" & ".join(map(latex, r)) + r" \\" for r in [t["header"]]], r"\midrule",
-                                    *[" & ".join(map(latex, r)) + r" \\" for r in rows], r"\bottomrule",
-                                    r"\end{tabular}", ""])}
-        if t["csv"]:
-            buf = io.StringIO()
-            csv.writer(buf, lineterminator="\n").writerows([t["csv"][0], *t["csv"][1]])
-            files[".csv"] = buf.getvalue()
-        for ext, text in files.items():
-            write_text(os.path.join(out, "tables", t["name"] + ext), text)
-
-
-def write_text(path, text):
-    atomic(lambda tmp: open(tmp, "w", encoding="utf-8").write(text), path)
-
-
-HEADER = "// Written by make report (report.py); sha256 of what follows: {}\n"
-
-
-def written(path):
-    """Whether the .typ at `path` is as make report wrote it (its header's hash matches), or absent."""
-    if not os.path.exists(path):
-        return True
-    with open(path, encoding="utf-8", errors="replace") as f:
-        m = re.fullmatch(HEADER.format("([0-9a-f]{64})").replace("(report.py)", r"\(report\.py\)"), f.readline())
-        return bool(m) and hashlib.sha256(f.read().encode()).hexdigest() == m[1]
 
 
 def compile_pdf(typ, pdf, root, data):
