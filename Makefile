@@ -3,7 +3,7 @@
 #                  ImageNet weights and 100 DigiFace-1M identities on first use)
 #   make demo      the same pipeline offline on synthetic data, CPU, under 2 min on 2 cores, into out/demo/
 #   make test      the test suite (CPU, no network), about 4 min on 2 cores (+1-2 min to make .venv)
-#   make report    the hand-in: out/report.pdf (and .typ, .md) from whatever has run; AUTHOR= STUDENT_ID=
+#   make report    the hand-in: out/report.pdf (and .typ, .json) from whatever has run; AUTHOR= STUDENT_ID=
 #   make plan      what make all will run on this card: precision, lock-step groups, memory, disk, time
 #   make bench     throughput of each kind of step; make lr-range / make compare: the students' lr range
 #                  test and recipe comparison on the CIFAR-10 in DATA
@@ -79,6 +79,7 @@ TEACHER_DONE = $(strip $(OUT))/teacher/result.json
 
 help:
 	@sed -n '1,/^PYTHON/p' Makefile | grep '^#' | sed 's/^# \{0,1\}//'
+	@echo; echo "Variables (empty: the script's own default):"; sed -n '/^PYTHON ?=/,/^STUDENT_ID/p' Makefile
 
 # Install. A fresh Ubuntu 24.04 / Debian 12 Python refuses `pip install` (PEP 668), so requirements.txt
 # goes into a project .venv made with --system-site-packages: a box's preinstalled CUDA torch is reused,

@@ -643,7 +643,7 @@ def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test")):
             band(a, epochs, [[r[f"{split}_loss"] for r in h] for h in hs], split)
         for split in (s for s in acc_splits if all(f"{s}_acc" in r for h in hs for r in h)):
             band(b, epochs, [[r[f"{split}_acc"] for r in h] for h in hs], split.replace("old_", "old task, "))
-        losses = [r[f"{split}_loss"] for h in hs for r in h for split in ("train", "test")]
+        losses = [r[f"{s}_loss"] for h in hs for r in h for s in ("train", "test") if r[f"{s}_loss"] is not None]
         a.set(ylabel=loss_label, title=f"{title}(a) loss", yscale="log" if 0 < min(losses) < max(losses) / 10 else "linear")
         b.set(ylabel="accuracy (%)", title=f"{title}(b) accuracy")
         integer_epochs(a, b)

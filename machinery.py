@@ -974,14 +974,16 @@ def pct(x):
 # ----------------------------------------------------------------------------- the report's files
 
 def write_tables(out, tables):
-    """The report's tables ({name, caption, header, rows: a row ["---"] is a rule, csv}) as out/tables/<name>.md, .tex and (per-seed numbers) .csv of every table."""
+    """The report's tables ({name, caption, header, rows: a row ["---"] is a rule, bold: [[row, column]], csv}) as
+    out/tables/<name>.md, .tex and, with the per-seed numbers, .csv."""
     tex = dict(zip("\\&%$#_{}~^λ±²·→−×", [r"\textbackslash{}", r"\&", r"\%", r"\$", r"\#", r"\_", r"\{", r"\}",
                                           r"\textasciitilde{}", r"\^{}", r"$\lambda$", r"$\pm$", r"$^2$", r"$\cdot$",
                                           r"$\to$", "-", r"$\times$"]))
-    latex = lambda text: "".join(tex.get(c, c) for c in text)  # noqa: E731
+    latex = lambda text: re.sub(r"\*\*(.+?)\*\*", r"\\textbf{\1}", "".join(tex.get(c, c) for c in text))  # noqa: E731
     os.makedirs(os.path.join(out, "tables"), exist_ok=True)
     for t in tables:
-        rows = [r for r in t["rows"] if r != ["---"]]
+        rows = [[f"**{c}**" if [i, j] in t.get("bold", []) else c for j, c in enumerate(r)]
+                for i, r in enumerate(t["rows"]) if r != ["---"]]
         files = {".md": f"### {t['caption']}\n\n" + md_table(t["header"], rows),
                  ".tex": "\n".join([f"% {t['caption']}", r"\begin{tabular}{" + "l" * len(t["header"]) + "}", r"\toprule",
                                     *[" & ".join(map(latex, r)) + r" \\" for r in [t["header"]]], r"\midrule",

@@ -530,7 +530,7 @@ def report_data(g, author, student_id):
                       "train": f"{r.get('train_images', 0):,}", "test": f"{r.get('test_images', 0):,}",
                       "full": (r.get("train_images"), r.get("test_images")) == (50000, 10000)},
             "teacher": t and teacher_part(g), "kd": have("students") and kd_part(g) or None,
-            "sweep": have("students") and g["sweep"] and any(g["sweep"]["cells"].values()) and sweep_part(g) or None,
+            "sweep": t and g["sweep"] and any(g["sweep"]["cells"].values()) and sweep_part(g) or None,
             "q2": have("methods") and q2_part(g) or None}
 
 

@@ -40,7 +40,7 @@ def test_students_in_lock_step_match_students_trained_alone(tmp_path, cifar_root
     assert all(torch.allclose(wa[k].float(), wb[k].float(), rtol=2 ** -10, atol=1e-5) for k in wa)
     assert json.load(open(together / "kd" / "T8_lam0.5" / "config.json"))["T"] == 8
     report.main(["--out", str(together)])
-    assert "| 4 | " in (together / "tables" / "kd_sweep.md").read_text() and (together / "figures" / "kd_sweep.svg").exists()
+    assert "| 4 | " in (together / "tables" / "kd_sweep.md").read_text()  # a sweep alone, without the table's students
 
 
 class Spy(nn.Module):
