@@ -308,7 +308,6 @@ class StudentCNN(nn.Module):
 
     def forward(self, x):
         # flattened in (h, w, c) order: the same 93,312 features, read in the order they lie in memory
-        # (a (c, h, w) flatten would copy them: see docs/design.md)
         return self.classifier(self.features(x).permute(0, 2, 3, 1).flatten(1))
 
 
@@ -602,8 +601,8 @@ def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
-                         "ytick.labelsize": 7, "axes.grid": True, "grid.alpha": 0.3, "svg.hashsalt": "report",
+    plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7.5, "xtick.labelsize": 7.5,
+                         "ytick.labelsize": 7.5, "axes.grid": True, "grid.alpha": 0.3, "svg.hashsalt": "report",
                          "svg.fonttype": "path", "figure.constrained_layout.use": True})
     return plt
 
@@ -632,11 +631,11 @@ def integer_epochs(*axes):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test")):
+def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test"), height=2.1):
     """Loss (training and test) and accuracy (of `acc_splits` that the histories hold; old_*: the old task) against
     epoch, side by side, a row per (title, [the history of each seed]): the mean of the seeds with a band of +- one
-    standard deviation; a loss spanning more than 10x on a log scale. Writes path.svg and path.png."""
-    fig, axes = pyplot().subplots(len(rows), 2, figsize=(6.6, 2.1 * len(rows)), squeeze=False, sharex=True)
+    standard deviation; a loss spanning more than 10x on a log scale; `height` inches a row. Writes path.svg, .png."""
+    fig, axes = pyplot().subplots(len(rows), 2, figsize=(6.6, height * len(rows)), squeeze=False, sharex=True)
     for (title, hs), (a, b) in zip(rows, axes):
         epochs = [r["epoch"] for r in hs[0]]
         for split in ("train", "test"):
@@ -647,7 +646,7 @@ def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test")):
         a.set(ylabel=loss_label, title=f"{title}(a) loss", yscale="log" if 0 < min(losses) < max(losses) / 10 else "linear")
         b.set(ylabel="accuracy (%)", title=f"{title}(b) accuracy")
         integer_epochs(a, b)
-        a.legend(), b.legend()
+        a.legend(), b.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves, never over them
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
     save(fig, path)

@@ -100,11 +100,11 @@ def train_method(method, net, teacher, faces, cifar, lambda_o, args, lr, run, cf
     if method not in ("lwf", "joint"):
         opt, sched = optimiser(net, trained_layers(method, net, args), lr, args, args.epochs * steps)
         return fit_stage(net, new_task, opt, sched, data, evals)
-    # Stage 1, the warm-up (epochs 1..LWF_WARMUP): the new head alone, as feature extraction trains it. The old
+    # Stage 1, the warm-up (the first --lwf-warmup epochs): the new head alone, as feature extraction trains it. The old
     # task's loss would reach no trained weight: neither the original network nor a CIFAR-10 batch is needed.
     opt, sched = optimiser(net, [], lr, args, w * steps)
     fit_stage(net, new_task, opt, sched, data, evals, stage=(1, w))
-    # Stage 2, every layer (the rest of the epochs): backbone and old head at LWF_LR %, the new head at 100 %.
+    # Stage 2, every layer (the rest of the epochs): backbone and old head at --lwf-lr %, the new head at 100 %.
     if method == "lwf":
         original = copy.deepcopy(teacher).eval().requires_grad_(False)  # the network before any change
         loss_fn = lwf_loss(original, args.lwf_T, lambda_o)
@@ -124,7 +124,7 @@ def run_dir(args, key, i=0):
 
 def runs_asked(args):
     """(folder key, method, lambda_o) of every run asked for: the methods, then the LwF sweep with lambda_o = 0
-    (LwF at LWF_LAMBDA is the LwF run itself, trained once)."""
+    (LwF at --lwf-lambda is the LwF run itself, trained once)."""
     sweep = sorted(set(args.lwf_sweep) | {0.0}) if args.lwf_sweep else []
     key = lambda v: "lwf" if v == args.lwf_lambda else f"lwf_lam{v:g}"  # noqa: E731
     runs = {m: (m, args.lwf_lambda) for m in args.methods} | {key(v): ("lwf", v) for v in sweep}

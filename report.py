@@ -33,7 +33,6 @@ WORDS = {"fe": "feature extraction", "ft": "fine-tuning", "lwf": "LwF", "joint":
 
 
 # ----------------------------------------------------------------------------- the runs, as they recorded themselves
-
 def load(folder):
     """A finished run: {'config', 'history', 'result'}, or None."""
     if os.path.exists(os.path.join(folder, "result.json")):
@@ -68,7 +67,6 @@ def gather(out):
 
 
 # ----------------------------------------------------------------------------- numbers with their uncertainty
-
 def stats(values):
     """(mean, sample standard deviation or None for one value, n)."""
     n, mean = len(values), sum(values) / len(values)
@@ -133,7 +131,6 @@ def joined(words):
 
 
 # ----------------------------------------------------------------------------- tables and the words of the setup
-
 def table(name, caption, header, rows, widths=None, csv_rows=None, bold=()):
     """A table of report.json, written to out/tables/<name>.{md,tex,csv} too. A row ["---"] is a rule."""
     return {"name": name, "caption": caption, "header": header, "rows": rows, "widths": widths, "csv": csv_rows,
@@ -188,10 +185,10 @@ def student_layers(bn):
         for m in model.features:
             x, params = m(x), params + count(m)
             if isinstance(m, torch.nn.Conv2d):
-                stage, conv = stage + 1, (f"conv {m.kernel_size[0]}×{m.kernel_size[0]}, {m.out_channels} filters, "
-                                          f"stride {m.stride[0]}, pad {m.padding[0]}, ReLU" + (", BatchNorm" if bn else ""))
+                stage, conv, out = stage + 1, (f"conv {m.kernel_size[0]}×{m.kernel_size[0]}, {m.out_channels} filters, "
+                                               f"stride {m.stride[0]}, pad {m.padding[0]}, " + "BatchNorm, " * bn + "ReLU"), size(x)
             if isinstance(m, torch.nn.MaxPool2d):
-                rows += [[f"{stage}", conv, size(x), f"{params:,}"],
+                rows += [[f"{stage}", conv, out, f"{params:,}"],
                          ["", f"max-pool {m.kernel_size}×{m.kernel_size}, stride {m.stride}, pad {m.padding}", size(x), ""]]
                 params = 0
     fc1, fc2 = model.classifier[0], model.classifier[-1]
@@ -215,9 +212,9 @@ def kd_part(g):
                       r["result"].get("diverged", "")] for r in runs]
     common.plot_curves([(label + (f", T = {T:g}" if lam else "") + ": ", [r["history"] for r in students[label]])
                         for label, T, lam in q1b.TABLE if students[label]], os.path.join(g["out"], "figures", "kd_students"),
-                       "loss", ("test",))
+                       "loss", ("test",), height=1.55)
     return setup_words(cfg, first, t) | {
-        "params": f"{n_params:,}", "fc1_in": f"{fc1_in:,}", "soft": soft_targets(g), "discussion": q1_discussion(g),
+        "lr_default": q1b.parse([]).lr, "params": f"{n_params:,}", "fc1_in": f"{fc1_in:,}", "soft": soft_targets(g), "discussion": q1_discussion(g),
         "fc1_m": f"{fc1_params / 1e6:.1f}", "params_m": f"{n_params / 1e6:.1f}",
         "student": table("kd_student", "Student network (output sizes measured by running it).",
                          ["Stage", "Layer", "Output", "Parameters"], layers),
@@ -318,7 +315,6 @@ def q2_part(g):
 
 
 # ----------------------------------------------------------------------------- the sentences that depend on results
-
 def q1_discussion(g):
     """The discussion of Q1B (4): one conclusion per comparison, each against the noise."""
     t, students = g["teacher"], g["students"]
@@ -425,6 +421,11 @@ def q2_discussion(g):
     if keep := [f"{WORDS[m]} {mean_sd(new(m))}% on faces, keeping {mean_sd(old(m))}% of CIFAR-10 "
                 f"({compared(old(m), [before])})" for m in runs if m != "fe"]:
         out.append("At the end: " + "; ".join(keep) + ".")
+    for k, what in (("new", "on faces"), ("old", "on CIFAR-10")):
+        by = {}
+        for m in runs:
+            by.setdefault(mean_sd(task[k](m)), []).append(WORDS[m])
+        out += [f"{joined(names)[0].upper() + joined(names)[1:]} tie {what} at {v}%." for v, names in by.items() if len(names) > 1]
     for a, b in (("ft", "fe"), ("lwf", "ft"), ("lwf", 0.0), ("lwf", "ft-all"), ("joint", "lwf")):
         if a in runs and (b in runs or b in sweep):
             vo, vn = (verdict(task[k](a), task[k](b), bound[k]) for k in ("old", "new"))
@@ -444,20 +445,21 @@ def q2_discussion(g):
                    "images: with all its weights free and few images per subject, it overfits.")
     if all(m in runs for m in ("fe", "ft", "lwf")):
         m = {k: (stats(old(k))[0], stats(new(k))[0]) for k in ("fe", "ft", "lwf")}
-        shown = verdict(old("lwf"), old("ft"), bound["old"]) > 0 and verdict(old("fe"), old("lwf"), bound["old"]) > 0 \
-            and verdict(new("ft"), new("fe"), bound["new"]) > 0
+        claims = {"feature extraction keeps the most of CIFAR-10": verdict(old("fe"), old("lwf"), bound["old"]) > 0,
+                  "LwF keeps more of it than fine-tuning": verdict(old("lwf"), old("ft"), bound["old"]) > 0,
+                  "fine-tuning learns the faces better than feature extraction": verdict(new("ft"), new("fe"), bound["new"]) > 0}
+        shown, unshown = [c for c, ok in claims.items() if ok], [c for c, ok in claims.items() if not ok]
         out.append("In short, " + (
             f"the assignment's three methods trade one task for the other: feature extraction keeps CIFAR-10 "
             f"({m['fe'][0]:.1f}%) and learns faces least ({m['fe'][1]:.1f}%), fine-tuning learns faces "
             f"({m['ft'][1]:.1f}%) and forgets CIFAR-10 ({m['ft'][0]:.1f}%), and LwF keeps more of CIFAR-10 than "
-            f"fine-tuning ({m['lwf'][0]:.1f}%) for {m['lwf'][1]:.1f}% on faces, without the old data." if shown else
-            "these runs do not show, beyond the noise, the expected trade-off (feature extraction keeping the most of "
-            "CIFAR-10, LwF more than fine-tuning, fine-tuning learning faces better than feature extraction)."))
+            f"fine-tuning ({m['lwf'][0]:.1f}%) for {m['lwf'][1]:.1f}% on faces, without the old data." if not unshown else
+            (f"these runs show that {joined(shown)}, but not, beyond the noise, that " if shown else "these runs do not "
+             "show, beyond the noise, that ") + joined(unshown) + "."))
     return out
 
 
 # ----------------------------------------------------------------------------- figures: out/figures/<name>.svg and .png
-
 def q2_figures(g):
     """Each method's curves (the new task's loss; accuracy on both tasks, per epoch), and the forgetting figure."""
     methods, both = g["methods"], ("train", "test", "old_train", "old_test")
@@ -478,6 +480,7 @@ def q2_figures(g):
         for v, pt in zip(g["lwf_sweep"], pts):
             b.annotate(f"λo={v:g}", pt, textcoords="offset points", xytext=(3, 3), fontsize=7)
     a.set(title="(a) old task while learning faces", xlabel="epoch", ylabel="CIFAR-10 test accuracy (%)")
+    b.margins(0.15)
     b.set(title="(b) what each method keeps and learns", xlabel="faces: test accuracy (%)", ylabel="CIFAR-10 test (%)")
     common.integer_epochs(a)
     fig.legend(*b.get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=7, frameon=False)
@@ -485,7 +488,6 @@ def q2_figures(g):
 
 
 # ----------------------------------------------------------------------------- listings, provenance
-
 def listing(caption, *objects):
     """Where the source of functions or classes lies, for report.typ to read(): {caption, parts: [{file, spans}]},
     docstrings left out (the text around the listing says what they would)."""
@@ -516,7 +518,6 @@ def reproducibility(g):
 
 
 # ----------------------------------------------------------------------------- make report
-
 def report_data(g, author, student_id):
     """Everything report.typ reads (drawing the figures on the way)."""
     t, ref = g["teacher"], next((r for r in g["methods"].values() if r), None)
