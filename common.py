@@ -607,10 +607,10 @@ def pyplot():
     return plt
 
 
-def save(fig, path):
-    """`path`.svg (the report's) and .png."""
+def save(fig, path, svg=True):
+    """`path`.svg (the report's) and .png; svg=False: a run's own curves, .png alone."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    for ext, kw in (("svg", {}), ("png", {"dpi": 150})):
+    for ext, kw in ((("svg", {}), ("png", {"dpi": 150})) if svg else (("png", {"dpi": 100}),)):
         fig.savefig(f"{path}.{ext}", **kw)
     pyplot().close(fig)
 
@@ -631,10 +631,11 @@ def integer_epochs(*axes):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test"), height=2.1):
+def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test"), height=2.1, svg=False):
     """Loss (training and test) and accuracy (of `acc_splits` that the histories hold; old_*: the old task) against
     epoch, side by side, a row per (title, [the history of each seed]): the mean of the seeds with a band of +- one
-    standard deviation; a loss spanning more than 10x on a log scale; `height` inches a row. Writes path.svg, .png."""
+    standard deviation; a loss spanning more than 10x on a log scale; `height` inches a row. Writes path.png (and
+    with `svg`, path.svg)."""
     fig, axes = pyplot().subplots(len(rows), 2, figsize=(6.6, height * len(rows)), squeeze=False, sharex=True)
     for (title, hs), (a, b) in zip(rows, axes):
         epochs = [r["epoch"] for r in hs[0]]
@@ -649,4 +650,4 @@ def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test"), hei
         a.legend(), b.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves, never over them
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
-    save(fig, path)
+    save(fig, path, svg)

@@ -163,7 +163,7 @@ def teacher_part(g):
     rows = [[times(c) for i, c in enumerate(row) if i != 1] for row in changes if row[2]] + [["---"]]
     rows += [[times(row[0]), "", "", "", times(row[5]), times(row[6])] for row in changes
              if not row[2] and row[1].startswith("layer")]
-    common.plot_curves([("", [t["history"]])], os.path.join(g["out"], "figures", "teacher"), "cross-entropy")
+    common.plot_curves([("", [t["history"]])], os.path.join(g["out"], "figures", "teacher"), "cross-entropy", svg=True)
     return setup_words(t["config"], [t], t) | {
         "data": data_words(t), "listing": listing("The teacher: torchvision's ResNet18, three strides changed",
                                                   common.teacher_resnet18),
@@ -212,7 +212,7 @@ def kd_part(g):
                       r["result"].get("diverged", "")] for r in runs]
     common.plot_curves([(label + (f", T = {T:g}" if lam else "") + ": ", [r["history"] for r in students[label]])
                         for label, T, lam in q1b.TABLE if students[label]], os.path.join(g["out"], "figures", "kd_students"),
-                       "loss", ("test",), height=1.55)
+                       "loss", ("test",), height=1.55, svg=True)
     return setup_words(cfg, first, t) | {
         "lr_default": q1b.parse([]).lr, "params": f"{n_params:,}", "fc1_in": f"{fc1_in:,}", "soft": soft_targets(g), "discussion": q1_discussion(g),
         "fc1_m": f"{fc1_params / 1e6:.1f}", "params_m": f"{n_params / 1e6:.1f}",
@@ -465,7 +465,7 @@ def q2_figures(g):
     methods, both = g["methods"], ("train", "test", "old_train", "old_test")
     for name, ms in (("fe", ["fe"]), ("ft", ["ft"]), ("lwf", ["lwf"]), ("references", ["joint", "ft-all"])):
         if rows := [(f"{WORDS[m]}: " if len(ms) > 1 else "", [r["history"] for r in methods[m]]) for m in ms if methods[m]]:
-            common.plot_curves(rows, os.path.join(g["out"], "figures", f"q2_{name}"), "loss", both)
+            common.plot_curves(rows, os.path.join(g["out"], "figures", f"q2_{name}"), "loss", both, svg=True)
     fig, (a, b) = common.pyplot().subplots(1, 2, figsize=(6.6, 3.0))
     for m, label in q2.METHODS.items():
         if runs := methods[m]:

@@ -163,6 +163,7 @@ def test_observations_give_each_difference_with_its_standard_error_and_verdict(m
     assert "T = 2 and λ = 0.9, reaches 71.50%" in body and "does not reach the teacher" in body
     assert "As it must by construction, feature extraction keeps the old task exactly (93.00% before and after)" in body
     assert "is not an experimental finding" in body
+    assert "100-subject face-recognition task" in body and "512→100 layer" in body  # the face task as it ran
 
 
 def test_an_edited_report_source_is_never_overwritten(tmp_path, capsys):
@@ -228,9 +229,9 @@ def test_with_one_seed_differences_are_set_against_the_test_sets_own_noise(tmp_p
 
 
 def text_of(out):
-    """The report's text before its code appendix."""
-    report.main(["--out", str(out)])
-    return re.sub(r"\s+", " ", " ".join(pdf_text(out / "report.pdf")[:appendix_page(out) - 1]))
+    """What report.typ would print of the report's data (its sentences, tables and setup words; no compile)."""
+    d = report.report_data(report.gather(str(out)), "", "")
+    return d, json.dumps(d, ensure_ascii=False)
 
 
 def test_the_report_of_a_full_gpu_like_run_says_what_its_numbers_show(tmp_path):
@@ -239,14 +240,14 @@ def test_the_report_of_a_full_gpu_like_run_says_what_its_numbers_show(tmp_path):
     acc = [82.0, 80.0, 84.0, 86.0, 86.0]
     methods = {"fe": (93.0, 60.0), "ft": (40.0, 80.0), "lwf": (75.0, 70.0), "joint": (91.0, 78.0), "ft-all": (30.0, 82.0)}
     fake_out(str(tmp_path), seeds=3, teacher=95.0, student=lambda k, i: acc[k] + 0.5 * i, methods=methods)
-    text = text_of(tmp_path)
+    d, text = text_of(tmp_path)
     assert "every student stays below the teacher" in text and "a student above its teacher" not in text
     assert "KD 2 and KD 3 tie at 86.50 ± 0.50%" in text
     assert "mean ± standard deviation over 3 seeds" in text and "made with one seed" not in text
     assert "every KD student does better than the labels alone: the soft targets help" in text
-    assert "100-subject face-recognition task" in text and "512→100" in text and "10 for test" in text
+    assert d["intro"]["task"] == "100-subject" and d["q2"]["subjects"] == 100 and d["q2"]["test_per"] == 10
     assert "In short, the assignment's three methods trade one task for the other" in text
-    assert "These runs" not in text  # the official CIFAR-10, ImageNet weights: nothing to warn of
+    assert d["intro"]["source"] == "official" and not d["intro"]["random"]  # nothing to warn of
 
 
 def test_the_report_of_the_real_image_run_in_docs(tmp_path):
@@ -255,10 +256,11 @@ def test_the_report_of_the_real_image_run_in_docs(tmp_path):
     out = tmp_path / "out"
     shutil.copytree(os.path.join(ROOT, "docs", "real_cifar_run"), out)
     (out / "teacher" / "model.pt").write_bytes(b"weights not kept")
-    text = text_of(out)
+    d, text = text_of(out)
     assert "CIFAR-10 images, not the official files" in text and "synthetic substitute for CIFAR-10" not in text
-    assert "5,000 training and 2,000 test images" in text and "started from random weights" in text
+    assert d["intro"]["source"] == "other" and d["intro"]["random"] and not d["intro"]["full"]
+    assert "5,000 training and 2,000 test images" in text
     assert "KD 3, 52.80% (+2.50 points): the best student matches the teacher within noise" in text
     assert "stays below" not in text and "none of these differences is beyond the noise" in text
-    assert "10-subject face-recognition task" in text and "512→10 layer" in text and "100-subject" not in text
+    assert d["intro"]["task"] == "10-subject" and d["q2"]["subjects"] == 10 and "100-subject" not in text
     assert "soft targets narrow the gap" not in text  # not claimed where the test accuracy shows no effect
