@@ -2,7 +2,7 @@
 #   make all       everything the assignment asks for, into out/ (a GPU box; downloads CIFAR-10,
 #                  ImageNet weights and 100 DigiFace-1M identities on first use)
 #   make demo      the same pipeline offline on synthetic data, CPU, under 2 min on 2 cores, into out/demo/
-#   make test      the test suite (CPU, no network), about 4 min on 2 cores (+1-2 min to make .venv)
+#   make test      the test suite (CPU, no network), about 5 min on 2 cores (+1-2 min to make .venv)
 #   make report    the hand-in: out/report.pdf (and .typ, .json) from whatever has run; AUTHOR= STUDENT_ID=
 #   make plan      what make all will run on this card: precision, lock-step groups, memory, disk, time
 #   make bench     throughput of each kind of step; make lr-range / make compare: the students' lr range

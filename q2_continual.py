@@ -150,8 +150,7 @@ def method_config(method, args, lr, i=0, lambda_o=None):
 
 
 def run_method(key, method, lambda_o, i, teacher, cifar, faces, before, args, lr, device):
-    """Train one method with seed SEED + i (the new head's initial weights, data order, augmentation)
-    into run_dir(key, i)."""
+    """Train one method with seed SEED + i (its new head's weights, data order, augmentation) into run_dir(key, i)."""
     run = run_dir(args, key, i)
     print(f"-- {METHODS[method]}" + (f" λo={lambda_o:g}" if key != method else "") + f", seed {args.seed + i} -> {run}")
     torch.manual_seed(args.seed + i)  # the same fresh new head for every method of a seed
@@ -161,10 +160,10 @@ def run_method(key, method, lambda_o, i, teacher, cifar, faces, before, args, lr
         net.compile()
     # the old task after each epoch: its test set, and (to keep the cost of a GPU epoch down) 10,000 training images
     sets = {s: Batches(*(t[:10000 if s == "train" else None] for t in cifar[s]), batch_size=1024) for s in ("train", "test")}
-    old = {"old_train_acc": before[0], "old_test_acc": before[1]}
+    old = {}
 
-    def old_task_acc(net, epoch):  # only an epoch that trained a weight of the old task can change it; the last is measured
-        if epoch == args.epochs or any(q.requires_grad for q in net.old_task_parameters()):
+    def old_task_acc(net, epoch):  # only an epoch that trained a weight of the old task can change it; first and last measured
+        if not old or epoch == args.epochs or any(q.requires_grad for q in net.old_task_parameters()):
             old.update({f"old_{s}_acc": evaluate(net, old_task, b, precision=args.precision)[1] for s, b in sets.items()})
         return dict(old)
     gen = torch.Generator(device=device).manual_seed(args.seed + i)
