@@ -22,10 +22,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+import machinery as M
 from common import (MEAN, STD, Batches, StudentCNN, Students, cross_entropy, evaluate, load_cifar10, load_teacher,
                     normalize, sgd, student_groups, teacher_resnet18, train_epoch, warmup_cosine)
 from machinery import (CIFAR10, PRECISIONS, RESNET18_FILE, Parser, autocast, die, group_size, lockstep_groups, md_table,
-                       nonneg, positive, positive_int, run, setup, student_memory, write_synthetic_cifar)
+                       nonneg, positive, positive_int, run, setup, write_synthetic_cifar)
 import q1b_kd
 from q1b_kd import distill_loss
 
@@ -54,13 +55,14 @@ def timed(fn, device):
     return time.perf_counter() - t
 
 
-def train_seconds(model, loss_fn, data, warm, device, precision):
-    """Seconds for one pass of training steps over `data`, after one warm-up step (cuDNN autotuning)."""
+def train_seconds(model, loss_fn, data, warm, device, precision, clip=5.0):
+    """Seconds for one pass of training steps over `data`, after one warm-up step (cuDNN autotuning): the project's
+    own step (machinery.Step: each student's clip, fp16 scale and divergence on the device)."""
     model = model.to(device, memory_format=torch.channels_last)
-    opt = sgd(model.parameters(), 0.01)
-    sched = warmup_cosine(opt, 10 ** 6, 0)
-    train_epoch(model, loss_fn, opt, sched, warm, precision=precision)
-    return timed(lambda: train_epoch(model, loss_fn, opt, sched, data, precision=precision), device)
+    opt = sgd(student_groups(model, 0.01, 0.1) if isinstance(model, Students) else model.parameters(), 0.01)
+    sched, step = warmup_cosine(opt, 10 ** 6, 0), M.Step(model, opt, precision, clip)
+    train_epoch(model, loss_fn, sched, warm, step)
+    return timed(lambda: train_epoch(model, loss_fn, sched, data, step), device)
 
 
 def cifar_or_synthetic(args, device):
@@ -92,9 +94,9 @@ def lr_range(args, device):
         how = f"the teacher of {path}"
     else:  # a teacher that has learnt something of these images, so that its soft targets carry information
         opt = sgd(teacher.parameters(), 0.05)
-        train_epoch(teacher, cross_entropy, opt, warmup_cosine(opt, 10 ** 6, 0),
+        train_epoch(teacher, cross_entropy, warmup_cosine(opt, 10 ** 6, 0),
                     Batches(x[:128 * args.teacher_steps], y[:128 * args.teacher_steps], batch_size=128, shuffle=True,
-                            augment=True, gen=gen), desc="teacher")
+                            augment=True, gen=gen), M.Step(teacher, opt, args.precision), desc="teacher")
         how = f"ResNet18 from random weights, trained {args.teacher_steps} steps of 128 on these images"
     teacher.eval().requires_grad_(False)
     steps, b = args.range_steps, args.batch or 512
@@ -106,9 +108,10 @@ def lr_range(args, device):
         group = Students([StudentCNN(bn=True) for _ in students]).to(device, memory_format=torch.channels_last)
         opt = sgd(student_groups(group, args.lr_min, args.fc1_lr / 100), args.lr_min)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lrs[min(i, steps - 1)] / args.lr_min)
-        log = []
-        train_epoch(group, distill_loss(teacher, [(T, lam) for _, T, lam in students]), opt, sched, data,
-                    desc=f"lr range, clip {clip:g}", clip=clip, log=log, precision=args.precision)
+        step = M.Step(group, opt, args.precision, clip)
+        step.log = log = []
+        train_epoch(group, distill_loss(teacher, [(T, lam) for _, T, lam in students]), sched, data, step,
+                    desc=f"lr range, clip {clip:g}")
         for k, (label, _, _) in enumerate(students):
             curves[f"{label}, " + (f"clip {clip:g}" if clip else "no clip")] = [float(v[k]) for v in log]
     rows, fig, ax = [], *plt.subplots(figsize=(7, 4.5))
@@ -187,12 +190,12 @@ def compare(args, device):
         opt = optimiser(model)
         total = args.epochs * len(train)
         sched = warmup_cosine(opt, total, max(1, total // 10))
-        accs, t0 = [], time.time()
+        accs, t0, step = [], time.time(), M.Step(model, opt, args.precision, clip)
         for epoch in range(1, args.epochs + 1):
-            log = []
-            bad = train_epoch(model, cross_entropy, opt, sched, train, desc=f"{name} epoch {epoch}", clip=clip, log=log,
-                              precision=args.precision)
-            accs.append("diverged" if any(bad) else f"{evaluate(model, cross_entropy, test, precision=args.precision)[1]:.2f}")
+            step.log = log = []
+            step.epoch()
+            train_epoch(model, cross_entropy, sched, train, step, desc=f"{name} epoch {epoch}")
+            accs.append("diverged" if step.bad.any() else f"{evaluate(model, cross_entropy, test, args.precision)['acc']:.2f}")
             print(f"{name} epoch {epoch}: test {accs[-1]}%, train loss {float(torch.cat(log[-len(log) // 5:]).mean()):.3f}",
                   flush=True)
         rows.append([what] + accs + [f"{float(torch.cat(log[-len(log) // 5:]).mean()):.3f}", f"{(time.time() - t0) / 60:.1f}"])
@@ -274,16 +277,22 @@ def plan(args, device):
         props = torch.cuda.get_device_properties(device)
         free = torch.cuda.mem_get_info(device)[0]
         name = f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB, compute capability {props.major}.{props.minor})"
-        one, two = (student_memory(sizing, j, k.batch, args.precision, device) for j in (1, 2))
+        g = M.measure_group(sizing, k.batch, args.precision, device)
+        kept = os.path.join(k.out, "kd", "group.json")
+        chosen = f"GROUP={k.group}" if k.group else f"{size} (kept in {kept})" if os.path.exists(kept) else str(size)
         need = {"teacher": peaks["teacher_train"], "continual": peaks["face_train"],
-                "kd-table": one + (max(map(len, table)) - 1) * (two - one),
-                "kd-sweep": one + (max(map(len, sweep)) - 1) * (two - one)}
-        memory = "\nGPU memory, measured (a step of 1 and of 2 students, a teacher and a face step), against " \
-                 f"{free / 2 ** 30:.1f} GiB free: " + "; ".join(
-                     f"{s} {v / 2 ** 30:.1f} GiB" + ("" if v < 0.9 * free else " (DOES NOT FIT: give a smaller "
-                                                     + ("GROUP=" if s.startswith("kd") else "BATCH=") + ")")
-                     for s, v in need.items()) + \
-                 f". One more student in a group: {(two - one) / 2 ** 30:.2f} GiB.\n"
+                "kd-table": g["fixed"] + max(map(len, table)) * g["per_student"],
+                "kd-sweep": g["fixed"] + max(map(len, sweep)) * g["per_student"]}
+        memory = (f"\nGPU memory against {free / 2 ** 30:.1f} GiB free, peaks measured (a teacher step, a face step; "
+                  f"lock-step groups from steps of {' and '.join(g['measured'])} students after a discarded warm-up): "
+                  + "; ".join(f"{s} {v / 2 ** 30:.1f} GiB" + ("" if v < 0.9 * free else " (DOES NOT FIT: give a smaller "
+                                                             + ("GROUP=" if s.startswith("kd") else "BATCH=") + ")")
+                              for s, v in need.items())
+                  + f". Lock-step groups: measured " + ", ".join(f"{j} students {v / 2 ** 30:.2f} GiB" for j, v in
+                                                                 g["measured"].items())
+                  + f"; one more student {g['per_student'] / 2 ** 30:.2f} GiB (arithmetic floor {g['floor'] / 2 ** 30:.2f}"
+                  f" GiB), fixed {g['fixed'] / 2 ** 30:.2f} GiB; groups of up to {g['group']} fit 80% of the free memory;"
+                  f" chosen: {chosen}.\n")
     text = (f"### make plan on {name}, {args.precision}\n\n"
             + md_table(["step", "runs", "SGD steps", "students per lock-step group", "estimated time", "disk (weights)"],
                        rows)

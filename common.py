@@ -17,11 +17,10 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-import machinery
-from machinery import CIFAR10, autocast, die, natural_key, warn
-from machinery import (CIFAR_CLASSES, DIGIFACE_URL, Parser, diverged, fetch_digiface, file_sha256, finish,  # noqa: F401
-                       finished, flag, fraction, nonneg, nonneg_int, parse_layers, pct, positive, positive_int,
-                       read_json, run, setup, train_lockstep, write_json)  # re-exported: the scripts import common alone
+import machinery as M
+from machinery import die
+
+EVAL_IMAGES = 10000  # a training set is measured on a fixed 10,000 of its images after each epoch, on all after the last
 
 
 # =============================================================================
@@ -39,10 +38,10 @@ def load_cifar10(root, device):
     and 'source': "official" (every batch file is the official one, its md5), "synthetic" (the demo's and
     the tests', machinery.write_synthetic_cifar) or "other" (real images, not the official files, such as
     the JPEG copy). Downloaded into `root` on first use; batch files read safely (machinery)."""
-    folder = machinery.download_cifar10(root)
+    folder = M.download_cifar10(root)
     out, sources = {}, set()
-    for split, files in (("train", CIFAR10.train_list), ("test", CIFAR10.test_list)):
-        parts = [machinery.read_cifar_batch(os.path.join(folder, name), md5) for name, md5 in files]
+    for split, files in (("train", M.CIFAR10.train_list), ("test", M.CIFAR10.test_list)):
+        parts = [M.read_cifar_batch(os.path.join(folder, name), md5) for name, md5 in files]
         x = torch.from_numpy(np.concatenate([p[0] for p in parts])).permute(0, 3, 1, 2).contiguous()
         y = torch.tensor([v for p in parts for v in p[1]], dtype=torch.long)
         out[split] = (x.to(device), y.to(device))
@@ -102,6 +101,13 @@ class Batches:
                 x = augment(x, self.pad, self.gen)
             yield (normalize(x), *(t[idx] for t in self.targets))
 
+    def subset(self, n, seed=0):
+        """The same images' fixed random subset of n (all of them if there are fewer), in order."""
+        if n >= len(self.x):
+            return self
+        idx = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(seed))[:n].sort().values.to(self.x.device)
+        return Batches(self.x[idx], *(t[idx] for t in self.targets), batch_size=self.batch_size)
+
 
 class SeedBatches:
     """Lock-step training batches for several seeds: each seed's own Batches (order and augmentation),
@@ -148,7 +154,7 @@ def load_faces(folder, subjects=100, per_subject=50, train_per_subject=40, size=
     test_per = per_subject - train_per_subject
     presplit = all(os.path.isdir(os.path.join(folder, s)) for s in ("train", "test"))
     top = os.path.join(folder, "train") if presplit else folder
-    names = sorted((d for d in os.listdir(top) if os.path.isdir(os.path.join(top, d))), key=natural_key)
+    names = sorted((d for d in os.listdir(top) if os.path.isdir(os.path.join(top, d))), key=M.natural_key)
     if not names:
         die(f"{top} holds no subject folders (expected {top}/<subject>/<image>)")
     chosen, short = [], []
@@ -156,16 +162,16 @@ def load_faces(folder, subjects=100, per_subject=50, train_per_subject=40, size=
         for name in names:
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # per subject: stable
             if presplit:
-                tr = machinery.read_subject(os.path.join(folder, "train", name), size, pool)
+                tr = M.read_subject(os.path.join(folder, "train", name), size, pool)
                 te_dir = os.path.join(folder, "test", name)
-                te = machinery.read_subject(te_dir, size, pool) if os.path.isdir(te_dir) else []
+                te = M.read_subject(te_dir, size, pool) if os.path.isdir(te_dir) else []
                 if len(tr) < train_per_subject or len(te) < test_per:
                     short.append(f"{name} ({len(tr)} train, {len(te)} test)")
                     continue
                 tr = [tr[i] for i in rng.permutation(len(tr))[:train_per_subject]]
                 te = [te[i] for i in rng.permutation(len(te))[:test_per]]
             else:
-                ims = machinery.read_subject(os.path.join(folder, name), size, pool)
+                ims = M.read_subject(os.path.join(folder, name), size, pool)
                 if len(ims) < per_subject:
                     short.append(f"{name} ({len(ims)})")
                     continue
@@ -176,7 +182,7 @@ def load_faces(folder, subjects=100, per_subject=50, train_per_subject=40, size=
                 break
     need = f"{train_per_subject} train + {test_per} test" if presplit else f"{per_subject}"
     if short:
-        warn(f"skipped subjects with fewer than {need} readable images: {', '.join(short[:10])}"
+        M.warn(f"skipped subjects with fewer than {need} readable images: {', '.join(short[:10])}"
              + (f" and {len(short) - 10} more" if len(short) > 10 else ""))
     if len(chosen) < subjects:
         die(f"{folder}: only {len(chosen)} subjects have at least {need} readable images, "
@@ -195,18 +201,27 @@ def load_faces(folder, subjects=100, per_subject=50, train_per_subject=40, size=
 # =============================================================================
 
 
+class Float32Linear(nn.Linear):
+    """A Linear layer computed in float32 even under autocast: every network's last layer, so that logits (and the
+    soft targets softmax(t/T) made from them) are never rounded to 16 bits first."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 def teacher_resnet18(num_classes=10, pretrained=True):
     """torchvision's ResNet18 for 32x32 inputs: conv1, the max-pool and conv5_1 (3x3 conv and 1x1
     shortcut) get stride 1, so stages run 32-32-32-16-8-8 and the last feature map is 8x8x512;
     same 17 convolutions, kernel sizes, paddings and single max-pool. `fc` is a new 10-way layer."""
     model = torchvision.models.resnet18()
     if pretrained:
-        model.load_state_dict(machinery.imagenet_weights())
+        model.load_state_dict(M.imagenet_weights())
     model.conv1.stride = (1, 1)
     model.maxpool.stride = 1
     model.layer4[0].conv1.stride = (1, 1)
     model.layer4[0].downsample[0].stride = (1, 1)
-    model.fc = nn.Linear(512, num_classes)
+    model.fc = Float32Linear(512, num_classes)
     return model
 
 
@@ -232,6 +247,11 @@ def resnet_layers():
         names[f"conv{stage}_x"] = [f"layer{stage - 1}"]
         names.update({f"conv{stage}_{b}": [f"layer{stage - 1}.{b - 1}"] for b in (1, 2)})
     return names
+
+
+def layer_parameters(backbone, layer):
+    """The parameters of a layer named as in the ResNet paper (resnet_layers) in the teacher's backbone."""
+    return [q for m in resnet_layers()[layer] for q in backbone.get_submodule(m).parameters()]
 
 
 def _outputs(model, names, size):
@@ -280,7 +300,7 @@ def load_teacher(path, device=None):
     """The trained teacher from its model.pt (weights only), in eval mode."""
     if not os.path.exists(path):
         die(f"missing teacher checkpoint {path}: run `make teacher` first")
-    state = machinery.load_checkpoint(path)
+    state = M.load_checkpoint(path)
     model = teacher_resnet18(pretrained=False)
     try:
         model.load_state_dict(state)
@@ -304,7 +324,7 @@ class StudentCNN(nn.Module):
             cin = cout
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Linear(27 * 27 * 128, 500), nn.ReLU(inplace=True),
-                                        nn.Dropout(dropout), nn.Linear(500, 10))
+                                        nn.Dropout(dropout), Float32Linear(500, 10))
 
     def forward(self, x):
         # flattened in (h, w, c) order: the same 93,312 features, read in the order they lie in memory
@@ -312,12 +332,14 @@ class StudentCNN(nn.Module):
 
 
 def student_groups(students, lr, fc1_rate):
-    """Parameter groups of students (a StudentCNN or a lock-step group): the first FC (93,312 inputs,
-    46.7M weights) at `fc1_rate` times `lr`, every other layer at `lr`."""
-    fc1 = {id(q) for m in (students if isinstance(students, nn.ModuleList) else [students])
-           for q in m.classifier[0].parameters()}
-    return [{"params": [q for q in students.parameters() if id(q) not in fc1], "lr": lr},
-            {"params": [q for q in students.parameters() if id(q) in fc1], "lr": lr * fc1_rate}]
+    """Parameter groups of a StudentCNN or of each student of a lock-step group: its first FC (93,312 inputs,
+    46.7M weights) at `fc1_rate` times `lr`, its other layers at `lr`."""
+    groups = []
+    for m in (students if isinstance(students, Students) else [students]):
+        fc1 = set(m.classifier[0].parameters())
+        groups += [{"params": [q for q in m.parameters() if q not in fc1], "lr": lr},
+                   {"params": list(fc1), "lr": lr * fc1_rate}]
+    return groups
 
 
 class Students(nn.ModuleList):
@@ -331,15 +353,12 @@ class Students(nn.ModuleList):
         super().__init__(students)
         self.seeds = list(seeds) if seeds is not None else [0] * len(self)
 
-    def parts(self, t):
-        """Each student's part of a batch tensor (images, labels, teacher logits): its seed's in training."""
-        if not self.training:
-            return [t] * len(self)
-        chunks = t.chunk(max(self.seeds) + 1)
-        return [chunks[c] for c in self.seeds]
+    def part(self, t, k):
+        """Student k's part of a batch tensor (images, labels, teacher logits): its seed's in training, all in evaluation."""
+        return t.chunk(max(self.seeds) + 1)[self.seeds[k]] if self.training else t
 
     def forward(self, x):
-        logits = {k: m(xk).float() for k, (m, xk) in enumerate(zip(self, self.parts(x))) if k not in self.stopped}
+        logits = {k: m(self.part(x, k)).float() for k, m in enumerate(self) if k not in self.stopped}
         nan = torch.full_like(next(iter(logits.values())), math.nan)
         return torch.stack([logits.get(k, nan) for k in range(len(self))])
 
@@ -353,7 +372,7 @@ class ContinualNet(nn.Module):
         super().__init__()
         self.old, self.adapt_bn = teacher.fc, adapt_bn
         teacher.fc = nn.Identity()
-        self.backbone, self.new = teacher, nn.Linear(self.old.in_features, new_classes)
+        self.backbone, self.new = teacher, Float32Linear(self.old.in_features, new_classes)
 
     def forward(self, x):
         f = self.backbone(x)
@@ -436,12 +455,11 @@ def soft_cross_entropy(logits, target_logits, T=1.0):
 
 def lwf_loss(original, T, lambda_o):
     """LwF's loss in its joint stage (Li & Hoiem, eq. 2-3): CE(new) + lambda_o * CE(softmax(y_o/T), softmax(old/T)),
-    where y_o is the ORIGINAL network's old-task output on the same batch (no T^2 factor, as in the paper)."""
-    def loss(net, x, y, y_o=None):
+    where y_o is the ORIGINAL network's old-task output on the same images (no T^2 factor, as in the paper)."""
+    def loss(net, x, y):
         old, new = net(x)
-        if y_o is None:  # a training batch: the frozen original sees the same augmented images
-            with torch.no_grad():
-                y_o = original(x)
+        with torch.no_grad():
+            y_o = original(x)  # the frozen original (eval mode) on the same augmented batch
         return F.cross_entropy(new.float(), y) + lambda_o * soft_cross_entropy(old, y_o, T), new
     return loss
 
@@ -454,6 +472,15 @@ def joint_loss(net, x, y, x_old=None, y_old=None):
     if x_old is not None:
         loss = loss + F.cross_entropy(net(x_old)[0].float(), y_old)
     return loss, new
+
+
+def fidelity(student_logits, teacher_logits, labels):
+    """Per student: the cross-entropy with the labels (the one loss all students share), the top-1 agreement with
+    the teacher (%) and KL(teacher || student) at T = 1 (what distillation drives down): how faithful it is."""
+    s, p = student_logits.float(), soft_targets(teacher_logits, 1.0)
+    return {"ce": F.cross_entropy(s.movedim(-1, 1), labels.expand(s.shape[:-1]), reduction="none").mean(-1),
+            "agree": 100.0 * (s.argmax(-1) == teacher_logits.argmax(-1)).float().mean(-1),
+            "kl": (torch.xlogy(p, p) - p * F.log_softmax(s, dim=-1)).sum(-1).mean(-1)}
 
 
 # =============================================================================
@@ -485,21 +512,20 @@ def _num(t):
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, data, ce=False, precision="fp32"):
-    """Mean loss and accuracy (%) of `model` in eval mode over `data`, and with `ce` the cross-entropy of
-    its logits with the labels, from the same pass; lists for a lock-step group."""
+def evaluate(model, loss_fn, data, precision="fp32"):
+    """{'loss', 'acc' (%), and whatever else loss_fn returns as a third item}: means over `data` of `model` in
+    eval mode; per student for a lock-step group."""
     model.eval()
-    loss_sum = correct = ce_sum = n = 0
+    sums, n = {}, 0
     for x, y, *rest in data:
-        with autocast(x.device, precision):
-            loss, logits = loss_fn(model, x, y, *rest)
-        loss_sum = loss_sum + loss.float() * len(y)
-        correct = correct + (logits.argmax(-1) == y).sum(-1)
-        if ce:  # per student of a group: logits (K, B, C)
-            ce_sum = ce_sum + F.cross_entropy(logits.float().movedim(-1, 1), y.expand(logits.shape[:-1]),
-                                              reduction="none").sum(-1)
+        with M.autocast(x.device, precision):
+            loss, logits, *more = loss_fn(model, x, y, *rest)
+        batch = {"loss": loss.float() * len(y), "acc": 100.0 * (logits.argmax(-1) == y).sum(-1),
+                 **{key: v * len(y) for key, v in (more[0] if more else {}).items()}}
+        for key, v in batch.items():
+            sums[key] = sums.get(key, 0) + v
         n += len(y)
-    return (_num(loss_sum / n), _num(100.0 * correct / n)) + ((_num(ce_sum / n),) if ce else ())
+    return {key: _num(v / n) for key, v in sums.items()}
 
 
 @torch.no_grad()
@@ -508,85 +534,51 @@ def predict(model, data, precision="fp32"):
     model.eval()
     out = []
     for x, *_ in data:
-        with autocast(x.device, precision):
+        with M.autocast(x.device, precision):
             out.append(model(x).float())
     return torch.cat(out)
 
 
-def train_epoch(model, loss_fn, opt, sched, data, desc="", clip=0.0, log=None, precision="fp32", scaler=None):
-    """One pass of SGD steps over `data`. Returns, per loss (one per student of a lock-step group), the
-    first step at which that student diverged (0 if none), checked on the device so the loop never
-    waits for the GPU. Diverged: its loss was not finite (fp32, bf16), or, under fp16 loss scaling, its
-    loss or gradients overflowed so often that its scale fell below 1 (one overflow only skips a step
-    and halves the scale, as GradScaler does). A diverged student's gradients are zeroed from that step
-    to the end of the epoch, so no NaN reaches its weights and its partners' gradients stay their own.
-    `clip` > 0 clips each student's gradient norm to it; `log` (a list) receives every step's losses;
-    `scaler`: fp16 loss scaling (machinery.LossScaler: one scale per student)."""
+def train_epoch(model, loss_fn, sched, data, step, desc=""):
+    """One pass of SGD steps over `data`: each batch's loss (one per student of a lock-step group), then step(loss)
+    (machinery.Step: backward, each student's gradient-norm clip, fp16 loss scale and divergence, the SGD step)."""
     model.train()
-    bad = None
-    parts = list(model) if isinstance(model, Students) else [model]
-    scaler = scaler or machinery.LossScaler(parts, precision == "fp16")
-    for step, (x, *ys) in enumerate(tqdm(data, desc=desc, leave=False, disable=None), 1):
-        with autocast(x.device, precision):
-            loss, _ = loss_fn(model, x, *ys)
-        if log is not None:
-            log.append(loss.detach().float().view(-1))
-        ok = torch.isfinite(loss)
-        opt.zero_grad(set_to_none=True)
-        # a group: the sum's gradient is each student's own gradient
-        (scaler(loss) if scaler.enabled else torch.where(ok, loss, 0)).sum().backward()
-        scaler.unscale_()  # fp16: a student whose gradients overflowed gets none (its step is skipped)
-        this = (scaler.scale < 1 if scaler.enabled else ~ok).long().view(-1) * step
-        if bad is None:  # a student stopped in an earlier epoch counts as diverged from the first step
-            this = torch.where(torch.tensor([k in getattr(model, "stopped", ()) for k in range(len(this))],
-                                            device=this.device), 1, this)
-        bad = this if bad is None else torch.where(bad > 0, bad, this)
-        alive = bad == 0
-        for k, part in enumerate(parts):  # 0 * inf in a diverged student's backward pass is NaN: zero it
-            for q in part.parameters():
-                if q.grad is not None:
-                    q.grad.masked_fill_(~alive[k], 0)
-        if clip:
-            for part in parts:
-                nn.utils.clip_grad_norm_(part.parameters(), clip)
-        opt.step()
+    for x, *ys in tqdm(data, desc=desc, leave=False, disable=None):
+        with M.autocast(x.device, step.precision):
+            loss = loss_fn(model, x, *ys)[0]
+        step(loss)
         sched.step()
-    return [0] if bad is None else bad.tolist()
 
 
-def fit(model, loss_fn, opt, sched, train, evals, epochs, run_dir, config, gen, stage=None, extra=None, clip=0.0,
-        final_only=(), ce=(), ckpt_every=1, precision="fp32"):
-    """The one training loop, for the teacher, every student and every Q2 method: for each epoch of the run
-    (1..epochs, or only those of a `stage` (first, last), each stage with its own optimiser and schedule),
-    train_epoch on `train`, then evaluate on each split of `evals` ({'train': ..., 'test': ...}: the same
-    loss function, eval mode, un-augmented), add extra(model, epoch)'s metrics and record the row. Returns
-    the history, one dict per epoch. `final_only`: splits measured at the run's last epoch only (None
-    before); `ce`: splits whose cross-entropy with the labels is recorded too (`<split>_ce`). A non-finite
-    loss stops the run; in a lock-step group (Students), only that student. The machinery (RunFolder):
-    history.json and a checkpoint every `ckpt_every` epochs (0: chosen so that writes take under 5% of the
-    time), from which the same command resumes; a changed config is refused."""
-    first, last = stage or (1, epochs)
-    group = isinstance(model, Students)
-    scaler = machinery.LossScaler(list(model) if group else [model], precision == "fp16")
-    folder = machinery.RunFolder(run_dir, config, epochs, ckpt_every, model, opt, sched, scaler, gen)
-    history = folder.resume(first, last)  # [] for a new run
-    for epoch in range(len(history) + 1, last + 1):
-        if group and not machinery.stop_diverged(model, history):
-            break  # every student of the group has diverged
-        t0 = time.time()
-        bad = train_epoch(model, loss_fn, opt, sched, train, desc=f"epoch {epoch}/{epochs}", clip=clip,
-                          precision=precision, scaler=scaler)
-        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
-        row |= machinery.divergence(bad, epoch, history, run_dir, group)  # stops the run, or records a group's
-        for split, data in evals.items():
-            skip = split in final_only and epoch < epochs
-            row[f"{split}_loss"], row[f"{split}_acc"], *more = (None, None) if skip else evaluate(
-                model, loss_fn, data, ce=split in ce, precision=precision)
-            row.update({f"{split}_ce": more[0]} if more else {})
-        row.update(extra(model, epoch) if extra else {})
+def fit(model, loss_fn, opt, sched, train, evals, epochs, run):
+    """The one training loop, for the teacher, every student and every Q2 method: train_epoch on `train` for each
+    epoch, and before the first and after each, evaluate on each split of `evals` ({split: data, measured with
+    loss_fn, or (another loss function, data)}; eval mode, un-augmented; a training set on a fixed EVAL_IMAGES of
+    its images, on all after the last epoch). `epochs`: the run's number, or a range of them (a stage with its own
+    optimiser and schedule, which continues the run's history). `run` (machinery.Run): the folder, its checkpoints
+    and resume, and the config, whose precision and gradient clip apply. Returns the history: a row per epoch,
+    the first (epoch 0) before any training. A non-finite loss stops the run; in a lock-step group, that student."""
+    stage, group = epochs if isinstance(epochs, range) else range(1, epochs + 1), isinstance(model, Students)
+    step = M.Step(model, opt, run.precision, run.clip)
+    history = run.resume(model, opt, sched, step, stage)
+    for epoch in range(history[-1]["epoch"] + 1 if history else 0, stage.stop):
+        t0, row = time.time(), {"epoch": epoch}
+        if epoch:
+            stopped = step.epoch()
+            if group:  # a diverged student leaves the group's passes; when none is left, the run ends
+                model.stopped = frozenset(stopped)
+                if len(stopped) == len(model):
+                    break
+            train_epoch(model, loss_fn, sched, train, step, desc=f"epoch {epoch}/{run.epochs}")
+            row |= run.diverged(step.bad.tolist(), epoch, history, group)  # stops a single run
+        row["lr"] = opt.param_groups[0]["lr"]  # where the schedule stands after the epoch
+        for split, e in evals.items():
+            fn, data = e if isinstance(e, tuple) else (loss_fn, e)
+            data = data if epoch == run.epochs or not split.endswith("train") else data.subset(EVAL_IMAGES)
+            row |= {f"{split}_{k}": v for k, v in evaluate(model, fn, data, run.precision).items()}
         row["seconds"] = round(time.time() - t0, 2)
         history.append(row)
-        folder.record(history, last)  # history.json, the checkpoint when due, a printed row
+        run.record(history, stage.stop - 1)
     return history
 
 

@@ -164,7 +164,17 @@ def get_device(name=""):
         if (device.index or 0) >= torch.cuda.device_count():
             die(f"DEVICE={name} but only {torch.cuda.device_count()} GPU(s) are visible")
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 on Ampere+: TF32 tensor cores
     return device
+
+
+def prepare(model, device, compile_=False):
+    """A model on the device, channels_last (faster convolutions on GPU and CPU), compiled in place if asked (its
+    state_dict keeps its keys)."""
+    model = model.to(device, memory_format=torch.channels_last)
+    for part in (model if isinstance(model, torch.nn.ModuleList) else [model]) if compile_ else ():
+        part.compile()
+    return model
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -193,46 +203,92 @@ def autocast(device, precision="fp32"):
     return torch.autocast(device.type, dtype=_AMP[precision] or torch.float32, enabled=_AMP[precision] is not None)
 
 
-class LossScaler:
-    """fp16 loss scaling as torch.amp.GradScaler does it (the scale halves and the step is skipped when a
-    gradient overflows, and doubles after 2000 steps without), but with one scale per student of a
-    lock-step group: one student's overflow skips that student's step alone, not its partners'.
-    Does nothing unless enabled (fp16)."""
+class Step:
+    """The optimiser step of a model, or of a lock-step group of students (Students, one loss each), on the device
+    and without a host sync at any precision. Backward of the losses (fp16: each times its student's scale); per
+    student, the norm of its gradients (one foreach kernel for all); a student whose loss or gradients are not
+    finite takes no step: under fp32 and bf16 it has diverged (for good), under fp16 it overflowed, as GradScaler
+    handles it (its scale halves; 2,000 good steps double it; a scale below 1 is a divergence). The others'
+    gradients are unscaled and clipped to `clip` (0: off) on their own norm (one foreach kernel per student), then
+    SGD takes its fused step per parameter group, told on the device to skip the groups of students that take none
+    (found_inf, as GradScaler tells it): no weight decay or momentum step either. `bad`: per student, the first step
+    of the epoch at which it diverged (0: none). Optimisers other than fused SGD: the same, with a host sync."""
 
-    def __init__(self, parts, enabled, scale=2.0 ** 16, interval=2000):
-        self.parts, self.enabled, self.interval = parts, enabled, interval
-        device = next(parts[0].parameters()).device
-        self.scale = torch.full((len(parts),), scale if enabled else 1.0, device=device)
-        self.good = torch.zeros(len(parts), device=device)
+    def __init__(self, model, opt, precision="fp32", clip=0.0, scale=2.0 ** 16, interval=2000):
+        self.parts = list(model) if isinstance(model, torch.nn.ModuleList) else [model]
+        self.opt, self.precision, self.clip, self.interval, self.fp16 = opt, precision, clip, interval, precision == "fp16"
+        self.device = next(model.parameters()).device
+        owner = {q: k for k, part in enumerate(self.parts) for q in part.parameters()}
+        self.owner = [owner[g["params"][0]] if g["params"] else 0 for g in opt.param_groups]  # a group: one student
+        assert all(owner[q] == k for g, k in zip(opt.param_groups, self.owner) for q in g["params"]), \
+            "a parameter group spans students: give each student its own groups"
+        self.fused = isinstance(opt, torch.optim.SGD) and all(g.get("fused") for g in opt.param_groups)
+        for g in opt.param_groups if self.fused else ():  # zero momentum: the same first step, and one a skip cannot leave unset
+            for q in g["params"] if g["momentum"] else ():
+                opt.state[q].setdefault("momentum_buffer", torch.zeros_like(q, memory_format=torch.preserve_format))
+        k = len(self.parts)
+        self.scale = torch.full((k,), scale if self.fp16 else 1.0, device=self.device)
+        self.good = torch.zeros(k, device=self.device)
+        self.dead = torch.zeros(k, dtype=torch.bool, device=self.device)  # diverged in an earlier epoch or step
+        self.index = {}  # which student each gradient belongs to, per set of gradients present (built once: no copy)
+        self.log, self.step, self.bad = None, 0, torch.zeros(k, dtype=torch.long, device=self.device)
 
     def __call__(self, loss):
-        """The loss of each student, times its scale."""
-        return loss * self.scale if self.enabled else loss
+        loss = loss.float().view(-1)
+        if self.log is not None:
+            self.log.append(loss.detach())
+        self.opt.zero_grad(set_to_none=True)
+        (loss * self.scale if self.fp16 else loss).sum().backward()  # a group: each student's own gradient
+        grads = [[q.grad for q in part.parameters() if q.grad is not None] for part in self.parts]
+        key = tuple(map(len, grads))
+        if key not in self.index:
+            self.index[key] = torch.tensor([k for k, g in enumerate(grads) for _ in g], device=self.device)
+        flat = [g for gs in grads for g in gs]
+        sq = torch.stack(torch._foreach_norm(flat)).square() if flat else torch.zeros(0, device=self.device)
+        norm = torch.zeros(len(self.parts), device=self.device).index_add_(0, self.index[key], sq).sqrt() / self.scale
+        found = ~(torch.isfinite(norm) & torch.isfinite(loss))
+        mult = (1 / self.scale) * ((self.clip / (norm + 1e-6)).clamp(max=1) if self.clip else 1)
+        for k, gs in enumerate(grads):
+            if gs and (self.fp16 or self.clip):
+                torch._foreach_mul_(gs, mult[k])
+        self.step += 1
+        if self.fp16:
+            self.good = torch.where(found, 0, self.good + 1)
+            grow = self.good >= self.interval
+            self.scale = torch.where(found, self.scale / 2, torch.where(grow, self.scale * 2, self.scale))
+            self.good = torch.where(grow, 0, self.good)
+            self.dead |= self.scale < 1
+        else:
+            self.dead |= found
+        self.bad = torch.where((self.bad == 0) & self.dead, self.step, self.bad)
+        skip = (found | self.dead).float()
+        for g, k in zip(self.opt.param_groups, self.owner):
+            params = [q for q in g["params"] if q.grad is not None]
+            if not params:
+                continue
+            if self.fused:
+                torch._fused_sgd_(params, [q.grad for q in params],
+                                  [self.opt.state[q]["momentum_buffer"] for q in params] if g["momentum"] else [],
+                                  weight_decay=g["weight_decay"], momentum=g["momentum"], lr=g["lr"],
+                                  dampening=g["dampening"], nesterov=g["nesterov"], maximize=False,
+                                  is_first_step=False, grad_scale=None, found_inf=skip[k])
+            elif skip[k]:  # a host sync: the fused kernel is what avoids it
+                for q in params:
+                    q.grad = None
+        if not self.fused:
+            self.opt.step()
 
-    def unscale_(self):
-        """Divide each student's gradients by its scale; a student whose gradients overflowed gets none
-        (so the optimiser skips it, momentum and weight decay included) and half the scale."""
-        if not self.enabled:
-            return
-        found = torch.zeros(len(self.parts), device=self.scale.device)
-        inv = 1.0 / self.scale
-        for k, part in enumerate(self.parts):
-            grads = [q.grad for q in part.parameters() if q.grad is not None]
-            if grads:
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, found[k:k + 1], inv[k:k + 1])
-        for k in found.nonzero().view(-1).tolist():  # the one host sync of an fp16 step
-            for q in self.parts[k].parameters():
-                q.grad = None
-        self.good = torch.where(found > 0, 0, self.good + 1)
-        grow = self.good >= self.interval
-        self.scale = torch.where(found > 0, self.scale / 2, torch.where(grow, self.scale * 2, self.scale))
-        self.good = torch.where(grow, 0, self.good)
+    def epoch(self):
+        """Start an epoch: the step count from 0; returns the students that have diverged (a set of indices)."""
+        self.step, self.bad = 0, torch.zeros_like(self.bad)
+        return {k for k, d in enumerate(self.dead.tolist()) if d}
 
     def state_dict(self):
-        return {"scale": self.scale, "good": self.good}
+        return {"scale": self.scale, "good": self.good, "dead": self.dead}
 
     def load_state_dict(self, state):
-        self.scale, self.good = state["scale"].to(self.scale.device), state["good"].to(self.scale.device)
+        self.scale, self.good = state["scale"].to(self.device), state["good"].to(self.device)
+        self.dead = state.get("dead", self.dead).to(self.device)
 
 
 # =============================================================================
@@ -612,9 +668,9 @@ def parse_layers(text, valid):
 
 
 def group_size(args, device, make):
-    """Students per lock-step group, the KD table's and the sweep's: GROUP, or as many as fit 80% of the
-    free GPU memory, measured with one training step of make(1) and of make(2) students at the batch size
-    and precision (10 on the CPU). Kept in out/kd/group.json, so that a rerun makes the same groups."""
+    """Students per lock-step group, the KD table's and the sweep's: GROUP; else the size kept in out/kd/group.json
+    (a rerun makes the same groups); else 10 on the CPU, and on CUDA as many as fit 80% of the free memory, from
+    measure_group. What was measured and chosen goes to group.json (and make plan prints it)."""
     path = os.path.join(args.out, "kd", "group.json")
     if args.group:
         return args.group
@@ -622,18 +678,25 @@ def group_size(args, device, make):
         return read_json(path)["group"]
     if device.type != "cuda":
         return 10
-    one, two = (student_memory(make, k, args.batch, args.precision, device) for k in (1, 2))
-    free = torch.cuda.mem_get_info(device)[0]
-    size = fit_group(free, one, two)
-    write_json(path, {"group": size, "free_bytes": free, "one": one, "two": two})
-    print(f"lock-step groups of up to {size} students ({(two - one) / 1e9:.2f} GB each, measured; "
-          f"{free / 1e9:.1f} GB free)")
-    return size
+    sizing = measure_group(make, args.batch, args.precision, device)
+    write_json(path, sizing)
+    print(f"lock-step groups of up to {sizing['group']} students ({sizing['per_student'] / 1e9:.2f} GB each; measured "
+          f"{', '.join(f'{k}: {v / 1e9:.2f} GB' for k, v in sizing['measured'].items())}; floor "
+          f"{sizing['floor'] / 1e9:.2f} GB; {sizing['free'] / 1e9:.1f} GB free)")
+    return sizing["group"]
+
+
+def measure_group(make, batch, precision, device, sizes=(2, 4)):
+    """The peak GPU bytes of one training step of groups of `sizes` students, after a discarded warm-up step (the
+    first CUDA step at these shapes pays cuDNN's trial workspaces, which later steps reuse), and plan_group's choice."""
+    student_memory(make, 1, batch, precision, device)
+    measured = {k: student_memory(make, k, batch, precision, device) for k in sizes}
+    return plan_group(torch.cuda.mem_get_info(device)[0], measured, student_floor(make(1), batch, precision))
 
 
 def student_memory(make, k, batch, precision, device):
     """Peak GPU bytes of one training step of make(k), k students in lock-step (weights, gradients, momentum,
-    activations)."""
+    activations), above what was allocated before."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -642,14 +705,31 @@ def student_memory(make, k, batch, precision, device):
     with autocast(device, precision):
         students(x).float().sum().backward()
     torch.optim.SGD(students.parameters(), 0.0, momentum=0.9).step()  # its momentum buffers, updated in place
-    del students
+    del students, x
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def fit_group(free, one, two, margin=0.8):
-    """How many students fit `margin` of `free` bytes when 1 student takes `one` and 2 take `two`."""
-    per = max(1, two - one)
-    return max(1, int((margin * free - (one - per)) / per))
+def student_floor(model, batch, precision):
+    """The least one student can take in training, by arithmetic: weights, gradients and momentum in float32, and
+    every layer's output at the batch size (2 bytes an element under autocast, 4 in fp32)."""
+    sizes, hooks = [], [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel()))
+                        for m in model.modules() if not list(m.children())]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    return 3 * 4 * sum(q.numel() for q in model.parameters()) + (4 if precision == "fp32" else 2) * batch * sum(sizes)
+
+
+def plan_group(free, measured, floor, margin=0.8):
+    """How many students fit `margin` of `free` bytes: one more student costs the slope between the two largest group
+    sizes `measured` ({students: peak bytes}), never less than `floor` (a tiny, zero or negative slope measures
+    nothing); the rest of the largest reading is fixed (the batch, workspaces)."""
+    (a, ma), (b, mb) = sorted(measured.items())[-2:]
+    per = max(floor, (mb - ma) / (b - a))
+    fixed = max(0.0, mb - b * per)
+    return {"group": max(1, int((margin * free - fixed) / per)), "per_student": per, "fixed": fixed, "floor": floor,
+            "free": free, "measured": {str(k): v for k, v in sorted(measured.items())}}
 
 
 def lockstep_groups(specs, size):
@@ -703,28 +783,6 @@ def diverged(history):
     return out
 
 
-def stop_diverged(students, history):
-    """Take the students that have diverged out of the group's passes (Students.stopped); False when none is left."""
-    dead = diverged(history)
-    students.stopped = frozenset(dead)
-    return not history or len(dead) < len(history[-1]["diverged_at"])
-
-
-def divergence(bad, epoch, history, run_dir, group):
-    """What train_epoch's `bad` (per loss, the step at which it turned non-finite; 0: none) means: a single run
-    stops with one line (its last checkpoint kept); in a lock-step group, the student stops alone, its partners
-    go on ({'diverged_at': bad} for the history row)."""
-    if not group:
-        if any(bad):
-            die(f"loss is not finite at epoch {epoch}, step {max(bad)} of {run_dir}; lower the learning rate "
-                f"(the checkpoint of epoch {epoch - 1} is kept)")
-        return {}
-    dead = diverged(history)
-    for k, step in enumerate(bad):
-        if step and k not in dead:
-            warn(f"student {k + 1} of {len(bad)} in {run_dir}: loss not finite at epoch {epoch}, step {step}; "
-                 "it stops, its partners go on")
-    return {"diverged_at": bad}
 
 
 # =============================================================================
@@ -732,54 +790,56 @@ def divergence(bad, epoch, history, run_dir, group):
 # =============================================================================
 
 
-class RunFolder:
-    """A run's folder while it trains (locked against a second process): config.json, history.json and
-    checkpoint.pt, which holds all that resumes the run (model, optimiser, schedule, loss scale, epoch, history,
-    config, random states), written atomically every `every` epochs (0: every k epochs, k such that writes take
-    under 5% of the time, measured at the first write) and at the end of a stage (a span of epochs with its own
-    optimiser); none after the run's last epoch: the caller finishes the run at once, which would remove it."""
+class Run:
+    """A run's folder while it trains (locked against a second process) and its config, whose epochs, precision and
+    clip are the run's: config.json, history.json, and checkpoint.pt holding all that resumes the run (model,
+    optimiser, schedule, loss scale, epoch, history, config, random states), written atomically every `every` epochs
+    (0: every k epochs, k such that writes take under 5% of the time, measured at the first write) and at the end of
+    a stage (a span of epochs with its own optimiser); none after the last epoch: the caller finishes the run at
+    once, which would remove it. `gens`: the data generators (one per seed of a group)."""
 
-    def __init__(self, run_dir, config, epochs, every, model, opt, sched, scaler, gen):
-        os.makedirs(run_dir, exist_ok=True)
-        hold(run_dir)
-        self.dir, self.config, self.epochs, self.every, self.measure = run_dir, config, epochs, every or 1, not every
-        self.path = os.path.join(run_dir, "checkpoint.pt")
-        self.model, self.opt, self.sched, self.scaler = model, opt, sched, scaler
-        self.gens = gen if isinstance(gen, (list, tuple)) else [gen]  # the data generators (one per seed of a group)
-        self.device = next(model.parameters()).device
+    def __init__(self, folder, config, gens, every=1):
+        os.makedirs(folder, exist_ok=True)
+        hold(folder)
+        self.dir, self.config, self.every, self.measure = folder, config, every or 1, not every
+        self.epochs, self.precision, self.clip = config["epochs"], config.get("precision", "fp32"), config.get("clip", 0.0)
+        self.path = os.path.join(folder, "checkpoint.pt")
+        self.gens = gens if isinstance(gens, (list, tuple)) else [gens]
 
-    def resume(self, first, last):
-        """The history so far, for the epochs first..last: [] for a new run (its config.json written), or the
-        checkpoint's (refusing a changed config), the run's states loaded from it. A checkpoint of this stage
-        resumes it whole; one of the epoch before `first` (the end of the stage before) starts this stage
-        with its own optimiser and schedule; a stage that the checkpoint is past is skipped (the next loads it)."""
-        self.first = first
+    def resume(self, model, opt, sched, step, stage):
+        """The history so far: [] for a new run (its config.json written), or the checkpoint's (refusing a changed
+        config), the run's states loaded from it. A checkpoint of this stage resumes it whole; one of the epoch
+        before the stage (the end of the stage before) starts this stage with its own optimiser and schedule; a
+        stage the checkpoint is past is skipped (the next loads it)."""
+        self.parts, self.first, self.device = (model, opt, sched, step), stage.start, next(model.parameters()).device
         if not os.path.exists(self.path):
-            if first > 1:
-                die(f"{self.dir} has no checkpoint of epoch {first - 1} to train epochs {first}-{last} from; "
-                    "delete the folder to start over")
+            if stage.start > 1:
+                die(f"{self.dir} has no checkpoint of epoch {stage.start - 1} to train epochs {stage.start}-"
+                    f"{stage.stop - 1} from; delete the folder to start over")
             write_json(os.path.join(self.dir, "config.json"), self.config)
             return []
         ck = load_checkpoint(self.path)
         check_config(ck.get("config"), self.config, self.dir)
-        if ck["epoch"] >= last:
+        if ck["epoch"] >= stage.stop - 1:
             return ck["history"]
-        same = ck.get("first", 1) == first
-        if not same and ck["epoch"] != first - 1:
-            die(f"{self.path} (epoch {ck['epoch']}) cannot start epochs {first}-{last}; delete it to start over")
-        resume(ck, self.model, *((self.opt, self.sched) if same else (None, None)), self.scaler, self.gens,
-               self.device, self.path)
+        same = ck.get("first", 1) == stage.start
+        if not same and ck["epoch"] != stage.start - 1:
+            die(f"{self.path} (epoch {ck['epoch']}) cannot start epochs {stage.start}-{stage.stop - 1}; delete it to "
+                "start over")
+        resume(ck, model, *((opt, sched) if same else (None, None)), step, self.gens, self.device, self.path)
         if same:
             print(f"resuming {self.dir} after epoch {ck['epoch']}/{self.epochs}")
         return ck["history"]
 
     def record(self, history, last):
-        """After an epoch: the checkpoint when one is due, history.json, and the epoch's printed row."""
+        """After an epoch: the checkpoint when one is due (`last`: the stage's last epoch), history.json, and the
+        epoch's printed row."""
         epoch = history[-1]["epoch"]
-        if epoch < self.epochs and (epoch % self.every == 0 or epoch == last):
+        model, opt, sched, step = self.parts
+        if 0 < epoch < self.epochs and (epoch % self.every == 0 or epoch == last):
             t = time.time()
-            state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                     "scaler": self.scaler.state_dict(), "epoch": epoch, "first": self.first, "history": history,
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                     "scaler": step.state_dict(), "epoch": epoch, "first": self.first, "history": history,
                      "config": self.config, "device": str(self.device), "rng": torch.get_rng_state(),
                      "gen": [g.get_state() for g in self.gens],
                      "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
@@ -792,8 +852,24 @@ class RunFolder:
         write_json(os.path.join(self.dir, "history.json"), history)
         print_row(history[-1], self.epochs, history)
 
+    def diverged(self, bad, epoch, history, group):
+        """What Step's `bad` (per loss, the step at which it turned non-finite; 0: none) means: a single run stops with
+        one line (its last checkpoint kept); in a lock-step group the student stops alone, its partners go on
+        ({'diverged_at': bad} for the history row)."""
+        if not group:
+            if any(bad):
+                die(f"loss is not finite at epoch {epoch}, step {max(bad)} of {self.dir}; lower the learning rate "
+                    f"(the checkpoint of epoch {epoch - 1} is kept)")
+            return {}
+        dead = diverged(history)
+        for k, s in enumerate(bad):
+            if s and k not in dead:
+                warn(f"student {k + 1} of {len(bad)} in {self.dir}: loss not finite at epoch {epoch}, step {s}; "
+                     "it stops, its partners go on")
+        return {"diverged_at": bad}
 
-def resume(ck, model, opt, sched, scaler, gens, device, path):
+
+def resume(ck, model, opt, sched, step, gens, device, path):
     """Load a checkpoint's model, optimiser and schedule (unless None: a new stage's), loss scale and random
     states. The first four load on any device. A data generator's state belongs to its device kind (a CUDA
     generator's cannot be set on the CPU's), so a checkpoint written on another kind re-seeds the generators
@@ -804,7 +880,7 @@ def resume(ck, model, opt, sched, scaler, gens, device, path):
         if opt is not None:
             opt.load_state_dict(ck["opt"])
             sched.load_state_dict(ck["sched"])
-        scaler.load_state_dict(ck["scaler"])
+        step.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"])
         written = torch.device(ck["device"])
         if written.type == device.type:

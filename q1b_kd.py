@@ -4,11 +4,19 @@
   python q1b_kd.py --table            the assignment's five students      -> out/kd/{lam0,T20_lam1,...}/
   python q1b_kd.py --sweep            the bonus grid of T x lam           -> out/kd/T<T>_lam<lam>/
 
-Loss: lam * T^2 * CE(softmax(t/T), softmax(s/T)) + (1 - lam) * CE(y, softmax(s)), with the teacher's
-logits t computed in eval mode, without gradients, on the same augmented batch; accuracy at T=1.
-Every student is trained --seeds times (seed i: its initial weights, data order and augmentation).
-Students train in lock-step groups: one teacher forward pass per step for all of a group's students
-and seeds. `make report` turns the students' folders into the assignment's tables and figures.
+The assignment's items, and what answers each:
+  the student network (its table)                  common.StudentCNN
+  (1) soft targets from the teacher at T           distill_loss (the teacher's pass), common.soft_targets;
+                                                   what they hold: common.soft_target_summary (main)
+  (2) the training setup, the teacher's tricks     parse (the defaults: --bn, --augment, --dropout), train_group
+  (3) the loss, a mix of soft and hard CE          common.kd_loss, one call per student in distill_loss
+      (a), (b) loss and test accuracy per epoch    fit's history, written per student in train_group
+  (4) the table                                    TABLE, main with --table
+  (5) bonus: more T and lambda                     main with --sweep
+
+Every student is trained --seeds times (seed i: its initial weights, data order and augmentation). Students
+train in lock-step groups: one teacher forward pass per step for all of a group's students and seeds. Every
+`M.` call is machinery (command line, group sizing, run folders): a grader may skip it.
 """
 import argparse
 import contextlib
@@ -18,10 +26,9 @@ import os
 
 import torch
 
-from common import (Batches, Parser, SeedBatches, StudentCNN, Students, die, diverged, file_sha256, finish, finished,
-                    fit, flag, fraction, kd_loss, load_cifar10, load_teacher, nonneg, nonneg_int, pct, plot_curves,
-                    positive, positive_int, predict, read_json, run, setup, sgd, soft_target_summary, student_groups,
-                    train_lockstep, warmup_cosine, write_json)
+import machinery as M
+from common import (Batches, SeedBatches, StudentCNN, Students, fidelity, fit, kd_loss, load_cifar10, load_teacher,
+                    plot_curves, predict, sgd, soft_target_summary, student_groups, warmup_cosine)
 
 # The assignment's table (Q1B (4)): label, T, lam. lam = 0 is plain cross-entropy, so its T is moot.
 TABLE = [("Student Network (λ = 0)", 1.0, 0.0), ("Student Network (λ = 1)", 20.0, 1.0),
@@ -30,35 +37,35 @@ LOSS_LABEL = "λ·T²·KL(teacher‖student) + (1−λ)·CE"
 
 
 def parse(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = M.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.run_options(epochs=30, lr=0.02, batch=512, teacher=True,
                   lr_help="peak learning rate: under a third of the lowest lr at which a clipped student diverged in "
                           "the lr range test on real CIFAR-10 images (0.067, docs/real_cifar.md)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--table", action="store_true", help="the assignment's five students, in lock-step")
     mode.add_argument("--sweep", action="store_true", help="the bonus grid --sweep-T x --sweep-lam, in lock-step groups")
-    p.add_argument("--T", type=positive, default=20.0, help="temperature of the soft targets (one student)")
-    p.add_argument("--lam", type=fraction, default=0.1, help="weight of the soft term (one student)")
-    p.add_argument("--seeds", type=positive_int, default=None, help="seeds per student (default: 3 on CUDA, 1 on the CPU)")
-    p.add_argument("--sweep-T", type=positive, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    p.add_argument("--sweep-lam", type=fraction, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
-    p.add_argument("--sweep-seeds", type=positive_int, default=1, help="seeds per student of the sweep")
-    p.add_argument("--group", type=nonneg_int, default=0, help="students per lock-step group (0: as many as fit the "
+    p.add_argument("--T", type=M.positive, default=20.0, help="temperature of the soft targets (one student)")
+    p.add_argument("--lam", type=M.fraction, default=0.1, help="weight of the soft term (one student)")
+    p.add_argument("--seeds", type=M.positive_int, default=None, help="seeds per student (default: 3 on CUDA, 1 on the CPU)")
+    p.add_argument("--sweep-T", type=M.positive, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--sweep-lam", type=M.fraction, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--sweep-seeds", type=M.positive_int, default=1, help="seeds per student of the sweep")
+    p.add_argument("--group", type=M.nonneg_int, default=0, help="students per lock-step group (0: as many as fit the "
                    "free GPU memory, measured; 10 on the CPU)")
-    p.add_argument("--warmup", type=nonneg_int, default=1, help="epochs of linear lr warm-up")
-    p.add_argument("--fc1-lr", type=positive, default=10.0, help="lr of the first FC (93,312 inputs), %% of LR: "
+    p.add_argument("--warmup", type=M.nonneg_int, default=1, help="epochs of linear lr warm-up")
+    p.add_argument("--fc1-lr", type=M.positive, default=10.0, help="lr of the first FC (93,312 inputs), %% of LR: "
                    "at lr 0.04, 10 gave 66%% after 2 epochs on real CIFAR-10 images where 100 gave 57%% (docs/real_cifar.md)")
-    p.add_argument("--clip", type=nonneg, default=5.0, help="clip each student's gradient norm to this (0: off); "
+    p.add_argument("--clip", type=M.nonneg, default=5.0, help="clip each student's gradient norm to this (0: off); "
                    "on real images it widened the stable lr range 31x for λ=1, T=20 (docs/real_cifar.md)")
-    p.add_argument("--ckpt-every", type=nonneg_int, default=0,
+    p.add_argument("--ckpt-every", type=M.nonneg_int, default=0,
                    help="checkpoint a lock-step group every k epochs (0: k such that writes take < 5%% of the time)")
-    p.add_argument("--bn", type=flag, default=1, help="BatchNorm after each conv (carried over from the teacher)")
-    p.add_argument("--dropout", type=fraction, default=0.0, help="dropout before the last FC (the teacher has none)")
-    p.add_argument("--augment", type=flag, default=1, help="the teacher's crop + flip")
+    p.add_argument("--bn", type=M.flag, default=1, help="BatchNorm after each conv (carried over from the teacher)")
+    p.add_argument("--dropout", type=M.fraction, default=0.0, help="dropout before the last FC (the teacher has none)")
+    p.add_argument("--augment", type=M.flag, default=1, help="the teacher's crop + flip")
     p.add_argument("--seed", type=int, default=0, help="the first seed; seed i of a student is SEED + i")
     args = p.parse_args(argv)
     if args.dropout >= 1:
-        die(f"--dropout must be < 1, got {args.dropout}")
+        M.die(f"--dropout must be < 1, got {args.dropout}")
     return args
 
 
@@ -73,18 +80,20 @@ def group_dir(args, specs):
 
 
 def distill_loss(teacher, specs):
-    """The loss of a lock-step group: each student's kd_loss at its own (T, lam) of `specs`, stacked. The
-    teacher's logits t: on a training batch, one forward pass of the teacher in eval mode and without
-    gradients, on exactly the augmented images the students see; an evaluation batch brings them cached."""
+    """The KD loss of a lock-step group of students, `specs` = [(T, lam) of each]. For one batch: the teacher's
+    logits t, from one forward pass in eval mode without gradients on exactly the augmented images the students
+    see (an evaluation set brings them cached), then each student's kd_loss at its own T and lam, on its own
+    seed's part of the batch. In evaluation it also returns each student's fidelity to the teacher."""
     teacher.eval()  # BatchNorm on its running statistics: the teacher of part A as it was trained
 
     def loss(students, x, y, t=None):
-        if t is None:
-            with torch.no_grad():
-                t = teacher(x)
-        s = students(x)  # (students, batch, 10); in training, each student on its own seed's images
-        ts, ys = students.parts(t), students.parts(y)  # the teacher's logits and the labels of those images
-        return torch.stack([kd_loss(s[k], ts[k], ys[k], T, lam) for k, (T, lam) in enumerate(specs)]), s
+        cached = t is not None
+        if not cached:
+            with torch.no_grad():  # lam = 0 everywhere: no soft term, no teacher pass
+                t = teacher(x) if any(lam for _, lam in specs) else torch.zeros(len(x), 10, device=x.device)
+        s = students(x)  # (students, batch, 10); in training, student k sees only students.part(x, k)
+        losses = [kd_loss(s[k], students.part(t, k), students.part(y, k), T, lam) for k, (T, lam) in enumerate(specs)]
+        return (torch.stack(losses), s, *([fidelity(s, t, y)] if cached else []))
     return loss
 
 
@@ -98,10 +107,7 @@ def train_group(specs, teacher, data, t_logits, args, shared, device):
     for _, _, i in specs:
         torch.manual_seed(args.seed + i)  # students of one seed start from the same weights, in any group
         models.append(StudentCNN(bn=bool(args.bn), dropout=args.dropout))
-    students = Students(models, seeds=[seeds.index(i) for *_, i in specs]).to(device, memory_format=torch.channels_last)
-    if args.compile:
-        for m in students:
-            m.compile()
+    students = M.prepare(Students(models, seeds=[seeds.index(i) for *_, i in specs]), device, args.compile)
     gens = [torch.Generator(device=device).manual_seed(args.seed + i) for i in seeds]  # a seed's data, in any group
     train = SeedBatches([Batches(x_train, y_train, batch_size=args.batch, shuffle=True, augment=bool(args.augment), gen=g)
                          for g in gens])
@@ -109,27 +115,24 @@ def train_group(specs, teacher, data, t_logits, args, shared, device):
              "test": Batches(x_test, y_test, t_logits[1], batch_size=1024)}
     opt = sgd(student_groups(students, args.lr, args.fc1_lr / 100), args.lr, args.momentum, args.wd)
     sched = warmup_cosine(opt, args.epochs * len(train), args.warmup * len(train))
-
     print(f"-- lock-step group of {len(specs)} student(s): " + ", ".join(name(*p) for p in specs))
     loss_fn = distill_loss(teacher, [(T, lam) for T, lam, _ in specs])
-    history = fit(students, loss_fn, opt, sched, train, evals, args.epochs, group_dir(args, specs),
-                  shared | {"students": [list(p) for p in specs]}, gens, clip=args.clip,
-                  ce=("test",), ckpt_every=args.ckpt_every, precision=args.precision,  # test_ce: any T and λ compared
-                  final_only=("train",) if args.sweep else ())  # the sweep's table needs final numbers only
-    dead = diverged(history)
-    for k, (T, lam, i) in enumerate(specs):
+    run = M.Run(group_dir(args, specs), shared | {"students": [list(p) for p in specs]}, gens, args.ckpt_every)
+    history = fit(students, loss_fn, opt, sched, train, evals, args.epochs, run)  # the config's clip: each student's own
+    dead = M.diverged(history)
+    for k, (T, lam, i) in enumerate(specs):  # each student's own folder, as if it had trained alone
         folder = os.path.join(args.out, "kd", name(T, lam, i))
-        os.makedirs(folder, exist_ok=True)
         h = [{key: v[k] if isinstance(v, list) else v for key, v in row.items()} for row in history]
         result = {key: h[-1][key] for key in ("train_acc", "test_acc", "train_loss", "test_loss")} \
             | {"T": T, "lam": lam, "seed": args.seed + i, "epochs": args.epochs, "device": str(device)}
         if k in dead:
             result["diverged"] = "diverged at epoch {}, step {}".format(*dead[k])
-        write_json(os.path.join(folder, "config.json"), student_config(shared, T, lam, i))
-        write_json(os.path.join(folder, "history.json"), h)
+        os.makedirs(folder, exist_ok=True)
+        M.write_json(os.path.join(folder, "config.json"), student_config(shared, T, lam, i))
+        M.write_json(os.path.join(folder, "history.json"), h)
         plot_curves([((f"T={T:g}, λ={lam:g}" if lam else "λ=0") + f", seed {args.seed + i}: ", [h])],
                     os.path.join(folder, "curves"), LOSS_LABEL)
-        finish(folder, None if k in dead else students[k], result, half=True)  # 94 MB, not 187: 45 students fit 8 GB
+        M.finish(folder, None if k in dead else students[k], result, half=True)
     with contextlib.suppress(FileNotFoundError):  # every student is finished: the group's checkpoint goes
         os.remove(os.path.join(group_dir(args, specs), "checkpoint.pt"))
 
@@ -140,49 +143,46 @@ def student_config(shared, T, lam, i):
 
 def main(argv=None):
     args = parse(argv)
-    device = setup(args)
+    device = M.setup(args)
     args.seeds = args.seeds or (3 if device.type == "cuda" else 1)
     shared = {k: v for k, v in vars(args).items() if k in
               ("epochs", "lr", "fc1_lr", "batch", "momentum", "wd", "warmup", "clip", "bn", "dropout", "augment", "seed",
                "precision")}
-    shared["teacher_sha256"] = file_sha256(args.teacher)  # a student belongs to the teacher it learnt from
+    shared["teacher_sha256"] = M.file_sha256(args.teacher)  # a student belongs to the teacher it learnt from
     os.makedirs(os.path.join(args.out, "kd"), exist_ok=True)
     if args.table:
         students = [(T, lam, i) for _, T, lam in TABLE for i in range(args.seeds)]
     elif args.sweep:
         pairs = list(dict.fromkeys((T if lam else 1.0, lam) for lam in args.sweep_lam for T in args.sweep_T))
         students = [(T, lam, i) for T, lam in pairs for i in range(args.sweep_seeds)]
-        write_json(os.path.join(args.out, "kd", "sweep.json"),  # the grid, for the report
-                   {"T": args.sweep_T, "lam": args.sweep_lam, "seeds": args.sweep_seeds})
+        M.write_json(os.path.join(args.out, "kd", "sweep.json"),  # the grid, for the report
+                     {"T": args.sweep_T, "lam": args.sweep_lam, "seeds": args.sweep_seeds})
     else:
         students = [(args.T if args.lam else 1.0, args.lam, i) for i in range(args.seeds)]
     print(f"== Q1 part B: knowledge distillation -> {os.path.join(args.out, 'kd')} on {device}, {args.precision}")
-    todo = [s for s in students if not finished(os.path.join(args.out, "kd", name(*s)), student_config(shared, *s))]
+    todo = [s for s in students if not M.finished(os.path.join(args.out, "kd", name(*s)), student_config(shared, *s))]
     if todo:
-        teacher = load_teacher(args.teacher, device).to(memory_format=torch.channels_last)
-        teacher.requires_grad_(False)
-        if args.compile:
-            teacher.compile()
+        teacher = M.prepare(load_teacher(args.teacher, device).requires_grad_(False), device, args.compile)
         data = load_cifar10(args.data, device)
         # the teacher is fixed: its logits on the un-augmented sets are computed once, for every group
         t_logits = [predict(teacher, Batches(data[s][0], batch_size=1024), args.precision) for s in ("train", "test")]
-        write_json(os.path.join(args.out, "kd", "soft_targets.json"),  # Q1B (1): the table's soft targets, test set
-                   soft_target_summary(t_logits[1], data["test"][1], sorted({1.0} | {T for _, T, lam in TABLE if lam})))
+        M.write_json(os.path.join(args.out, "kd", "soft_targets.json"),  # Q1B (1): the table's soft targets, test set
+                     soft_target_summary(t_logits[1], data["test"][1], sorted({1.0} | {T for _, T, lam in TABLE if lam})))
         sizing = lambda k: Students([StudentCNN(bn=bool(args.bn)) for _ in range(k)])  # noqa: E731  (memory probe)
-        train_lockstep(todo, lambda specs: train_group(specs, teacher, data, t_logits, args, shared, device),
-                       lambda specs: group_dir(args, specs), args, device, sizing)
+        M.train_lockstep(todo, lambda specs: train_group(specs, teacher, data, t_logits, args, shared, device),
+                         lambda specs: group_dir(args, specs), args, device, sizing)
     else:
         print("every student asked for is finished (delete its folder under out/kd/ to train it again)")
     failed = []
     for spec in students:
-        r = read_json(os.path.join(args.out, "kd", name(*spec), "result.json"))
+        r = M.read_json(os.path.join(args.out, "kd", name(*spec), "result.json"))
         print(f"student {name(*spec)}: " + (r["diverged"] if "diverged" in r else
-                                            f"train {pct(r['train_acc'])}%, test {pct(r['test_acc'])}%"))
+                                            f"train {M.pct(r['train_acc'])}%, test {M.pct(r['test_acc'])}%"))
         failed += [f"{name(*spec)} {r['diverged']}"] if "diverged" in r else []
     if failed:
-        die(f"{len(failed)} student(s) diverged ({'; '.join(failed)}); the tables say so. Lower LR= and delete "
-            "their folders under out/kd/ to train them again")
+        M.die(f"{len(failed)} student(s) diverged ({'; '.join(failed)}); the tables say so. Lower LR= and delete "
+              "their folders under out/kd/ to train them again")
 
 
 if __name__ == "__main__":
-    run(main)
+    M.run(main)

@@ -13,6 +13,7 @@ import q2_continual as q2
 import report
 from common import (Batches, ContinualNet, cross_entropy, evaluate, fit, load_cifar10, sgd, soft_cross_entropy,
                     teacher_resnet18, warmup_cosine)
+import machinery
 from machinery import _prototypes, _samples, write_synthetic_cifar
 
 
@@ -39,7 +40,7 @@ def test_feature_extraction_changes_no_backbone_tensor_and_keeps_the_old_task_ex
     assert r["old_test_acc"] == r["old_test_acc_before"] == t["test_acc"]
     assert r["old_train_acc"] == r["old_train_acc_before"] == t["train_acc"]
     h = json.load(open(out / "continual" / "fe" / "history.json"))
-    assert [e["old_test_acc"] for e in h] == [t["test_acc"]] * 2
+    assert [e["old_test_acc"] for e in h] == [t["test_acc"]] * 3  # epoch 0 (before any change), 1 and 2
     split = json.load(open(out / "continual" / "fe" / "split.json"))
     assert len(split["train"]) == 40 and len(split["test"]) == 10
 
@@ -75,7 +76,7 @@ def test_fine_tuning_changes_only_the_chosen_layers(out, cifar_root, faces_root)
 def test_fine_tuning_learning_rates_are_what_was_asked():
     args = q2.parse(["--ft-layers", "conv5_x:10 conv1:1"])
     net = ContinualNet(teacher_resnet18(pretrained=False), 100)
-    groups = q2.optimiser(net, q2.trained_layers("ft", net, args), 0.1, args, steps=10)[0].param_groups
+    groups = q2.optimiser(net, q2.trained("ft", net, args), 0.1, args, steps=10)[0].param_groups
     assert [g["lr"] for g in groups] == pytest.approx([0.1, 0.01, 0.001])
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     assert ids(groups[1]["params"]) == ids(net.backbone.layer4.parameters())
@@ -99,26 +100,26 @@ def test_each_stage_has_its_own_optimiser_decaying_from_its_full_rates_to_zero(m
             sched.step()
         return out
     if method == "ft":  # one stage, one decay over the 10 epochs (5 steps each)
-        got = lrs(*q2.optimiser(net, q2.trained_layers(method, net, args), 0.1, args, 50), 50)
+        got = lrs(*q2.optimiser(net, q2.trained(method, net, args), 0.1, args, 50), 50)
         assert got[0] == pytest.approx([0.1, 0.01]) and got[20] == pytest.approx([cos(0.1, 20, 50), cos(0.01, 20, 50)])
         return
-    opt, sched = q2.optimiser(net, [], 0.1, args, 20)  # stage 1, the warm-up's 20 steps: the new head alone
+    opt, sched = q2.optimiser(net, q2.trained("fe", net, args), 0.1, args, 20)  # stage 1, 20 steps: the new head alone
     assert ids(p for p in net.parameters() if p.requires_grad) == ids(net.new.parameters())
     got = lrs(opt, sched, 20)
     assert got[0] == [0.1] and got[19][0] == pytest.approx(cos(0.1, 19, 20))
-    opt, sched = q2.optimiser(net, q2.trained_layers(method, net, args), 0.1, args, 30)  # stage 2: every layer
+    opt, sched = q2.optimiser(net, q2.trained(method, net, args), 0.1, args, 30)  # stage 2: every layer
     assert ids(p for p in net.parameters() if p.requires_grad) == ids(net.parameters())
     got = lrs(opt, sched, 30)  # new head 100%, backbone and old head 10%, from the full rates again
     assert got[0] == pytest.approx([0.1, 0.01]) and got[29][1] == pytest.approx(cos(0.01, 29, 30))
 
 
-def test_lwfs_two_stages_in_a_run_measure_the_old_task_once_it_can_change(out, cifar_root, faces_root):
+def test_lwfs_two_stages_in_one_run_each_decay_and_the_old_task_holds_through_the_warm_up(out, cifar_root, faces_root):
     run(out, cifar_root, faces_root, "--methods", "lwf", "--epochs", "4", "--lwf-warmup", "2")
     h = json.load(open(out / "continual" / "lwf" / "history.json"))
     lr = json.load(open(out / "teacher" / "config.json"))["lr"]  # 4 steps an epoch, each stage its own cosine
-    assert [r["lr"] for r in h] == pytest.approx([lr / 2, 0, lr / 2, 0], abs=1e-12)
+    assert [r["lr"] for r in h] == pytest.approx([lr, lr / 2, 0, lr / 2, 0], abs=1e-12)
     before = json.load(open(out / "continual" / "lwf" / "result.json"))["old_test_acc_before"]
-    assert [r["old_test_acc"] for r in h[:2]] == [before] * 2  # the warm-up trains no weight of the old task
+    assert [r["old_test_acc"] for r in h[:3]] == [before] * 3  # the warm-up trains no weight of the old task
     cfg = json.load(open(out / "continual" / "lwf" / "config.json"))
     assert cfg["lwf_warmup"] == 2 and not (out / "continual" / "lwf" / "checkpoint.pt").exists()
 
@@ -171,33 +172,36 @@ def pair_of_tasks(tmp_path_factory):
     teacher, gen = Small(), torch.Generator().manual_seed(0)
     train = Batches(*cifar["train"], batch_size=32, shuffle=True, augment=True, gen=gen)
     opt = sgd(teacher.parameters(), 0.05)
-    fit(teacher, cross_entropy, opt, warmup_cosine(opt, 8 * len(train), 0), train, {}, 8, str(tmp / "teacher"), {}, gen)
-    before = evaluate(ContinualNet(copy.deepcopy(teacher), 10), q2.old_task, old_test)[1]
+    fit(teacher, cross_entropy, opt, warmup_cosine(opt, 8 * len(train), 0), train, {}, 8,
+        machinery.Run(str(tmp / "teacher"), {"epochs": 8}, gen))
+    before = evaluate(ContinualNet(copy.deepcopy(teacher), 10), q2.old_task, old_test)["acc"]
     g = torch.Generator().manual_seed(1)
     labels = torch.arange(300) % 10
     x = _samples(_prototypes(10, 32, seed=7), labels, g)
     faces = {"train": (x, labels), "test": (x[:60], labels[:60])}
     after, warm, originals = {}, {}, []
-    counted = copy.deepcopy(teacher)  # the teacher train_method copies LwF's original from: each call counted
+    counted = copy.deepcopy(teacher).eval()  # LwF's frozen original: each call counted
     for method, lam in [("lwf", v) for v in (0.0, 0.3, 1.0, 3.0)] + [("joint", None), ("ft-all", None)]:
         # lambda_o = 0 is fine-tuning every layer, with the same warm-up and rates
         args = q2.parse(["--subjects", "10", "--lwf-lr", "100", "--ft-all-lr", "100", "--lwf-warmup", "1",
                          "--lwf-lambda", str(lam or 0), "--epochs", "6", "--batch", "32", "--face-size", "32"])
-        args.precision = "fp32"
         torch.manual_seed(0)
         net = ContinualNet(copy.deepcopy(teacher), 10)
         epoch = [0]
         counted._forward_pre_hooks.clear()
         counted.register_forward_pre_hook(lambda m, a: originals.append((lam, epoch[0])))  # (λo, epochs done)
+        key = method if lam is None else lam
 
-        def after_epoch(net, e, key=method if lam is None else lam):
-            epoch[0] = e
-            if e == 1:  # the end of the warm-up
-                warm[key] = copy.deepcopy(net.state_dict())
-            return {}
-        q2.train_method(method, net, counted, faces, cifar, lam, args, 0.05, str(tmp / f"{method}{lam}"), {},
-                        torch.Generator().manual_seed(0), extra=after_epoch)
-        after[method if lam is None else lam] = evaluate(net, q2.old_task, old_test)[1]
+        class Watched(machinery.Run):
+            def record(self, history, last, key=key):
+                epoch[0] = history[-1]["epoch"]
+                if epoch[0] == 1:  # the end of the warm-up
+                    warm[key] = copy.deepcopy(self.parts[0].state_dict())
+                super().record(history, last)
+        gen = torch.Generator().manual_seed(0)
+        q2.train_method(method, net, counted, faces, cifar, lam, args, 0.05,
+                        Watched(str(tmp / f"{method}{lam}"), {"epochs": 6}, gen), gen)
+        after[key] = evaluate(net, q2.old_task, old_test)["acc"]
     print("old-task accuracy before", before, "after", after)
     return before, after, warm, originals, teacher
 
@@ -231,9 +235,9 @@ def test_the_warm_up_trains_the_new_head_alone_and_never_calls_the_original(pair
     for key in (0.0, 1.0, "joint"):  # after epoch 1, every weight and statistic of backbone and old head, bit for bit
         assert all(torch.equal(v, warm[key]["old." + k[3:]] if k.startswith("fc.") else warm[key]["backbone." + k])
                    for k, v in teacher.state_dict().items()), key
-    # LwF's frozen original: 300 faces in batches of 32, 9 steps an epoch, in epochs 2-6 only, and once for each of the
-    # two face sets' evaluations (its outputs on them cached); for each of the four λo
-    assert len(originals) == 4 * (5 * 9 + 2) and all(done >= 1 for _, done in originals)  # none before epoch 1 ended
+    # LwF's frozen original: 300 faces in batches of 32, 9 steps an epoch, and once for each of the two face sets'
+    # evaluations, in epochs 2-6 only; for each of the four λo
+    assert len(originals) == 4 * 5 * (9 + 2) and all(done >= 1 for _, done in originals)  # none before epoch 1 ended
 
 
 def test_a_continual_run_of_another_teacher_is_refused(out, cifar_root, faces_root):

@@ -42,10 +42,12 @@ def test_kd_loss_by_hand_its_soft_term_kl_summed_over_classes_and_averaged_over_
 
 
 def test_kd_loss_edges_lam0_is_cross_entropy_and_lam1_is_scaled_kl():
-    s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    g = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g), torch.randint(0, 10, (8,), generator=g)
     assert kd_loss(s, t, y, T=20, lam=0).item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
     kl = F.kl_div(F.log_softmax(s / 20, -1), F.log_softmax(t / 20, -1), log_target=True, reduction="batchmean")
-    assert kd_loss(s, t, y, T=20, lam=1).item() == pytest.approx(400 * kl.item(), rel=1e-5)
+    assert kd_loss(s, t, y, T=20, lam=1).item() == pytest.approx(400 * kl.item(), rel=1e-4)  # float32: at T = 20 the
+    # KL is small (about 0.002) and the two formulas cancel different digits of it
 
 
 def test_kd_gradient_at_lam1_is_T_times_the_softmax_difference_over_the_batch():

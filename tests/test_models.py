@@ -108,13 +108,13 @@ def test_in_training_each_student_sees_its_own_seeds_part_and_a_stopped_student_
     group = Students(small, seeds=[1, 0, 1])  # a batch of two seeds' parts: students 0 and 2 learn from the second
     x, y = torch.randn(8, 3, 2, 2), torch.arange(8)
     out = group.train()(x)
-    assert out.shape == (3, 4, 10) and [p.tolist() for p in group.parts(y)] == [[4, 5, 6, 7], [0, 1, 2, 3], [4, 5, 6, 7]]
+    assert out.shape == (3, 4, 10) and [group.part(y, k).tolist() for k in range(3)] == [[4, 5, 6, 7], [0, 1, 2, 3], [4, 5, 6, 7]]
     assert torch.equal(out[0], small[0](x[4:]).float()) and torch.equal(out[1], small[1](x[:4]).float())
     calls.clear()
     group.stopped = frozenset({2})  # it diverged: NaN logits, never run
     out = group(x)
     assert calls == [0, 1] and out[2].isnan().all() and out[:2].isfinite().all()
-    assert group.eval()(x).shape == (3, 8, 10) and all(p is y for p in group.parts(y))  # evaluation: the whole batch
+    assert group.eval()(x).shape == (3, 8, 10) and all(group.part(y, k) is y for k in range(3))  # evaluation: the whole batch
 
 
 def test_continual_net_has_two_heads_and_freezes_batchnorm_of_frozen_layers():

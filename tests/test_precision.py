@@ -14,7 +14,7 @@ import q1a_teacher
 import q2_continual as q2
 from common import Batches, Students, sgd, train_epoch, warmup_cosine
 from conftest import one_line_error
-from machinery import LossScaler, get_precision
+from machinery import Step, get_precision
 
 
 def test_auto_is_bf16_from_compute_capability_8_fp16_below_and_fp32_on_the_cpu(monkeypatch):
@@ -41,6 +41,10 @@ class Net(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
 
 
+def per_part(model):
+    return [{"params": list(m.parameters())} for m in model]
+
+
 def test_one_students_fp16_overflow_skips_its_step_alone():
     torch.manual_seed(0)
     group, alone = Students([Net(), Net()]), None
@@ -53,17 +57,18 @@ def test_one_students_fp16_overflow_skips_its_step_alone():
         logits = students(xb)
         losses = torch.stack([F.cross_entropy(lg.float(), yb) for lg in logits])
         return losses * torch.tensor([1.0, 1e6])[:len(losses)], logits
-    scalers = []
+    steps, opts = [], []
     for model in (group, alone):
-        opt = sgd(model.parameters(), 0.1)
-        scalers.append(LossScaler(list(model), enabled=True))
-        bad = train_epoch(model, loss_fn, opt, warmup_cosine(opt, 10, 0), Batches(x, y, batch_size=16),
-                          precision="fp16", scaler=scalers[-1])
-        assert not any(bad)  # an overflow of the gradient is not a divergence: the loss itself is finite
-    assert all(torch.equal(v, before[1][k]) for k, v in group[1].state_dict().items())  # skipped, momentum too
+        opt = sgd(per_part(model), 0.1)
+        opts.append(opt)
+        steps.append(Step(model, opt, "fp16"))
+        train_epoch(model, loss_fn, warmup_cosine(opt, 10, 0), Batches(x, y, batch_size=16), steps[-1])
+        assert not steps[-1].bad.any()  # an overflow of the gradient is not a divergence: the loss itself is finite
+    assert all(torch.equal(v, before[1][k]) for k, v in group[1].state_dict().items() if "running" not in k)  # skipped
+    assert all(not opts[0].state[q]["momentum_buffer"].any() for q in group[1].parameters())  # its momentum too
     assert all(torch.equal(v, alone[0].state_dict()[k]) for k, v in group[0].state_dict().items())  # as if alone
     assert not torch.equal(group[0].conv.weight, before[0]["conv.weight"])
-    assert scalers[0].scale.tolist() == [2.0 ** 16, 2.0 ** 15] and scalers[1].scale.tolist() == [2.0 ** 16]
+    assert steps[0].scale.tolist() == [2.0 ** 16, 2.0 ** 15] and steps[1].scale.tolist() == [2.0 ** 16]
 
 
 def test_an_fp16_overflow_in_the_forward_pass_skips_a_step_and_only_a_run_of_them_is_a_divergence():
@@ -81,29 +86,27 @@ def test_an_fp16_overflow_in_the_forward_pass_skips_a_step_and_only_a_run_of_the
         losses = torch.stack([F.cross_entropy(lg.float(), yb) for lg in logits])
         steps.append(1)
         return losses * torch.tensor([1.0, math.inf if len(steps) in inf_steps else 1.0]), logits
-    opt = sgd(group.parameters(), 0.1)
-    scaler = LossScaler(list(group), enabled=True)
-    bad = train_epoch(group, lambda *a: loss_fn(*a, {2}), opt, warmup_cosine(opt, 100, 0),
-                      Batches(x, y, batch_size=8), precision="fp16", scaler=scaler)  # 5 steps, one inf
-    assert bad == [0, 0] and scaler.scale.tolist() == [2.0 ** 16, 2.0 ** 15]
+    opt = sgd(per_part(group), 0.1)
+    step = Step(group, opt, "fp16")
+    train_epoch(group, lambda *a: loss_fn(*a, {2}), warmup_cosine(opt, 100, 0), Batches(x, y, batch_size=8), step)
+    assert step.bad.tolist() == [0, 0] and step.scale.tolist() == [2.0 ** 16, 2.0 ** 15]  # 5 steps, one inf
     assert all(torch.isfinite(q).all() for q in group.parameters())
     steps.clear()
-    bad = train_epoch(group, lambda *a: loss_fn(*a, set(range(1, 100))), opt, warmup_cosine(opt, 100, 0),
-                      Batches(x.repeat(5, 1, 1, 1), y.repeat(5), batch_size=8), precision="fp16", scaler=scaler)
-    assert bad == [0, 16]  # 2^15 halved 16 times is 0.5: diverged at the 16th step of this epoch
+    step.epoch()
+    train_epoch(group, lambda *a: loss_fn(*a, set(range(1, 100))), warmup_cosine(opt, 100, 0),
+                Batches(x.repeat(5, 1, 1, 1), y.repeat(5), batch_size=8), step)
+    assert step.bad.tolist() == [0, 16]  # 2^15 halved 16 times is 0.5: diverged at the 16th step of this epoch
     assert all(torch.isfinite(q).all() for q in group.parameters())
 
 
 def test_the_loss_scale_grows_after_a_run_of_good_steps_and_is_off_outside_fp16():
     net = Net()
-    scaler = LossScaler([net], enabled=True, interval=2)
+    opt = sgd(net.parameters(), 0.0)
+    step = Step(net, opt, "fp16", interval=2)
     for _ in range(2):
-        net(torch.randn(2, 3, 4, 4)).sum().backward()
-        scaler.unscale_()
-    assert scaler.scale.tolist() == [2.0 ** 17]
-    off = LossScaler([net], enabled=False)
-    loss = torch.tensor(3.0)
-    assert off(loss) is loss and off.scale.tolist() == [1.0]
+        step(net(torch.randn(2, 3, 4, 4)).sum())
+    assert step.scale.tolist() == [2.0 ** 17]
+    assert Step(net, opt, "fp32").scale.tolist() == [1.0]
 
 
 def test_fp16_end_to_end_on_the_cpu_agrees_with_fp32(tmp_path, teacher_out, faces_root):

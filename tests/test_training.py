@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import torch.nn.functional as F
 
+import common
 import machinery
 import q1a_teacher
 import q1b_kd
@@ -39,26 +40,35 @@ def data():
     return x, y
 
 
-def stop_at(epoch):
-    """An `extra` that stops the run at `epoch` after its evaluation, before its checkpoint: as a kill in that epoch."""
-    def extra(model, e):
-        if e == epoch:
+class Killed(machinery.Run):
+    """A run killed in epoch `stop` after its evaluation, before its checkpoint (stop=None: never)."""
+
+    def __init__(self, *args, stop=None, **kw):
+        super().__init__(*args, **kw)
+        self.stop = stop
+
+    def record(self, history, last):
+        if history[-1]["epoch"] == self.stop:
             raise KeyboardInterrupt
-        return {"extra": 1.0}
-    return extra
+        super().record(history, last)
 
 
-def run(run_dir, epochs=3, config=None, loss_fn=cross_entropy, stop=None, lr=0.05, **kw):
+def per_part(model):
+    """Parameter groups, one per student of a lock-step group (what machinery.Step needs)."""
+    return [{"params": list(m.parameters())} for m in model]
+
+
+def run(run_dir, epochs=3, config=None, loss_fn=cross_entropy, stop=None, lr=0.05, every=1, evals=None):
     torch.manual_seed(0)
     model = Tiny()
     x, y = data()
     gen = torch.Generator().manual_seed(0)
     train = Batches(x, y, batch_size=20, shuffle=True, augment=True, pad=2, gen=gen)
-    evals = {"train": Batches(x, y, batch_size=64), "test": Batches(x[:50], y[:50], batch_size=64)}
+    evals = evals or {"train": Batches(x, y, batch_size=64), "test": Batches(x[:50], y[:50], batch_size=64)}
     opt = sgd(model.parameters(), lr)
     sched = warmup_cosine(opt, epochs * len(train), len(train))
-    return fit(model, loss_fn, opt, sched, train, evals, epochs, str(run_dir), config or {"lr": lr}, gen,
-               extra=stop_at(stop), **kw)
+    return fit(model, loss_fn, opt, sched, train, evals, epochs,
+               Killed(str(run_dir), {"epochs": epochs} | (config or {"lr": lr}), gen, every, stop=stop))
 
 
 def without_time(history):
@@ -67,9 +77,9 @@ def without_time(history):
 
 def test_fit_lowers_the_loss_and_records_every_field(tmp_path):
     h = run(tmp_path / "run", epochs=4, lr=0.3)
-    assert [r["epoch"] for r in h] == [1, 2, 3, 4]
-    assert set(h[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "extra", "seconds"}
-    assert h[-1]["train_loss"] < h[0]["train_loss"] and h[-1]["train_acc"] > 30
+    assert [r["epoch"] for r in h] == [0, 1, 2, 3, 4]  # epoch 0: before any training
+    assert set(h[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"}
+    assert h[-1]["train_loss"] < h[1]["train_loss"] < h[0]["train_loss"] and h[-1]["train_acc"] > 30
     assert json.load(open(tmp_path / "run" / "history.json")) == h
     assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["epoch"] == 3  # none after the last: finish follows
 
@@ -80,7 +90,7 @@ def test_an_interrupted_run_resumes_to_the_same_history(tmp_path):
         run(tmp_path / "cut", stop=2)  # as a kill after epoch 1's checkpoint
     assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["epoch"] == 1
     resumed = run(tmp_path / "cut")
-    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    assert [r["epoch"] for r in resumed] == [0, 1, 2, 3]
     assert without_time(resumed) == without_time(full)  # same RNG streams: the same numbers, exactly
 
 
@@ -93,27 +103,26 @@ def run_in_stages(run_dir, stop=None):
     gen = torch.Generator().manual_seed(0)
     train = Batches(x, y, batch_size=20, shuffle=True, augment=True, pad=2, gen=gen)
     evals = {"test": Batches(x[:50], y[:50], batch_size=64)}
+    folder = Killed(str(run_dir), {"epochs": 5}, gen, stop=stop)
     model.requires_grad_(False)
     model.fc.requires_grad_(True)
     opt = sgd(model.fc.parameters(), 0.05)
-    fit(model, cross_entropy, opt, warmup_cosine(opt, 2 * len(train), 0), train, evals, 5, str(run_dir), {}, gen,
-        stage=(1, 2), extra=stop_at(stop))
+    fit(model, cross_entropy, opt, warmup_cosine(opt, 2 * len(train), 0), train, evals, range(1, 3), folder)
     frozen = {k: v.clone() for k, v in model.body.state_dict().items()}
     model.requires_grad_(True)
     opt = sgd([{"params": model.fc.parameters(), "lr": 0.05}, {"params": model.body.parameters(), "lr": 0.005}], 0.05)
-    history = fit(model, cross_entropy, opt, warmup_cosine(opt, 3 * len(train), 0), train, evals, 5, str(run_dir), {},
-                  gen, stage=(3, 5), extra=stop_at(stop))
+    history = fit(model, cross_entropy, opt, warmup_cosine(opt, 3 * len(train), 0), train, evals, range(3, 6), folder)
     return history, frozen
 
 
 @pytest.mark.parametrize("stop", [2, 3, 4])  # in stage 1; in stage 2's first epoch; later in stage 2
 def test_a_run_in_two_stages_resumes_in_either_to_the_same_history(tmp_path, stop):
     full, frozen = run_in_stages(tmp_path / "full")
-    assert [r["epoch"] for r in full] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in full] == [0, 1, 2, 3, 4, 5]
     torch.manual_seed(0)
     start = Tiny().body.state_dict()  # stage 1 trains the last layer alone (BatchNorm statistics move: Tiny is no ContinualNet)
     assert all(torch.equal(v, start[k]) for k, v in frozen.items() if "running" not in k and "num_batches" not in k)
-    assert full[1]["lr"] == pytest.approx(0) and full[2]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi / 3)))
+    assert full[2]["lr"] == pytest.approx(0) and full[3]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi / 3)))
     with pytest.raises(KeyboardInterrupt):
         run_in_stages(tmp_path / "cut", stop=stop)
     assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["epoch"] == stop - 1
@@ -172,7 +181,7 @@ def test_the_teacher_script_killed_mid_run_resumes_and_then_skips(tmp_path, tiny
     assert not (out / "teacher" / "result.json").exists(), "the run finished before it could be killed"
     q1a_teacher.main(teacher_cmd(tiny_cifar, out, 2)[2:])  # the same command again (in this process: no 2nd import)
     assert "resuming" in capsys.readouterr().out
-    assert [r["epoch"] for r in json.load(open(out / "teacher" / "history.json"))] == [1, 2]
+    assert [r["epoch"] for r in json.load(open(out / "teacher" / "history.json"))] == [0, 1, 2]
     model = (out / "teacher" / "model.pt").stat().st_mtime_ns
     q1a_teacher.main(teacher_cmd(tiny_cifar, out, 2)[2:])
     assert "is finished" in capsys.readouterr().out
@@ -214,16 +223,16 @@ def run_pair(run_dir, nan_at=None, epochs=3):
             if nan_at and len(steps) >= nan_at:
                 loss = loss * torch.tensor([1.0, float("nan")])
         return loss, logits
-    opt = sgd(model.parameters(), 0.05)
+    opt = sgd(per_part(model), 0.05)
     sched = warmup_cosine(opt, epochs * len(train), 0)
-    return fit(model, loss_fn, opt, sched, train, evals, epochs, str(run_dir), {}, gen), model
+    return fit(model, loss_fn, opt, sched, train, evals, epochs, machinery.Run(str(run_dir), {"epochs": epochs}, gen)), model
 
 
 def test_a_student_that_diverges_stops_alone_and_its_partner_trains_on_unchanged(tmp_path):
     clean, a = run_pair(tmp_path / "clean")
     broken, b = run_pair(tmp_path / "broken", nan_at=13)  # 10 steps per epoch: epoch 2, step 3
     assert diverged(broken) == {1: (2, 3)}
-    assert [r["diverged_at"] for r in broken] == [[0, 0], [0, 3], [0, 1]]
+    assert [r["diverged_at"] for r in broken[1:]] == [[0, 0], [0, 3], [0, 1]]
     assert [r["test_acc"][0] for r in broken] == [r["test_acc"][0] for r in clean]  # the partner, exactly
     assert all(torch.equal(p, q) for p, q in zip(a[0].parameters(), b[0].parameters()))
     again, _ = run_pair(tmp_path / "broken", nan_at=13)  # a rerun does not train or die again
@@ -231,8 +240,8 @@ def test_a_student_that_diverges_stops_alone_and_its_partner_trains_on_unchanged
 
 
 def test_no_nan_reaches_the_weights_of_a_student_whose_loss_turned_nan(tmp_path):
-    """loss * NaN masked to 0 still sends 0 * NaN = NaN into that student's gradients; fused SGD would
-    write them into its weights and train on them to the end of the epoch."""
+    """A NaN loss sends NaN into that student's gradients; SGD would write them into its weights and train on them
+    to the end of the epoch: its steps are skipped instead."""
     _, b = run_pair(tmp_path / "broken", nan_at=13)  # epoch 2, step 3; the group goes on to the end of epoch 2
     assert all(torch.isfinite(q).all() for q in b[1].parameters())
     assert all(torch.isfinite(v).all() for v in b[1].state_dict().values())
@@ -250,8 +259,9 @@ def test_a_single_run_whose_loss_turns_nan_keeps_finite_weights_to_the_end_of_th
         steps.append(1)
         return (loss * float("nan") if len(steps) == 3 else loss), logits
     from common import train_epoch
-    bad = train_epoch(model, nan_at_3, opt, warmup_cosine(opt, 10, 0), Batches(x, y, batch_size=20))
-    assert bad == [3] and all(torch.isfinite(q).all() for q in model.parameters())
+    step = machinery.Step(model, opt)
+    train_epoch(model, nan_at_3, warmup_cosine(opt, 10, 0), Batches(x, y, batch_size=20), step)
+    assert step.bad.tolist() == [3] and all(torch.isfinite(q).all() for q in model.parameters())
 
 
 def test_a_group_stops_when_every_student_has_diverged(tmp_path):
@@ -260,10 +270,10 @@ def test_a_group_stops_when_every_student_has_diverged(tmp_path):
     x, y = data()
     gen = torch.Generator().manual_seed(0)
     train = Batches(x, y, batch_size=20, shuffle=True, gen=gen)
-    opt = sgd(model.parameters(), 0.05)
+    opt = sgd(per_part(model), 0.05)
     nan = lambda m, xb, yb: (m(xb).mean((1, 2)) * float("nan"), m(xb))  # noqa: E731
-    h = fit(model, nan, opt, warmup_cosine(opt, 50, 0), train, {}, 5, str(tmp_path / "r"), {}, gen)
-    assert len(h) == 1 and diverged(h) == {0: (1, 1), 1: (1, 1)}
+    h = fit(model, nan, opt, warmup_cosine(opt, 50, 0), train, {}, 5, machinery.Run(str(tmp_path / "r"), {"epochs": 5}, gen))
+    assert [r["epoch"] for r in h] == [0, 1] and diverged(h) == {0: (1, 1), 1: (1, 1)}
 
 
 def test_finish_keeps_weights_history_and_result_and_removes_the_checkpoint(tmp_path):
@@ -331,10 +341,10 @@ def test_a_gpu_box_whose_torch_cannot_use_the_gpu_stops_unless_device_is_given(t
 def test_checkpoints_every_k_epochs_resume_from_the_last_one_written(tmp_path):
     full = run(tmp_path / "full", epochs=5)
     with pytest.raises(KeyboardInterrupt):  # in epoch 5: the checkpoint of epoch 3 (every 3 epochs) is the last
-        run(tmp_path / "cut", epochs=5, stop=5, ckpt_every=3)
+        run(tmp_path / "cut", epochs=5, stop=5, every=3)
     assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["epoch"] == 3
-    assert len(json.load(open(tmp_path / "cut" / "history.json"))) == 4  # the history is written every epoch
-    resumed = run(tmp_path / "cut", epochs=5, ckpt_every=3)
+    assert len(json.load(open(tmp_path / "cut" / "history.json"))) == 5  # the history is written every epoch (0-4)
+    resumed = run(tmp_path / "cut", epochs=5, every=3)
     assert without_time(resumed) == without_time(full)  # epochs 4 and 5 once each, the same numbers
 
 
@@ -345,20 +355,38 @@ def test_automatic_checkpoint_interval_keeps_writes_under_5_percent(tmp_path, mo
         time.sleep(0.5)
         real(obj, path, **kw)
     monkeypatch.setattr(machinery, "save_atomic", slow)
-    run(tmp_path / "run", epochs=4, ckpt_every=0)
+    run(tmp_path / "run", epochs=4, every=0)
     k = int(re.search(r"every (\d+) epoch", capsys.readouterr().out)[1])
     assert k > 4  # so only the first epoch was written (none after the last: the run is finished at once)
     assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["epoch"] == 1
 
 
-def test_final_only_splits_are_measured_at_the_last_epoch(tmp_path):
-    h = run(tmp_path / "run", epochs=3, final_only=("train",))
-    assert [r["train_acc"] is None for r in h] == [True, True, False] and all(r["test_acc"] is not None for r in h)
+def test_a_training_set_is_measured_on_a_fixed_subset_each_epoch_and_whole_after_the_last(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "EVAL_IMAGES", 60)
+    x, y = data()
+    seen = {"train": [], "test": []}
+
+    def counting(split):
+        def loss(model, xb, yb):
+            seen[split].append(xb.clone())
+            return cross_entropy(model, xb, yb)
+        return loss
+    run(tmp_path / "run", epochs=3, evals={s: (counting(s), Batches(x if s == "train" else x[:50], y if s == "train"
+                                                                      else y[:50], batch_size=64)) for s in seen})
+    sizes = [len(b) for b in seen["train"]]
+    assert sizes == [60] * 3 + [64, 64, 64, 8]  # epochs 0-2 on 60 of the 200 images, epoch 3 on all of them
+    assert all(torch.equal(seen["train"][0], seen["train"][e]) for e in (1, 2))  # the same 60 each time
+    assert not torch.equal(seen["train"][0], Batches(x, y, batch_size=60).__iter__().__next__()[0])  # not the first 60
+    assert [len(b) for b in seen["test"]] == [50] * 4  # a test set: always whole
 
 
-def test_the_cross_entropy_with_the_labels_comes_from_the_same_pass(tmp_path):
-    h = run(tmp_path / "run", epochs=2, ce=("test",))  # the loss is plain cross-entropy: the two must agree
-    assert all(r["test_ce"] == pytest.approx(r["test_loss"], rel=1e-5) for r in h) and "train_ce" not in h[0]
+def test_a_loss_functions_third_item_is_recorded_for_each_split(tmp_path):
+    def with_ce(model, xb, yb):
+        loss, logits = cross_entropy(model, xb, yb)
+        return loss, logits, {"ce": F.cross_entropy(logits, yb), "twice": 2 * loss}
+    h = run(tmp_path / "run", epochs=2, loss_fn=with_ce)
+    assert all(r["test_ce"] == pytest.approx(r["test_loss"], rel=1e-5) for r in h)
+    assert all(r["train_twice"] == pytest.approx(2 * r["train_loss"], rel=1e-5) for r in h)
 
 
 def checkpoint_from_elsewhere(run_dir, **fields):
@@ -379,8 +407,8 @@ def test_a_checkpoint_written_on_another_device_resumes_with_re_seeded_data_and_
     err = capsys.readouterr().err
     assert f"{path} was written on cuda:0, this run is on cpu" in err and "re-seeded" in err
     assert len(err.strip().splitlines()) == 1
-    assert without_time(resumed)[0] == without_time(full)[0]  # the epoch before: as written
-    assert [r["epoch"] for r in resumed] == [1, 2, 3] and resumed[1]["test_loss"] != full[1]["test_loss"]
+    assert without_time(resumed)[:2] == without_time(full)[:2]  # the epochs before: as written
+    assert [r["epoch"] for r in resumed] == [0, 1, 2, 3] and resumed[2]["test_loss"] != full[2]["test_loss"]
     again = run(tmp_path / "again_a", epochs=3), run(tmp_path / "again_b", epochs=3)
     assert without_time(again[0]) == without_time(again[1])  # (the runs themselves stay deterministic)
 
@@ -423,13 +451,13 @@ def test_a_diverged_student_leaves_the_groups_passes_and_its_partner_is_unchange
                     loss = loss * float("nan")
             return loss
         monkeypatch.setattr(q1b_kd, "kd_loss", kd_loss)
-        opt = sgd(students.parameters(), 0.05)
+        opt = sgd(per_part(students), 0.05)
         h = fit(students, q1b_kd.distill_loss(teacher, [(4.0, 0.5), (8.0, 0.5)]), opt, warmup_cosine(opt, 30, 0),
-                batches, {"test": Batches(x[:50], y[:50], batch_size=64)}, 3, str(folder), {}, gen)
+                batches, {"test": Batches(x[:50], y[:50], batch_size=64)}, 3, machinery.Run(str(folder), {"epochs": 3}, gen))
         return h, students
     clean, a = train(tmp_path / "clean")
     broken, b = train(tmp_path / "broken", nan_at=4)  # 10 steps per epoch: epoch 1, step 4
     assert diverged(broken) == {1: (1, 4)}
-    assert len(b[1].calls) == len(a[1].calls) // 3  # epoch 1 only (its 10 steps and evaluation), then out
+    assert len(a[1].calls) == 1 + 3 * 11 and len(b[1].calls) == 1 + 11  # epoch 0's evaluation, epoch 1 only, then out
     assert [r["test_loss"][0] for r in broken] == [r["test_loss"][0] for r in clean]  # the partner, exactly
     assert all(torch.equal(p, q) for p, q in zip(a[0].parameters(), b[0].parameters()))
