@@ -52,6 +52,7 @@ LWF_WARMUP ?=#            5 epochs of new head alone
 LWF_T  ?=#                2
 LWF_LAMBDA ?=#            1
 LWF_LAMBDAS ?= 0.1 0.3 1 3#  make lwf-sweep: LwF at these λo, and at 0 (fine-tuning at LwF's rates)
+LWF_ZERO ?=#              1 (default): make lwf (and continual, all) trains LwF at λo = 0 beside it; 0: not
 RECIPES ?=#               make compare: student recipes of bench.py (default: all)
 ADAPT_BN ?=#              0: BatchNorm statistics frozen in fine-tuning and LwF
 AUTHOR ?=#                make report: the student's name on the title page (empty: a line to fill in)
@@ -69,7 +70,7 @@ CL_ARGS = $(RUN_ARGS) $(call qopt,FACES,faces) $(call opt,FACES_URL,faces-url) $
           $(call opt,PER_SUBJECT,per-subject) $(call opt,TRAIN_PER_SUBJECT,train-per-subject) \
           $(call opt,FACE_SIZE,face-size) $(call qopt,FT_LAYERS,ft-layers) $(call opt,LWF_LR,lwf-lr) \
           $(call opt,LWF_WARMUP,lwf-warmup) $(call opt,LWF_T,lwf-T) $(call opt,LWF_LAMBDA,lwf-lambda) \
-          $(call opt,FT_ALL_LR,ft-all-lr) \
+          $(call opt,FT_ALL_LR,ft-all-lr) $(call opt,LWF_ZERO,lwf-zero) \
           $(call opt,ADAPT_BN,adapt-bn) $(call opt,SEEDS,seeds)
 TEACHER_DONE = $(strip $(OUT))/teacher/result.json
 

@@ -148,7 +148,7 @@ def load_faces(folder, subjects=100, per_subject=50, train_per_subject=40, size=
     `folder/train/<subject>/...` + `folder/test/<subject>/...`: the first `subjects` subjects (natural
     order) with enough readable images, `per_subject` of them picked with `seed`, `train_per_subject`
     for training and the rest for test. Returns {'train': (x, y), 'test': (x, y)} (uint8 NCHW, CPU),
-    'files' (the split's file lists) and 'subjects'."""
+    'files' (the split's file lists), 'subjects' and 'source' (synthetic, DigiFace-1M or a face image folder)."""
     if not os.path.isdir(folder):
         die(f"face folder {folder} does not exist")
     test_per = per_subject - train_per_subject
@@ -187,7 +187,9 @@ def load_faces(folder, subjects=100, per_subject=50, train_per_subject=40, size=
     if len(chosen) < subjects:
         die(f"{folder}: only {len(chosen)} subjects have at least {need} readable images, "
             f"{subjects} are needed (set SUBJECTS= or add images)")
-    out = {"subjects": [c[0] for c in chosen], "files": {}}
+    out = {"subjects": [c[0] for c in chosen], "files": {}, "source": "synthetic" if os.path.exists(
+        os.path.join(folder, ".synthetic")) else "DigiFace-1M" if os.path.exists(os.path.join(folder, ".complete")) else
+        "a face image folder"}
     for k, split in ((1, "train"), (2, "test")):
         items = [(p, im, label) for label, c in enumerate(chosen) for p, im in c[k]]
         x = torch.from_numpy(np.stack([im for _, im, _ in items])).permute(0, 3, 1, 2).contiguous()
@@ -607,11 +609,13 @@ def save(fig, path, svg=True):
     pyplot().close(fig)
 
 
-def band(ax, x, ys, label, **kw):
-    """The mean of the seeds' curves `ys`, with a band of +- one standard deviation when there are several."""
+def band(ax, x, ys, label, seeds=True, **kw):
+    """The mean of the seeds' curves `ys`, with a band of +- one standard deviation when there are several (and with
+    `seeds`, the legend saying so)."""
     y = np.array(ys, dtype=float)
     mean = y.mean(0)
-    line = ax.plot(x, mean, marker="o", ms=3, label=label + (f" (mean of {len(y)} seeds)" if len(y) > 1 else ""), **kw)
+    line = ax.plot(x, mean, marker="o", ms=2.5, label=label + (f" (mean of {len(y)} seeds)" if seeds and len(y) > 1 else ""),
+                   **kw)
     if len(y) > 1:
         sd = y.std(0, ddof=1)
         ax.fill_between(x, mean - sd, mean + sd, color=line[0].get_color(), alpha=0.2, lw=0)
@@ -623,23 +627,33 @@ def integer_epochs(*axes):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test"), height=2.1, svg=False):
-    """Loss (training and test) and accuracy (of `acc_splits` that the histories hold; old_*: the old task) against
-    epoch, side by side, a row per (title, [the history of each seed]): the mean of the seeds with a band of +- one
-    standard deviation; a loss spanning more than 10x on a log scale; `height` inches a row. Writes path.png (and
-    with `svg`, path.svg)."""
-    fig, axes = pyplot().subplots(len(rows), 2, figsize=(6.6, height * len(rows)), squeeze=False, sharex=True)
+SPLITS = {"train": "training", "test": "test", "old_train": "old task (CIFAR-10), training",
+          "old_test": "old task (CIFAR-10), test"}
+
+
+def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test"), height=2.0, svg=False, stage=None,
+                names=SPLITS):
+    """Loss (training and test) and accuracy (of `acc_splits` the histories hold) against epoch from epoch 0 (before
+    training), side by side, a row per (title, [the history of each seed]): the mean of the seeds with a band of +- one
+    standard deviation; a loss spanning more than 10x on a log scale; one legend under the figure; `stage`: the last
+    epoch of a first stage, marked by a dotted line. Writes path.png (and with `svg`, path.svg)."""
+    fig, axes = pyplot().subplots(len(rows), 2, figsize=(6.6, height * len(rows) + 0.45), squeeze=False, sharex=True)
     for (title, hs), (a, b) in zip(rows, axes):
         epochs = [r["epoch"] for r in hs[0]]
-        for split in ("train", "test"):
-            band(a, epochs, [[r[f"{split}_loss"] for r in h] for h in hs], split)
-        for split in (s for s in acc_splits if all(f"{s}_acc" in r for h in hs for r in h)):
-            band(b, epochs, [[r[f"{split}_acc"] for r in h] for h in hs], split.replace("old_", "old task, "))
-        losses = [r[f"{s}_loss"] for h in hs for r in h for s in ("train", "test") if r[f"{s}_loss"] is not None]
+        for i, split in enumerate(("train", "test")):
+            band(a, epochs, [[r[f"{split}_loss"] for r in h] for h in hs], names[split], color=f"C{i}")
+        for i, split in enumerate(acc_splits):
+            if all(f"{split}_acc" in r for h in hs for r in h):
+                band(b, epochs, [[r[f"{split}_acc"] for r in h] for h in hs], names[split], color=f"C{i}")
+        losses = [r[f"{s}_loss"] for h in hs for r in h for s in ("train", "test")]
         a.set(ylabel=loss_label, title=f"{title}(a) loss", yscale="log" if 0 < min(losses) < max(losses) / 10 else "linear")
         b.set(ylabel="accuracy (%)", title=f"{title}(b) accuracy")
+        for ax in (a, b) if stage else ():
+            ax.axvline(stage, color="0.4", ls=":", lw=1)
         integer_epochs(a, b)
-        a.legend(), b.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves, never over them
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
+    handles, labels = axes[0][1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)) if len(labels) < 4 else 2,
+               frameon=False)
     save(fig, path, svg)

@@ -402,6 +402,9 @@ def write_synthetic_faces(root, subjects=10, per_subject=12, size=40, seed=0):
     pattern of its own plus noise, so the task is learnable but not trivial."""
     protos = _prototypes(subjects, size, seed + 100)
     g = torch.Generator().manual_seed(seed + 101)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".synthetic"), "w") as f:  # load_faces says so, and so does the report
+        f.write("synthetic faces written by machinery.write_synthetic_faces\n")
     for s in range(subjects):
         folder = os.path.join(root, f"person_{s:03d}")
         os.makedirs(folder, exist_ok=True)

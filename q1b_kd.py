@@ -123,7 +123,8 @@ def train_group(specs, teacher, data, t_logits, args, shared, device):
     for k, (T, lam, i) in enumerate(specs):  # each student's own folder, as if it had trained alone
         folder = os.path.join(args.out, "kd", name(T, lam, i))
         h = [{key: v[k] if isinstance(v, list) else v for key, v in row.items()} for row in history]
-        result = {key: h[-1][key] for key in ("train_acc", "test_acc", "train_loss", "test_loss")} \
+        result = {key: h[-1][key] for key in ("train_acc", "test_acc", "train_loss", "test_loss", "test_ce", "test_agree",
+                                              "test_kl")} \
             | {"T": T, "lam": lam, "seed": args.seed + i, "epochs": args.epochs, "device": str(device)}
         if k in dead:
             result["diverged"] = "diverged at epoch {}, step {}".format(*dead[k])

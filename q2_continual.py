@@ -40,6 +40,8 @@ def parse(argv=None):
     p.add_argument("--methods", nargs="*", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--lwf-sweep", type=M.nonneg, nargs="*", default=[],
                    help="LwF at these lambda_o too, and at 0 (fine-tuning at LwF's rates): the trade-off curve")
+    p.add_argument("--lwf-zero", type=M.flag, default=1, help="1: with LwF, LwF at lambda_o = 0 too (every layer on "
+                   "faces at LwF's rates, after its warm-up): what LwF's old-task term buys")
     p.add_argument("--faces", default="", help="face image folder (<subject>/<image> or train/ + test/), or DigiFace-1M's zip "
                                                "on disk; default: DigiFace-1M, downloaded into DATA/digiface")
     p.add_argument("--faces-url", default=M.DIGIFACE_URL, help="the DigiFace-1M zip to read with range requests")
@@ -132,7 +134,7 @@ def run_dir(args, key, i=0):
 def runs_asked(args):
     """(folder key, method, lambda_o) of every run asked for: the methods, then the LwF sweep with lambda_o = 0
     (LwF at --lwf-lambda is the LwF run itself, trained once)."""
-    sweep = sorted(set(args.lwf_sweep) | {0.0}) if args.lwf_sweep else []
+    sweep = sorted(set(args.lwf_sweep) | ({0.0} if args.lwf_sweep or args.lwf_zero and "lwf" in args.methods else set()))
     key = lambda v: "lwf" if v == args.lwf_lambda else f"lwf_lam{v:g}"  # noqa: E731
     runs = {m: (m, args.lwf_lambda) for m in args.methods} | {key(v): ("lwf", v) for v in sweep}
     return [(k, m, v) for k, (m, v) in runs.items()]
@@ -173,6 +175,7 @@ def run_method(key, method, lambda_o, i, teacher, cifar, faces, before, args, lr
     M.finish(folder, net, {"old_train_acc": last["old_train_acc"], "old_test_acc": last["old_test_acc"],
                            "new_train_acc": last["train_acc"], "new_test_acc": last["test_acc"],
                            "old_train_acc_before": before[0], "old_test_acc_before": before[1],
+                           "faces_source": faces["source"],
                            "seed": args.seed + i, "epochs": args.epochs, "device": str(device)})
 
 

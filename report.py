@@ -1,8 +1,8 @@
 """make report: the hand-in, from what the runs under OUT recorded (config, history and result .json). The prose
-is report.typ's, written once; this gathers the runs, computes the tables, the statistics and the sentences that
-depend on them, draws the figures and compiles: OUT/report.json (what report.typ reads), OUT/report.typ (a copy to
-edit: once edited, make report leaves it and its report.json alone and writes report.new.typ, .json and .pdf),
-OUT/report.pdf (typst, offline), OUT/tables/ (Markdown, LaTeX, per-seed CSV) and OUT/figures/ (SVG, PNG).
+is report.typ's, written once; this gathers the runs, computes the tables, the statistics, the comparisons with
+their verdicts and the facts the prose's conditions test, draws the figures and compiles: OUT/report.json (what
+report.typ reads), OUT/report.typ (a copy to edit: once edited, make report leaves it and its report.json alone and
+writes report.new.typ, .json and .pdf), OUT/report.pdf (typst, offline), OUT/tables/ and OUT/figures/.
 """
 import ast
 import hashlib
@@ -20,16 +20,18 @@ import torch
 import common
 import q1b_kd as q1b
 import q2_continual as q2
-from machinery import HEADER, Parser, die, file_sha256, md_table, pct, read_json, run, write_tables, write_text, written
+from machinery import (CIFAR_CLASSES, HEADER, Parser, die, file_sha256, md_table, pct, read_json, run, write_tables,
+                       write_text, written)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-APPENDIX = ["q1a_teacher.py", "q1b_kd.py", "q2_continual.py", "common.py", "Makefile"]
+APPENDIX = ["q1a_teacher.py", "q1b_kd.py", "q2_continual.py", "common.py", "machinery.py", "Makefile"]
 PRECISION = {"fp32": "32-bit floating point", "bf16": "bfloat16 mixed precision (autocast), 32-bit weights",
              "fp16": "float16 mixed precision (autocast) with loss scaling, 32-bit weights"}
 RESULT_KEYS = ("old_train_acc", "old_test_acc", "new_train_acc", "new_test_acc", "old_train_acc_before",
                "old_test_acc_before")
 WORDS = {"fe": "feature extraction", "ft": "fine-tuning", "lwf": "LwF", "joint": "joint training",
-         "ft-all": "fine-tuning every layer"}
+         "ft-all": "fine-tuning every layer", 0.0: "LwF at λo = 0"}
+VERDICT = {1: "higher", 0: "within noise", -1: "lower"}
 
 
 # ----------------------------------------------------------------------------- the runs, as they recorded themselves
@@ -48,8 +50,8 @@ def seeds(folder):
 
 
 def gather(out):
-    """The teacher, the KD table's students, the sweep, the Q2 methods and the LwF λo sweep: each a list of its
-    seeds' runs (empty when not run)."""
+    """The teacher, the KD table's students, the sweep, the Q2 methods and LwF over λo (with λo = 0): each a list of
+    its seeds' runs (empty when not run)."""
     kd, cl = os.path.join(out, "kd"), os.path.join(out, "continual")
     g = {"out": out, "teacher": load(os.path.join(out, "teacher")), "sweep": None, "lwf_sweep": {},
          "students": {label: seeds(os.path.join(kd, q1b.name(T, lam))) for label, T, lam in q1b.TABLE},
@@ -86,48 +88,45 @@ def cells(runs, keys):
     return [mean_sd([r["result"][k] for r in runs]) for k in keys]
 
 
-def difference(a, b):
-    """(mean of a - mean of b, its standard error or None): a, b per-seed values; a single value is a fixed
-    reference (the one teacher), whose spread is not part of the error."""
-    (ma, sa, na), (mb, sb, nb) = stats(a), stats(b)
-    return ma - mb, None if sa is None and sb is None else math.sqrt((sa or 0) ** 2 / na + (sb or 0) ** 2 / nb)
-
-
-def verdict(a, b, bound=None):
-    """+1, -1 or 0 (within noise): a against b, at two standard errors of the seeds or, from one seed, `bound`."""
-    d, se = difference(a, b)
-    limit = 2 * se if se is not None else bound
-    return 0 if limit is None or abs(d) < limit else (1 if d > 0 else -1)
-
-
-def compared(a, b):
-    """'+2.00 ± 0.50 points, more than two standard errors', '... within noise', or '+2.00 points' from one seed."""
-    d, se = difference(a, b)
-    return f"{d:+.2f} points" if se is None else \
-        f"{d:+.2f} ± {se:.2f} points, " + ("within noise" if abs(d) < 2 * se else "more than two standard errors")
-
-
 def accs(runs, key="test_acc"):
-    return [r["result"][key] for r in runs if "diverged" not in r["result"]]
+    return [r["result"][key] for r in runs if "diverged" not in r["result"] and key in r["result"]]
 
 
-def two_se(p, n_test):
-    """Two binomial standard errors of a difference of two accuracies near p (a fraction) on n_test images."""
-    return 2 * 100 * math.sqrt(2 * p * (1 - p) / n_test)
+def two_se(p, n):
+    """Two binomial standard errors of a difference of two accuracies near p (a fraction, or %) on n images each."""
+    p = p / 100 if p > 1 else p
+    return 2 * 100 * math.sqrt(2 * p * (1 - p) / n)
 
 
-def noise_note(n, n_test, p):
-    """What one seed or n seeds let a reader conclude, said once per discussion."""
-    if n > 1:
-        return (f"Each number is the mean ± standard deviation over {n} seeds, each difference ± its standard error; "
-                "a difference under two standard errors is within noise.")
-    return (f"Each run was made with one seed, so seed-to-seed noise is unknown; the test set's own noise is the "
-            f"yardstick: two standard errors of a difference of two accuracies near {100 * p:.0f}% on these "
-            f"{n_test:,} test images are {two_se(p, n_test):.1f} points, and a smaller difference is within noise.")
+def compare(a, b, bound=None):
+    """a against b (per-seed values; a single value is a fixed reference whose spread is not part of the error):
+    {'d': the difference of means, 'e': two standard errors of it (of the seeds, or from one seed each, `bound`),
+    'v': +1 or -1 when |d| is at least e, 0 (within noise) when under it}."""
+    (ma, sa, na), (mb, sb, nb) = stats(a), stats(b)
+    e = 2 * math.sqrt((sa or 0) ** 2 / na + (sb or 0) ** 2 / nb) if sa is not None or sb is not None else bound
+    d = ma - mb
+    return {"d": d, "e": e, "v": 0 if e is None or abs(d) < e else (1 if d > 0 else -1)}
+
+
+def row(what, c, task=None):
+    """A row of a comparison table: what, (task,) difference, two standard errors, verdict."""
+    return [what, *([task] if task else []), f"{c['d']:+.2f}", "-" if c["e"] is None else f"{c['e']:.2f}",
+            VERDICT[c["v"]]]
+
+
+def effect(vs):
+    """What a set of verdicts says together: 'up' (all higher), 'down' (all lower), 'none' (all within noise), 'mixed'."""
+    return "none" if not any(vs) else "up" if all(v > 0 for v in vs) else "down" if all(v < 0 for v in vs) else "mixed"
 
 
 def joined(words):
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+    words = list(words)
+    return "" if not words else words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def noise(n, n_test, p):
+    """The yardstick, said once per discussion."""
+    return {"n": n, "n_test": f"{n_test:,}", "p": f"{p:.0f}", "two_se": f"{two_se(p, n_test):.1f}"}
 
 
 # ----------------------------------------------------------------------------- tables and the words of the setup
@@ -137,11 +136,11 @@ def table(name, caption, header, rows, widths=None, csv_rows=None, bold=()):
             "bold": [list(b) for b in bold]}
 
 
-def setup_words(cfg, runs, teacher=None):
+def setup_words(cfg, runs, images):
     """The words of a setup table that depend on a run's config: schedule, steps per epoch, precision, seeds."""
     w, first = cfg.get("warmup", 0), runs[0]["config"]["seed"]
-    images = (teacher or runs[0])["result"].get("train_images", 50000)
-    return {"cfg": cfg, "precision": PRECISION[cfg.get("precision", "fp32")], "steps": max(1, images // cfg["batch"]),
+    return {"cfg": cfg, "n": len(runs), "precision": PRECISION[cfg.get("precision", "fp32")],
+            "steps": max(1, images // cfg["batch"]),
             "schedule": (f"linear warm-up to {cfg['lr']:g} over {w} epoch{'s' * (w != 1)}, then " if w else
                          f"from {cfg['lr']:g}, ") + "cosine decay to 0, updated after every step",
             "seeds": f"one (seed {first})" if len(runs) == 1 else f"{len(runs)} (seeds {first}-{first + len(runs) - 1}):"
@@ -164,7 +163,7 @@ def teacher_part(g):
     rows += [[times(row[0]), "", "", "", times(row[5]), times(row[6])] for row in changes
              if not row[2] and row[1].startswith("layer")]
     common.plot_curves([("", [t["history"]])], os.path.join(g["out"], "figures", "teacher"), "cross-entropy", svg=True)
-    return setup_words(t["config"], [t], t) | {
+    return setup_words(t["config"], [t], r.get("train_images", 50000)) | {
         "data": data_words(t), "listing": listing("The teacher: torchvision's ResNet18, three strides changed",
                                                   common.teacher_resnet18),
         "changes": table("teacher_changes", "Changes to ResNet18 for 32×32 inputs: the layers whose stride changed, "
@@ -174,7 +173,8 @@ def teacher_part(g):
                           "curves).", ["Training Accuracy (%)", "Testing Accuracy (%)"],
                           [[pct(r["train_acc"]), pct(r["test_acc"])]]),
         "test": pct(r["test_acc"]), "train": pct(r["train_acc"]), "passed": r["test_acc"] >= 90,
-        "gap": f"{r['train_acc'] - r['test_acc']:+.2f}"}
+        "gap": f"{r['train_acc'] - r['test_acc']:+.2f}", "train_n": f"{r.get('train_images', 50000):,}",
+        "eval_n": f"{min(common.EVAL_IMAGES, r.get('train_images', 50000)):,}"}
 
 
 def student_layers(bn):
@@ -197,6 +197,34 @@ def student_layers(bn):
     return rows, count(model), fc1.in_features, count(fc1)
 
 
+SHORT = {"Student Network (λ = 0)": "λ = 0", "Student Network (λ = 1)": "λ = 1, T = 20", "KD 1": "KD 1, T = 5",
+         "KD 2": "KD 2, T = 10", "KD 3": "KD 3, T = 20"}
+
+
+def student_figures(g):
+    """Every student on shared axes: (a) training (dashed) and test loss, (b) test accuracy; then (a) the
+    cross-entropy with the labels on the test set, (b) top-1 agreement with the teacher; one legend each."""
+    runs = {label: [r["history"] for r in v] for label, v in g["students"].items() if v}
+    for name, panels in (("kd_students", [("(a) loss: λT²KL + (1−λ)CE", ("train_loss", "test_loss")),
+                                          ("(b) test accuracy (%)", ("test_acc",))]),
+                         ("kd_fidelity", [("(a) test cross-entropy with the labels", ("test_ce",)),
+                                          ("(b) agreement with the teacher (%)", ("test_agree",))])):
+        fig, axes = common.pyplot().subplots(1, 2, figsize=(6.6, 2.45), sharex=True)
+        for ax, (title, keys) in zip(axes, panels):
+            for i, (label, hs) in enumerate(runs.items()):
+                for key in keys:
+                    if all(key in r for h in hs for r in h):
+                        common.band(ax, [r["epoch"] for r in hs[0]], [[r[key] for r in h] for h in hs],
+                                    SHORT[label] if key == keys[-1] else "_", color=f"C{i}",
+                                    ls="--" if key == "train_loss" else "-", seeds=False)
+            vals = [r[k] for hs in runs.values() for h in hs for r in h for k in keys if r.get(k) is not None]
+            ax.set(title=title, xlabel="epoch", yscale="log" if vals and 0 < min(vals) < max(vals) / 10 else "linear")
+            common.integer_epochs(ax)
+        handles, labels = axes[1].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=5, frameon=False)
+        common.save(fig, os.path.join(g["out"], "figures", name))
+
+
 def kd_part(g):
     t, students = g["teacher"], g["students"]
     first = next(runs for runs in students.values() if runs)
@@ -210,12 +238,10 @@ def kd_part(g):
                                                                    else ["not run yet (make kd-table)"] * 2)])
         per_seed += [[label, T, lam, r["result"]["seed"], r["result"]["train_acc"], r["result"]["test_acc"],
                       r["result"].get("diverged", "")] for r in runs]
-    common.plot_curves([(label + (f", T = {T:g}" if lam else "") + ": ", [r["history"] for r in students[label]])
-                        for label, T, lam in q1b.TABLE if students[label]], os.path.join(g["out"], "figures", "kd_students"),
-                       "loss", ("test",), height=1.55, svg=True)
-    return setup_words(cfg, first, t) | {
-        "lr_default": q1b.parse([]).lr, "params": f"{n_params:,}", "fc1_in": f"{fc1_in:,}", "soft": soft_targets(g), "discussion": q1_discussion(g),
-        "fc1_m": f"{fc1_params / 1e6:.1f}", "params_m": f"{n_params / 1e6:.1f}",
+    student_figures(g)
+    return setup_words(cfg, first, t["result"].get("train_images", 50000)) | {
+        "lr_default": q1b.parse([]).lr, "params": f"{n_params:,}", "fc1_in": f"{fc1_in:,}", "soft": soft_targets(g),
+        "fc1_m": f"{fc1_params / 1e6:.1f}", "params_m": f"{n_params / 1e6:.1f}", "q": q1_facts(g),
         "student": table("kd_student", "Student network (output sizes measured by running it).",
                          ["Stage", "Layer", "Output", "Parameters"], layers),
         "table": table("kd_table", "Knowledge distillation: final accuracy (last epoch; test at T = 1)" + (
@@ -238,13 +264,18 @@ def soft_targets(g):
     for ax, T in zip(axes, temps):
         ax.bar(range(10), st[T]["example"], color=["C1" if c == st["label"] else "C0" for c in range(10)])
         ax.set(title=f"T = {T}", xticks=range(10))
-        ax.set_xticklabels(common.CIFAR_CLASSES, rotation=90)
+        ax.set_xticklabels(CIFAR_CLASSES, rotation=90)
     axes[0].set_ylabel("probability")
     common.save(fig, os.path.join(g["out"], "figures", "kd_soft_targets"))
-    return table("kd_soft_targets", "The teacher's soft targets softmax(t/T) on the test set: mean probability of its "
-                 "top class and of the true class, and mean entropy as a fraction of the uniform distribution's.",
-                 ["T", "Top class (%)", "True class (%)", "Entropy"],
-                 [[T, f"{100 * st[T]['top']:.1f}", f"{100 * st[T]['true']:.1f}", f"{st[T]['entropy']:.2f}"] for T in temps])
+    top, ent = [st[T]["top"] for T in temps], [st[T]["entropy"] for T in temps]
+    return {"table": table("kd_soft_targets", "The teacher's soft targets softmax(t/T) on the test set: mean probability "
+                           "of its top class and of the true class, and mean entropy as a fraction of the uniform "
+                           "distribution's.", ["T", "Top class (%)", "True class (%)", "Entropy"],
+                           [[T, f"{100 * st[T]['top']:.1f}", f"{100 * st[T]['true']:.1f}", f"{st[T]['entropy']:.2f}"]
+                            for T in temps]),
+            "t_min": temps[0], "t_max": temps[-1], "top_min": f"{100 * top[0]:.1f}", "top_max": f"{100 * top[-1]:.1f}",
+            "ent_min": f"{ent[0]:.2f}", "ent_max": f"{ent[-1]:.2f}", "near_uniform": ent[-1] >= 0.9,
+            "flatter": all(a >= b for a, b in zip(top, top[1:])) and all(a <= b for a, b in zip(ent, ent[1:]))}
 
 
 def best_cell(sweep):
@@ -253,19 +284,30 @@ def best_cell(sweep):
 
 
 def sweep_part(g):
-    sweep = g["sweep"]
+    sweep, t = g["sweep"], g["teacher"]["result"]
     grid, (best, ok) = sweep["grid"], best_cell(sweep)
+    n_test, runs = t.get("test_images", 10000), [r for v in sweep["cells"].values() for r in v]
+    epochs = runs[0]["result"]["epochs"]
+    bound = lambda v: two_se(stats(v)[0], n_test) if len(v) == 1 else None  # noqa: E731
+    near = [k for k in ok if best and compare(ok[best], ok[k], bound(ok[best]))["v"] == 0]
     rows = [[f"{T:g}"] + [(mean_sd(ok[T, lam]) if (T, lam) in ok else cells(sweep["cells"][T, lam], ["test_acc"])[0])
                           if sweep["cells"][T, lam] else "not run" for lam in grid["lam"]] for T in grid["T"]]
-    epochs = next(r for v in sweep["cells"].values() for r in v)["result"]["epochs"]
-    return {"discussion": bonus_discussion(g), "table": table(
+    table_epochs = next((r[0]["result"]["epochs"] for r in g["students"].values() if r), None)
+    reach = best and compare(ok[best], [t["test_acc"]], bound(ok[best]))
+    return {"table": table(
         "kd_sweep", f"Bonus: student test accuracy (%) over T and λ, {epochs} epoch{'s' * (epochs != 1)} per student"
-        + (f", mean ± standard deviation over {grid['seeds']} seeds" if grid["seeds"] > 1 else "") + "; the best in bold.",
-        ["T \\ λ"] + [f"{lam:g}" for lam in grid["lam"]], rows,
-        bold=[(grid["T"].index(best[0]), 1 + grid["lam"].index(best[1]))] if best else [],
+        + (f", mean ± standard deviation over {grid['seeds']} seeds" if grid["seeds"] > 1 else "") +
+        "; in bold the best cell and every cell within noise of it.", ["T \\ λ"] + [f"{lam:g}" for lam in grid["lam"]],
+        rows, bold=[(grid["T"].index(T), 1 + grid["lam"].index(lam)) for T, lam in near],
         csv_rows=(["T", "lam", "seed", "test_acc", "diverged"], [[T, lam, r["result"]["seed"], r["result"]["test_acc"],
                                                                   r["result"].get("diverged", "")]
-                                                                 for (T, lam), v in sweep["cells"].items() for r in v]))}
+                                                                 for (T, lam), v in sweep["cells"].items() for r in v])),
+        "cells": len(ok), "n_T": len(grid["T"]), "n_lam": len(grid["lam"]), "diverged": len(sweep["cells"]) - len(ok),
+        "Ts": ", ".join(f"{x:g}" for x in grid["T"]), "lams": ", ".join(f"{x:g}" for x in grid["lam"]),
+        "best": best and {"T": f"{best[0]:g}", "lam": f"{best[1]:g}", "acc": mean_sd(ok[best]), "near": len(near) - 1,
+                          "d": f"{reach['d']:+.2f}", "e": f"{reach['e']:.2f}" if reach["e"] else "-", "v": reach["v"]},
+        "teacher": pct(t["test_acc"]), "epochs": epochs, "same_epochs": table_epochs in (None, epochs),
+        "table_epochs": table_epochs}
 
 
 def q2_part(g):
@@ -281,13 +323,21 @@ def q2_part(g):
         per_seed += [[label, r["result"]["seed"], *(r["result"][k] for k in RESULT_KEYS)] for r in methods[m]]
     before, ft, sweep = ref[0]["result"], methods["ft"] and methods["ft"][0]["config"], g["lwf_sweep"]
     q2_figures(g)
-    return setup_words(cfg, ref, g["teacher"]) | {
-        "steps": cfg["subjects"] * cfg["train_per_subject"] // cfg["batch"], "old": data_words(g["teacher"]),
-        "faces": "DigiFace-1M (synthetic faces, Bae et al. 2023)" if cfg["faces"] == q2.DIGIFACE_URL or
-                 cfg["faces"].endswith(".zip") else "the face images given for the run",
+    tcfg = g["teacher"]["config"]
+    faces = ref[0]["result"].get("faces_source") or ("DigiFace-1M" if cfg["faces"] == q2.M.DIGIFACE_URL
+                                                     or cfg["faces"].endswith(".zip") else "a face image folder")
+    return setup_words(cfg, ref, cfg["subjects"] * cfg["train_per_subject"]) | {
+        "old": data_words(g["teacher"]), "pretrained": bool(tcfg.get("pretrained", 1)),
+        "faces": {"synthetic": "synthetic faces (class patterns plus noise, written by the project)",
+                  "DigiFace-1M": "DigiFace-1M (synthetic faces rendered by computer graphics, Bae et al. 2023)"}.get(
+                      faces, "the face images given for the run"), "synthetic_faces": faces != "a face image folder",
+        "lr_teacher": tcfg["lr"], "lr_from_teacher": cfg["lr"] == tcfg["lr"],
         "subjects": cfg["subjects"], "test_per": cfg["per_subject"] - cfg["train_per_subject"],
+        "train_n": f"{cfg['subjects'] * cfg['train_per_subject']:,}",
+        "test_n": f"{cfg['subjects'] * (cfg['per_subject'] - cfg['train_per_subject']):,}",
+        "old_eval_n": f"{min(common.EVAL_IMAGES, g['teacher']['result'].get('train_images', 50000)):,}",
         "runs": {m: bool(r) for m, r in methods.items()}, "lwf": methods["lwf"] and methods["lwf"][0]["config"],
-        "ft_all_lr": methods["ft-all"] and methods["ft-all"][0]["config"]["ft_all_lr"], "discussion": q2_discussion(g),
+        "ft_all_lr": methods["ft-all"] and methods["ft-all"][0]["config"]["ft_all_lr"], "q": q2_facts(g),
         "ft_layers": ft and joined([f"{layer} at {rate:g}%" for layer, rate in ft["ft_layers"]]),
         "ft_conv5": bool(ft) and any(x.startswith("conv5") for x, _ in ft["ft_layers"]),
         "ft_below": bool(ft) and max(rate for _, rate in ft["ft_layers"]) < 100,
@@ -303,187 +353,177 @@ def q2_part(g):
             f"{pct(before['old_train_acc_before'])}% (training) and {pct(before['old_test_acc_before'])}% (test).",
             ["Method", "Task", "Training Accuracy (%)", "Testing Accuracy (%)"], rows, bold=[(6, 0)],
             csv_rows=(["method", "seed", *RESULT_KEYS], per_seed)),
-        "lwf_sweep": sweep and table(
+        "lwf_sweep": len(sweep) > 1 and table(
             "lwf_sweep", "LwF's trade-off over λo (λo = 0: every layer fine-tuned at LwF's rates, after its warm-up), "
             "test accuracy (%).", ["λo", "Old task", "New task"],
             [[f"{v:g}", *cells(r, ("old_test_acc", "new_test_acc"))] for v, r in sweep.items()],
             csv_rows=(["lambda_o", "seed", *RESULT_KEYS], [[v, r["result"]["seed"], *(r["result"][k] for k in RESULT_KEYS)]
                                                            for v, runs in sweep.items() for r in runs])) or None,
         "listings": {"net": listing("The two-headed network", common.ContinualNet),
-                     "methods": listing("What each method trains", q2.trained_layers),
+                     "methods": listing("What each method trains", q2.trained),
                      "lwf": listing("LwF's two stages and its loss", q2.train_method, common.lwf_loss)}}
 
 
-# ----------------------------------------------------------------------------- the sentences that depend on results
-def q1_discussion(g):
-    """The discussion of Q1B (4): one conclusion per comparison, each against the noise."""
+# ----------------------------------------------------------------------------- the facts the discussions' conditions test
+def q1_facts(g):
+    """Q1B's comparisons (each a row of the comparison table, with its verdict) and the facts the discussion's
+    sentences depend on."""
     t, students = g["teacher"], g["students"]
     acc = {label: accs(runs) for label, runs in students.items() if runs and accs(runs)}
     if not acc:
-        return ["Every student diverged: there is nothing to compare."]
+        return None
     n, n_test = max(len(r) for r in students.values()), t["result"].get("test_images", 10000)
-    typical = stats([v for a in acc.values() for v in a])[0] / 100
-    bound, base, lam1 = two_se(typical, n_test) if n == 1 else None, q1b.TABLE[0][0], q1b.TABLE[1][0]
-    kd = [(label, T) for label, T, lam in q1b.TABLE if lam == 0.1 and label in acc]
+    n_train = t["result"].get("train_images", 50000)
+    p = stats([v for a in acc.values() for v in a])[0]
+    bound = (lambda q=p: two_se(q, n_test)) if n == 1 else (lambda q=p: None)
+    base, lam1, teacher = q1b.TABLE[0][0], q1b.TABLE[1][0], [t["result"]["test_acc"]]
+    kd = [label for label, T, lam in q1b.TABLE if lam == 0.1 and label in acc]
+    rows, f = [], {"noise": noise(n, n_test, p), "teacher": pct(teacher[0]), "weak_teacher": teacher[0] < 90,
+                   "diverged": [SHORT[k] for k, r in students.items() if r and len(accs(r)) < len(r)]}
     best = max(acc, key=lambda k: stats(acc[k])[0])
-    v, teacher = verdict(acc[best], [t["result"]["test_acc"]], bound), [t["result"]["test_acc"]]
-    out = [noise_note(n, n_test, typical), f"The teacher reaches {pct(teacher[0])}% on the test set and the best "
-           f"student, {best}, {mean_sd(acc[best])}% ({compared(acc[best], teacher)}): " + (
-               "every student stays below the teacher." if v < 0 else "the best student matches the teacher within "
-               "noise." if v == 0 else f"a student above its teacher, which only a weak teacher allows: this one "
-               f"trained {t['config']['epochs']} epochs" + ("" if t["config"]["pretrained"] else " from random weights")
-               + ".") + " The student has "
-           f"{STUDENT_PARAMS / TEACHER_PARAMS:.1f} times the teacher's parameters but three convolutions against "
-           "seventeen: almost all its weights sit in one fully connected layer bound to positions in the image."]
-    by = {}
-    for label, a in acc.items():
-        by.setdefault(mean_sd(a), []).append(label)
-    out += [f"{joined(names)} tie at {value}%." for value, names in by.items() if len(names) > 1]
-    if base in acc and kd:
-        vs = {label: verdict(acc[label], acc[base], bound) for label, _ in kd}
-        out.append(f"Against the student trained on the labels alone (λ = 0, {mean_sd(acc[base])}%), the KD students at "
-                   "λ = 0.1 differ by " + "; ".join(f"{label} (T = {T:g}) {compared(acc[label], acc[base])}"
-                                                   for label, T in kd) + ": " + (
-            "none of these differences is beyond the noise, so these runs show no effect of the soft targets at "
-            "λ = 0.1." if not any(vs.values()) else "every KD student does better than the labels alone: the soft "
-            "targets help." if all(x > 0 for x in vs.values()) else "every KD student does worse than the labels "
-            "alone." if all(x < 0 for x in vs.values()) else f"only {joined([k for k, x in vs.items() if x])} "
-            "differs beyond the noise."))
-        steps = [(a, ta, b, tb) for (a, ta), (b, tb) in zip(kd, kd[1:])]
-        if steps:
-            out.append("Between the temperatures at λ = 0.1, " + ("no step from one to the next is beyond the noise: "
-                       "these runs cannot rank them." if not any(verdict(acc[b], acc[a], bound) for a, _, b, _ in steps)
-                       else "; ".join(f"T = {tb:g} against T = {ta:g} {compared(acc[b], acc[a])}"
-                                      for a, ta, b, tb in steps) + "."))
-    if lam1 in acc and base in acc:
-        v = verdict(acc[lam1], acc[base], bound)
-        out.append(f"The student taught by the soft targets alone (λ = 1, T = 20) reaches {mean_sd(acc[lam1])}%, "
-                   f"{compared(acc[lam1], acc[base])} from λ = 0: the teacher's distribution alone teaches " + (
-                       "as well as the labels, within noise." if v == 0 else "better than the labels." if v > 0 else
-                       "less than the labels do."))
-    gaps = {label: [r["result"]["train_acc"] - r["result"]["test_acc"] for r in students[label]
-                    if "diverged" not in r["result"]] for label in acc}
+    c = compare(acc[best], teacher, bound(stats(acc[best])[0]))
+    rows.append(row(f"{SHORT[best]} (the best student) − teacher", c))
+    f |= {"best": SHORT[best], "best_acc": mean_sd(acc[best]), "vs_teacher": c["v"], "below_teacher": f"{-c['d']:.1f}",
+          "ratio": f"{STUDENT_PARAMS / TEACHER_PARAMS:.1f}", "fc1_share": f"{100 * 93312 * 500 / STUDENT_PARAMS:.1f}",
+          "epochs": students[best][0]["result"]["epochs"], "train_n": f"{n_train:,}",
+          "pretrained": bool(t["config"].get("pretrained", 1)), "teacher_epochs": t["config"]["epochs"]}
+    if base in acc:
+        f["base_acc"] = mean_sd(acc[base])
+        vs = [compare(acc[k], acc[base], bound()) for k in kd]
+        rows += [row(f"{SHORT[k]}, λ = 0.1 − λ = 0", c) for k, c in zip(kd, vs)]
+        f |= {"kd_effect": effect([c["v"] for c in vs]) if kd else None,
+              "kd_up": joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] > 0),
+              "kd_down": joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] < 0),
+              "kd_range": joined(f"{c['d']:+.1f}" for c in vs)}
+        if lam1 in acc:
+            c = compare(acc[lam1], acc[base], bound())
+            rows.append(row("λ = 1, T = 20 − λ = 0", c))
+            f |= {"lam1": c["v"], "lam1_acc": mean_sd(acc[lam1]), "lam1_d": f"{abs(c['d']):.1f}"}
+    steps = [(a, b, compare(acc[b], acc[a], bound())) for a, b in zip(kd, kd[1:])]
+    rows += [row(f"{SHORT[b]} − {SHORT[a]}", c) for a, b, c in steps]
+    f["temps"] = [{"a": SHORT[a][6:], "b": SHORT[b][6:], "v": c["v"], "d": f"{abs(c['d']):.1f}"} for a, b, c in steps]
+    f["rankable"] = any(c["v"] for *_, c in steps)
+    gaps = {k: [r["result"]["train_acc"] - r["result"]["test_acc"] for r in students[k] if "diverged" not in r["result"]]
+            for k in acc}
+    gap_bound = math.hypot(two_se(p, n_test), two_se(p, n_train)) if n == 1 else None
     if base in gaps and kd:
-        narrower = all(verdict(gaps[base], gaps[label], bound) > 0 for label, _ in kd)
-        kd_gaps = [stats(gaps[label])[0] for label, _ in kd]
-        out.append(f"Training minus test accuracy is {stats(gaps[base])[0]:+.1f} points for λ = 0 and "
-                   f"{min(kd_gaps):+.1f} to {max(kd_gaps):+.1f} for the KD students" + (
-                       ": the soft targets narrow the gap beyond the noise, acting as a regulariser, as Hinton et al. "
-                       "observed." if narrower else ", a difference within the noise."))
-    if all(len(students[k][0]["history"]) > 1 and all(r["history"][-1]["test_acc"] > r["history"][-2]["test_acc"]
-                                                       for r in students[k]) for k in acc):
-        out.append("Every student's test accuracy still rose in its last epoch: the table compares students part of "
-                   "the way through their training, not converged ones.")
-    return out
+        vs = [compare(gaps[base], gaps[k], gap_bound) for k in kd]
+        rows += [row(f"gap (training − test) of λ = 0 − that of {SHORT[k]}", c) for k, c in zip(kd, vs)]
+        f["gap"] = {"base": f"{stats(gaps[base])[0]:+.1f}", "kd": joined(f"{stats(gaps[k])[0]:+.1f}" for k in kd),
+                    "lam1": f"{stats(gaps[lam1])[0]:+.1f}" if lam1 in gaps else None,
+                    "effect": {"up": "narrower", "down": "wider"}.get(effect([c["v"] for c in vs]),
+                                                                     effect([c["v"] for c in vs]))}
+    agree = {k: accs(students[k], "test_agree") for k in acc}
+    if base in acc and all(agree.values()):
+        p_agree = stats([v for a in agree.values() for v in a])[0]
+        vs = [compare(agree[k], agree[base], two_se(p_agree, n_test) if n == 1 else None) for k in kd]
+        rows += [row(f"agreement with the teacher, {SHORT[k]} − λ = 0", c) for k, c in zip(kd, vs)]
+        f["fidelity"] = {"effect": effect([c["v"] for c in vs]), "base": mean_sd(agree[base]),
+                         "kd": joined(mean_sd(agree[k]) for k in kd), "lam1": lam1 in agree and mean_sd(agree[lam1]),
+                         "kl_base": f"{stats(accs(students[base], 'test_kl'))[0]:.3f}",
+                         "kl_kd": joined(f"{stats(accs(students[k], 'test_kl'))[0]:.3f}" for k in kd)}
+    hs = [r["history"] for k in acc for r in students[k] if "diverged" not in r["result"]]
+    f["still_rising"] = all(len(h) > 2 and h[-1]["test_acc"] > h[-2]["test_acc"] for h in hs)
+    f["lr_zero"] = all(h[-1]["lr"] < 1e-9 for h in hs)
+    f["clip"], f["lr"] = students[best][0]["config"].get("clip", 0), students[best][0]["config"]["lr"]
+    f["table"] = table("kd_compare", "Knowledge distillation: the comparisons, test accuracy (%) unless named; "
+                       "a difference within two standard errors is within noise.",
+                       ["Comparison", "Difference", "Two standard errors", "Verdict"], rows, [2.6, 0, 0, 0])
+    return f
 
 
-def bonus_discussion(g):
-    sweep, t = g["sweep"], g["teacher"]["result"]
-    best, ok = best_cell(sweep)
-    if best is None:
-        return ["Every student of the sweep diverged: none can be compared with the teacher."]
-    v, grid = ok[best], sweep["grid"]
-    epochs = next(r for runs in sweep["cells"].values() for r in runs)["result"]["epochs"]
-    table_epochs = next((runs[0]["result"]["epochs"] for runs in g["students"].values() if runs), None)
-    reach = verdict(v, [t["test_acc"]], two_se(stats(v)[0] / 100, t.get("test_images", 10000)) if len(v) == 1 else None)
-    return [f"The sweep trained {len(ok)} students over T ∈ {{{', '.join(f'{x:g}' for x in grid['T'])}}} and λ ∈ "
-            f"{{{', '.join(f'{x:g}' for x in grid['lam'])}}}. The best cell, T = {best[0]:g} and λ = {best[1]:g}, "
-            f"reaches {mean_sd(v)}%, {compared(v, [t['test_acc']])} from the teacher's {pct(t['test_acc'])}%: the "
-            f"student {'does not reach' if reach < 0 else 'reaches'} the teacher" + (" within noise." if reach == 0 else "."),
-            *([f"The sweep's students trained {epochs} epoch{'s' * (epochs != 1)}, the table's {table_epochs}: the "
-               "sweep's cells compare only with each other."] if table_epochs and epochs != table_epochs else []),
-            f"That cell was picked as the best of {len(ok)} on the test set itself, which flatters it: an unbiased "
-            "estimate would choose the cell on a validation split of the training images, then measure it once."]
-
-
-def q2_discussion(g):
-    """The discussion of Q2 (4): what each method keeps and learns, each comparison against the noise."""
-    runs, sweep = {m: r for m, r in g["methods"].items() if r}, g["lwf_sweep"]
+def q2_facts(g):
+    """Q2's comparisons on both tasks (rows of the comparison table) and the facts its discussion depends on."""
+    runs = {m: r for m, r in g["methods"].items() if r} | ({0.0: g["lwf_sweep"][0.0]} if 0.0 in g["lwf_sweep"] else {})
     ref = next(iter(runs.values()))
     cfg, before = ref[0]["config"], ref[0]["result"]["old_test_acc_before"]
     n, n_test = max(len(r) for r in runs.values()), g["teacher"]["result"].get("test_images", 10000)
     faces_test = cfg["subjects"] * (cfg["per_subject"] - cfg["train_per_subject"])
-    task = {"old": lambda m: accs(runs[m] if m in runs else sweep[m], "old_test_acc"),
-            "new": lambda m: accs(runs[m] if m in runs else sweep[m], "new_test_acc")}
-    p = {k: stats([v for m in runs for v in task[k](m)])[0] / 100 for k in task}
-    bound = {"old": two_se(p["old"], n_test), "new": two_se(p["new"], faces_test)} if n == 1 else {"old": None, "new": None}
-    old, new = task["old"], task["new"]
-    out = [noise_note(n, n_test, p["old"]) + (f" The face test set is smaller, {faces_test:,} images: there two "
-                                              f"standard errors of a difference near {100 * p['new']:.0f}% are "
-                                              f"{bound['new']:.1f} points." if n == 1 else "")]
+    old, new = (lambda m: accs(runs[m], "old_test_acc")), (lambda m: accs(runs[m], "new_test_acc"))
+    p_old, p_new = (stats([v for m in runs for v in fn(m)])[0] for fn in (old, new))
+    b_old, b_new = (two_se(p_old, n_test), two_se(p_new, faces_test)) if n == 1 else (None, None)
+    f = {"noise": noise(n, n_test, p_old), "noise_new": noise(n, faces_test, p_new), "before": pct(before),
+         "acc": {str(m): {"old": mean_sd(old(m)), "new": mean_sd(new(m))} for m in runs}}
+    rows, cmp = [], {}
+    for a, b in (("ft", "fe"), ("lwf", "ft"), ("lwf", 0.0), ("lwf", "ft-all"), ("joint", "lwf"), ("ft-all", "ft")):
+        if a in runs and b in runs:
+            co, cn = compare(old(a), old(b), b_old), compare(new(a), new(b), b_new)
+            what = f"{WORDS[a]} − {WORDS[b]}"
+            rows += [row(what, co, "old (CIFAR-10)"), row("", cn, "new (faces)")]
+            cmp[f"{a}-{b}"] = {"old": co["v"], "new": cn["v"], "old_d": f"{abs(co['d']):.1f}", "new_d": f"{abs(cn['d']):.1f}"}
+    drops = {}
+    for m in [k for k in ("ft", "lwf", 0.0, "joint", "ft-all") if k in runs]:
+        c = compare(old(m), [before], b_old)
+        rows += [row(f"{WORDS[m]} − the teacher before any change", c, "old (CIFAR-10)")]
+        w = runs[m][0]["config"].get("lwf_warmup", 0) if m in ("lwf", 0.0, "joint") else 0
+        first = [r["history"][w + 1]["old_test_acc"] for r in runs[m] if len(r["history"]) > w + 1]
+        drop = before - stats(old(m))[0]
+        drops[str(m)] = {"v": c["v"], "drop": f"{drop:.1f}", "first": f"{before - stats(first)[0]:.1f}" if first else None,
+                         "mostly_first": bool(first) and drop > 0 and before - stats(first)[0] > drop / 2,
+                         "epoch": w + 1}
+    f |= {"cmp": cmp, "forgets": drops, "table": table(
+        "continual_compare", "Continual learning: the comparisons, test accuracy (%) on each task; a difference within "
+        "two standard errors is within noise.", ["Comparison", "Task", "Difference", "Two standard errors", "Verdict"],
+        rows, [2.4, 1.1, 0, 0, 0])}
     if "fe" in runs:
-        same = all(r["result"]["old_test_acc"] == r["result"]["old_test_acc_before"] for r in runs["fe"])
-        out.append((f"As it must by construction, feature extraction keeps the old task exactly ({pct(before)}% before "
-                    "and after): this confirms that the backbone, its BatchNorm statistics and the old head stayed "
-                    "frozen, and is not an experimental finding." if same else f"Feature extraction changed the old "
-                    f"task ({pct(before)}% before, {mean_sd(old('fe'))}% after), which frozen weights cannot do: these "
-                    "runs are not to be trusted.") + f" On faces it reaches {mean_sd(new('fe'))}%.")
-    if keep := [f"{WORDS[m]} {mean_sd(new(m))}% on faces, keeping {mean_sd(old(m))}% of CIFAR-10 "
-                f"({compared(old(m), [before])})" for m in runs if m != "fe"]:
-        out.append("At the end: " + "; ".join(keep) + ".")
-    for k, what in (("new", "on faces"), ("old", "on CIFAR-10")):
-        by = {}
-        for m in runs:
-            by.setdefault(mean_sd(task[k](m)), []).append(WORDS[m])
-        out += [f"{joined(names)[0].upper() + joined(names)[1:]} tie {what} at {v}%." for v, names in by.items() if len(names) > 1]
-    for a, b in (("ft", "fe"), ("lwf", "ft"), ("lwf", 0.0), ("lwf", "ft-all"), ("joint", "lwf")):
-        if a in runs and (b in runs or b in sweep):
-            vo, vn = (verdict(task[k](a), task[k](b), bound[k]) for k in ("old", "new"))
-            name = "the same training without its old-task term (λo = 0)" if b == 0.0 else WORDS[b]
-            out.append(f"{WORDS[a][0].upper() + WORDS[a][1:]} against {name}: old task {compared(old(a), old(b))}, new "
-                       f"task {compared(new(a), new(b))}: " + ("within noise on both tasks." if not (vo or vn) else
-                       f"it keeps {['as much of CIFAR-10, within noise,', 'more of CIFAR-10', 'less of CIFAR-10'][vo]} "
-                       f"and learns the faces {['as well, within noise', 'better', 'worse'][vn]}.") + (" This is the comparison that isolates LwF's term." if b == 0.0 else ""))
-            if (a, b) == ("lwf", "ft"):
-                ft, lw = runs["ft"][0]["config"], runs["lwf"][0]["config"]
-                out.append(f"That comparison mixes more than LwF's old-task term: fine-tuning trains "
-                           f"{joined([x for x, _ in ft['ft_layers']])} from the first epoch, LwF every layer at "
-                           f"{lw['lwf_lr']:g}% after a warm-up of {lw['lwf_warmup']} epoch{'s' * (lw['lwf_warmup'] != 1)}.")
-    if "ft-all" in runs and (gap := stats([r["result"]["new_train_acc"] - r["result"]["new_test_acc"]
-                                           for r in runs["ft-all"]])[0]) > 10:
-        out.append(f"Fine-tuning every layer fits the face training images {gap:.1f} points better than the test "
-                   "images: with all its weights free and few images per subject, it overfits.")
+        f["fe_exact"] = all(r["result"]["old_test_acc"] == r["result"]["old_test_acc_before"] for r in runs["fe"])
+    if "lwf" in runs:
+        w = runs["lwf"][0]["config"]["lwf_warmup"]
+        f["warm"] = {"w": w, "new": mean_sd([r["history"][w]["test_acc"] for r in runs["lwf"]]),
+                     "fe_like": "fe" in runs}
+    if "ft-all" in runs:
+        others = [m for m in ("ft", "lwf", "joint", 0.0) if m in runs]
+        f["ftall_most"] = bool(others) and all(compare(old("ft-all"), old(m), b_old)["v"] < 0 for m in others)
+        f["ftall_gap"] = f"{stats([r['result']['new_train_acc'] - r['result']['new_test_acc'] for r in runs['ft-all']])[0]:.1f}"
+        f["ftall_overfit"] = float(f["ftall_gap"]) > 10
+    sweep = g["lwf_sweep"]
+    if len(sweep) > 2:
+        lo, hi = min(sweep), max(sweep)
+        co = compare(accs(sweep[hi], "old_test_acc"), accs(sweep[lo], "old_test_acc"), b_old)
+        cn = compare(accs(sweep[hi], "new_test_acc"), accs(sweep[lo], "new_test_acc"), b_new)
+        f["sweep"] = {"lo": f"{lo:g}", "hi": f"{hi:g}", "old": co["v"], "new": cn["v"],
+                      "old_lo": mean_sd(accs(sweep[lo], "old_test_acc")), "old_hi": mean_sd(accs(sweep[hi], "old_test_acc")),
+                      "new_lo": mean_sd(accs(sweep[lo], "new_test_acc")), "new_hi": mean_sd(accs(sweep[hi], "new_test_acc"))}
     if all(m in runs for m in ("fe", "ft", "lwf")):
-        m = {k: (stats(old(k))[0], stats(new(k))[0]) for k in ("fe", "ft", "lwf")}
-        claims = {"feature extraction keeps the most of CIFAR-10": verdict(old("fe"), old("lwf"), bound["old"]) > 0,
-                  "LwF keeps more of it than fine-tuning": verdict(old("lwf"), old("ft"), bound["old"]) > 0,
-                  "fine-tuning learns the faces better than feature extraction": verdict(new("ft"), new("fe"), bound["new"]) > 0}
-        shown, unshown = [c for c, ok in claims.items() if ok], [c for c, ok in claims.items() if not ok]
-        out.append("In short, " + (
-            f"the assignment's three methods trade one task for the other: feature extraction keeps CIFAR-10 "
-            f"({m['fe'][0]:.1f}%) and learns faces least ({m['fe'][1]:.1f}%), fine-tuning learns faces "
-            f"({m['ft'][1]:.1f}%) and forgets CIFAR-10 ({m['ft'][0]:.1f}%), and LwF keeps more of CIFAR-10 than "
-            f"fine-tuning ({m['lwf'][0]:.1f}%) for {m['lwf'][1]:.1f}% on faces, without the old data." if not unshown else
-            (f"these runs show that {joined(shown)}, but not, beyond the noise, that " if shown else "these runs do not "
-             "show, beyond the noise, that ") + joined(unshown) + "."))
-    return out
+        claims = {"fine-tuning forgets part of the old task": drops["ft"]["v"] < 0,
+                  "LwF keeps more of it than fine-tuning": cmp["lwf-ft"]["old"] > 0,
+                  "fine-tuning learns the faces better than feature extraction": cmp["ft-fe"]["new"] > 0}
+        f["shown"] = joined(c for c, ok in claims.items() if ok)
+        f["unshown"] = joined(c for c, ok in claims.items() if not ok)
+    return f
 
 
 # ----------------------------------------------------------------------------- figures: out/figures/<name>.svg and .png
 def q2_figures(g):
-    """Each method's curves (the new task's loss; accuracy on both tasks, per epoch), and the forgetting figure."""
-    methods, both = g["methods"], ("train", "test", "old_train", "old_test")
+    """Each method's curves from epoch 0 (the new task's loss; accuracy on both tasks), and the forgetting figure."""
+    methods = g["methods"]
+    names = {"train": "new task (faces), training", "test": "new task (faces), test",
+             "old_train": "old task (CIFAR-10), training", "old_test": "old task (CIFAR-10), test"}
     for name, ms in (("fe", ["fe"]), ("ft", ["ft"]), ("lwf", ["lwf"]), ("references", ["joint", "ft-all"])):
         if rows := [(f"{WORDS[m]}: " if len(ms) > 1 else "", [r["history"] for r in methods[m]]) for m in ms if methods[m]]:
-            common.plot_curves(rows, os.path.join(g["out"], "figures", f"q2_{name}"), "loss", both, svg=True)
-    fig, (a, b) = common.pyplot().subplots(1, 2, figsize=(6.6, 3.0))
+            stage = methods[ms[0]][0]["config"].get("lwf_warmup") if ms[0] in ("lwf", "joint") and methods[ms[0]] else None
+            common.plot_curves(rows, os.path.join(g["out"], "figures", f"q2_{name}"), "loss", tuple(names), svg=True,
+                               stage=stage, names=names)
+    fig, (a, b) = common.pyplot().subplots(1, 2, figsize=(6.6, 3.1))
     for m, label in q2.METHODS.items():
         if runs := methods[m]:
-            label = label.replace(" (reference)", "*")
-            common.band(a, [0] + [e["epoch"] for e in runs[0]["history"]],
-                        [[r["result"]["old_test_acc_before"]] + [e["old_test_acc"] for e in r["history"]] for r in runs], label)
+            label = label.replace(" (reference)", "*").replace("Fine-tuning all layers", "FT all layers")
+            common.band(a, [e["epoch"] for e in runs[0]["history"]], [[e["old_test_acc"] for e in r["history"]]
+                                                                       for r in runs], label, seeds=False)
             (mo, so, _), (mn, sn, _) = stats(accs(runs, "old_test_acc")), stats(accs(runs, "new_test_acc"))
-            b.errorbar(mn, mo, xerr=sn or 0, yerr=so or 0, fmt="o", capsize=3, label=label)
-    if g["lwf_sweep"]:
+            b.errorbar(mn, mo, xerr=sn or 0, yerr=so or 0, fmt="o", capsize=3)
+            b.annotate(label, (mn, mo), textcoords="offset points", xytext=(4, 4), fontsize=7.5)
+    if len(g["lwf_sweep"]) > 1:
         pts = [(stats(accs(r, "new_test_acc"))[0], stats(accs(r, "old_test_acc"))[0]) for r in g["lwf_sweep"].values()]
-        b.plot(*zip(*pts), "k--", lw=1, label="LwF over λo")
+        b.plot(*zip(*pts), "k--", lw=1)
         for v, pt in zip(g["lwf_sweep"], pts):
-            b.annotate(f"λo={v:g}", pt, textcoords="offset points", xytext=(3, 3), fontsize=7)
-    a.set(title="(a) old task while learning faces", xlabel="epoch", ylabel="CIFAR-10 test accuracy (%)")
-    b.margins(0.15)
+            b.annotate(f"λo={v:g}", pt, textcoords="offset points", xytext=(4, -9), fontsize=7.5)
+    a.set(title="(a) old task while learning faces", xlabel="epoch (0: before any change)",
+          ylabel="CIFAR-10 test accuracy (%)")
+    b.margins(0.2)
     b.set(title="(b) what each method keeps and learns", xlabel="faces: test accuracy (%)", ylabel="CIFAR-10 test (%)")
     common.integer_epochs(a)
-    fig.legend(*b.get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=7, frameon=False)
+    fig.legend(*a.get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
     common.save(fig, os.path.join(g["out"], "figures", "q2_forgetting"))
 
 
@@ -527,7 +567,7 @@ def report_data(g, author, student_id):
             "course": "EEE7331-01 Special Topics in Deep Learning, 2022 Autumn", "student_id": student_id,
             "appendix": APPENDIX, "repro": reproducibility(g),
             "intro": {"task": f"{ref[0]['config']['subjects']}-subject" if ref else "100-subject",
-                      "source": r.get("cifar10_source"), "random": bool(t and not t["config"]["pretrained"]),
+                      "source": r.get("cifar10_source"), "pretrained": bool(t and t["config"]["pretrained"]),
                       "train": f"{r.get('train_images', 0):,}", "test": f"{r.get('test_images', 0):,}",
                       "full": (r.get("train_images"), r.get("test_images")) == (50000, 10000)},
             "teacher": t and teacher_part(g), "kd": have("students") and kd_part(g) or None,
