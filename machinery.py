@@ -277,6 +277,7 @@ class Step:
                     q.grad = None
         if not self.fused:
             self.opt.step()
+        self.opt._opt_called = True  # what the lr scheduler's wrapper of opt.step sets: it stepped
 
     def epoch(self):
         """Start an epoch: the step count from 0; returns the students that have diverged (a set of indices)."""

@@ -98,14 +98,18 @@ def two_se(p, n):
     return 2 * 100 * math.sqrt(2 * p * (1 - p) / n)
 
 
-def compare(a, b, bound=None):
+def compare(a, b, n=None, bound=None):
     """a against b (per-seed values; a single value is a fixed reference whose spread is not part of the error):
-    {'d': the difference of means, 'e': two standard errors of it (of the seeds, or from one seed each, `bound`),
-    'v': +1 or -1 when |d| is at least e, 0 (within noise) when under it}."""
+    {'d': the difference of means, 'e': two standard errors of it: of the seeds, or from one value each `bound`, or
+    the binomial noise of two accuracies near their mean on n test images; 'v': +1 or -1 when |d| is at least e, 0
+    (within noise) when under it or when nothing measures e}."""
     (ma, sa, na), (mb, sb, nb) = stats(a), stats(b)
-    e = 2 * math.sqrt((sa or 0) ** 2 / na + (sb or 0) ** 2 / nb) if sa is not None or sb is not None else bound
+    if sa is not None or sb is not None:
+        e = 2 * math.sqrt((sa or 0) ** 2 / na + (sb or 0) ** 2 / nb)
+    else:
+        e = bound if bound is not None else two_se((ma + mb) / 2, n) if n else None
     d = ma - mb
-    return {"d": d, "e": e, "v": 0 if e is None or abs(d) < e else (1 if d > 0 else -1)}
+    return {"d": d, "e": e, "v": 0 if e is None or abs(d) < e or d == 0 else (1 if d > 0 else -1)}
 
 
 def row(what, c, task=None):
@@ -288,12 +292,11 @@ def sweep_part(g):
     grid, (best, ok) = sweep["grid"], best_cell(sweep)
     n_test, runs = t.get("test_images", 10000), [r for v in sweep["cells"].values() for r in v]
     epochs = runs[0]["result"]["epochs"]
-    bound = lambda v: two_se(stats(v)[0], n_test) if len(v) == 1 else None  # noqa: E731
-    near = [k for k in ok if best and compare(ok[best], ok[k], bound(ok[best]))["v"] == 0]
+    near = [k for k in ok if best and compare(ok[best], ok[k], n_test)["v"] == 0]
     rows = [[f"{T:g}"] + [(mean_sd(ok[T, lam]) if (T, lam) in ok else cells(sweep["cells"][T, lam], ["test_acc"])[0])
                           if sweep["cells"][T, lam] else "not run" for lam in grid["lam"]] for T in grid["T"]]
     table_epochs = next((r[0]["result"]["epochs"] for r in g["students"].values() if r), None)
-    reach = best and compare(ok[best], [t["test_acc"]], bound(ok[best]))
+    reach = best and compare(ok[best], [t["test_acc"]], n_test)
     return {"table": table(
         "kd_sweep", f"Bonus: student test accuracy (%) over T and λ, {epochs} epoch{'s' * (epochs != 1)} per student"
         + (f", mean ± standard deviation over {grid['seeds']} seeds" if grid["seeds"] > 1 else "") +
@@ -375,13 +378,13 @@ def q1_facts(g):
     n, n_test = max(len(r) for r in students.values()), t["result"].get("test_images", 10000)
     n_train = t["result"].get("train_images", 50000)
     p = stats([v for a in acc.values() for v in a])[0]
-    bound = (lambda q=p: two_se(q, n_test)) if n == 1 else (lambda q=p: None)
     base, lam1, teacher = q1b.TABLE[0][0], q1b.TABLE[1][0], [t["result"]["test_acc"]]
     kd = [label for label, T, lam in q1b.TABLE if lam == 0.1 and label in acc]
     rows, f = [], {"noise": noise(n, n_test, p), "teacher": pct(teacher[0]), "weak_teacher": teacher[0] < 90,
+                   "base_acc": None, "kd_effect": None, "kd_up": "", "kd_down": "", "kd_range": "",
                    "diverged": [SHORT[k] for k, r in students.items() if r and len(accs(r)) < len(r)]}
     best = max(acc, key=lambda k: stats(acc[k])[0])
-    c = compare(acc[best], teacher, bound(stats(acc[best])[0]))
+    c = compare(acc[best], teacher, n_test)
     rows.append(row(f"{SHORT[best]} (the best student) − teacher", c))
     f |= {"best": SHORT[best], "best_acc": mean_sd(acc[best]), "vs_teacher": c["v"], "below_teacher": f"{-c['d']:.1f}",
           "ratio": f"{STUDENT_PARAMS / TEACHER_PARAMS:.1f}", "fc1_share": f"{100 * 93312 * 500 / STUDENT_PARAMS:.1f}",
@@ -389,25 +392,24 @@ def q1_facts(g):
           "pretrained": bool(t["config"].get("pretrained", 1)), "teacher_epochs": t["config"]["epochs"]}
     if base in acc:
         f["base_acc"] = mean_sd(acc[base])
-        vs = [compare(acc[k], acc[base], bound()) for k in kd]
+        vs = [compare(acc[k], acc[base], n_test) for k in kd]
         rows += [row(f"{SHORT[k]}, λ = 0.1 − λ = 0", c) for k, c in zip(kd, vs)]
         f |= {"kd_effect": effect([c["v"] for c in vs]) if kd else None,
               "kd_up": joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] > 0),
               "kd_down": joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] < 0),
               "kd_range": joined(f"{c['d']:+.1f}" for c in vs)}
         if lam1 in acc:
-            c = compare(acc[lam1], acc[base], bound())
+            c = compare(acc[lam1], acc[base], n_test)
             rows.append(row("λ = 1, T = 20 − λ = 0", c))
             f |= {"lam1": c["v"], "lam1_acc": mean_sd(acc[lam1]), "lam1_d": f"{abs(c['d']):.1f}"}
-    steps = [(a, b, compare(acc[b], acc[a], bound())) for a, b in zip(kd, kd[1:])]
+    steps = [(a, b, compare(acc[b], acc[a], n_test)) for a, b in zip(kd, kd[1:])]
     rows += [row(f"{SHORT[b]} − {SHORT[a]}", c) for a, b, c in steps]
     f["temps"] = [{"a": SHORT[a][6:], "b": SHORT[b][6:], "v": c["v"], "d": f"{abs(c['d']):.1f}"} for a, b, c in steps]
     f["rankable"] = any(c["v"] for *_, c in steps)
     gaps = {k: [r["result"]["train_acc"] - r["result"]["test_acc"] for r in students[k] if "diverged" not in r["result"]]
             for k in acc}
-    gap_bound = math.hypot(two_se(p, n_test), two_se(p, n_train)) if n == 1 else None
-    if base in gaps and kd:
-        vs = [compare(gaps[base], gaps[k], gap_bound) for k in kd]
+    if base in gaps and kd:  # from one seed each: the binomial noise of the test and the training accuracy
+        vs = [compare(gaps[base], gaps[k], bound=math.hypot(two_se(p, n_test), two_se(p, n_train))) for k in kd]
         rows += [row(f"gap (training − test) of λ = 0 − that of {SHORT[k]}", c) for k, c in zip(kd, vs)]
         f["gap"] = {"base": f"{stats(gaps[base])[0]:+.1f}", "kd": joined(f"{stats(gaps[k])[0]:+.1f}" for k in kd),
                     "lam1": f"{stats(gaps[lam1])[0]:+.1f}" if lam1 in gaps else None,
@@ -415,8 +417,7 @@ def q1_facts(g):
                                                                      effect([c["v"] for c in vs]))}
     agree = {k: accs(students[k], "test_agree") for k in acc}
     if base in acc and all(agree.values()):
-        p_agree = stats([v for a in agree.values() for v in a])[0]
-        vs = [compare(agree[k], agree[base], two_se(p_agree, n_test) if n == 1 else None) for k in kd]
+        vs = [compare(agree[k], agree[base], n_test) for k in kd]
         rows += [row(f"agreement with the teacher, {SHORT[k]} − λ = 0", c) for k, c in zip(kd, vs)]
         f["fidelity"] = {"effect": effect([c["v"] for c in vs]), "base": mean_sd(agree[base]),
                          "kd": joined(mean_sd(agree[k]) for k in kd), "lam1": lam1 in agree and mean_sd(agree[lam1]),
@@ -441,19 +442,18 @@ def q2_facts(g):
     faces_test = cfg["subjects"] * (cfg["per_subject"] - cfg["train_per_subject"])
     old, new = (lambda m: accs(runs[m], "old_test_acc")), (lambda m: accs(runs[m], "new_test_acc"))
     p_old, p_new = (stats([v for m in runs for v in fn(m)])[0] for fn in (old, new))
-    b_old, b_new = (two_se(p_old, n_test), two_se(p_new, faces_test)) if n == 1 else (None, None)
     f = {"noise": noise(n, n_test, p_old), "noise_new": noise(n, faces_test, p_new), "before": pct(before),
          "acc": {str(m): {"old": mean_sd(old(m)), "new": mean_sd(new(m))} for m in runs}}
     rows, cmp = [], {}
     for a, b in (("ft", "fe"), ("lwf", "ft"), ("lwf", 0.0), ("lwf", "ft-all"), ("joint", "lwf"), ("ft-all", "ft")):
         if a in runs and b in runs:
-            co, cn = compare(old(a), old(b), b_old), compare(new(a), new(b), b_new)
+            co, cn = compare(old(a), old(b), n_test), compare(new(a), new(b), faces_test)
             what = f"{WORDS[a]} − {WORDS[b]}"
             rows += [row(what, co, "old (CIFAR-10)"), row("", cn, "new (faces)")]
-            cmp[f"{a}-{b}"] = {"old": co["v"], "new": cn["v"], "old_d": f"{abs(co['d']):.1f}", "new_d": f"{abs(cn['d']):.1f}"}
+            cmp[f"{a}/{b}"] = {"old": co["v"], "new": cn["v"], "old_d": f"{abs(co['d']):.1f}", "new_d": f"{abs(cn['d']):.1f}"}
     drops = {}
     for m in [k for k in ("ft", "lwf", 0.0, "joint", "ft-all") if k in runs]:
-        c = compare(old(m), [before], b_old)
+        c = compare(old(m), [before], n_test)
         rows += [row(f"{WORDS[m]} − the teacher before any change", c, "old (CIFAR-10)")]
         w = runs[m][0]["config"].get("lwf_warmup", 0) if m in ("lwf", 0.0, "joint") else 0
         first = [r["history"][w + 1]["old_test_acc"] for r in runs[m] if len(r["history"]) > w + 1]
@@ -473,21 +473,21 @@ def q2_facts(g):
                      "fe_like": "fe" in runs}
     if "ft-all" in runs:
         others = [m for m in ("ft", "lwf", "joint", 0.0) if m in runs]
-        f["ftall_most"] = bool(others) and all(compare(old("ft-all"), old(m), b_old)["v"] < 0 for m in others)
+        f["ftall_most"] = bool(others) and all(compare(old("ft-all"), old(m), n_test)["v"] < 0 for m in others)
         f["ftall_gap"] = f"{stats([r['result']['new_train_acc'] - r['result']['new_test_acc'] for r in runs['ft-all']])[0]:.1f}"
         f["ftall_overfit"] = float(f["ftall_gap"]) > 10
     sweep = g["lwf_sweep"]
     if len(sweep) > 2:
         lo, hi = min(sweep), max(sweep)
-        co = compare(accs(sweep[hi], "old_test_acc"), accs(sweep[lo], "old_test_acc"), b_old)
-        cn = compare(accs(sweep[hi], "new_test_acc"), accs(sweep[lo], "new_test_acc"), b_new)
+        co = compare(accs(sweep[hi], "old_test_acc"), accs(sweep[lo], "old_test_acc"), n_test)
+        cn = compare(accs(sweep[hi], "new_test_acc"), accs(sweep[lo], "new_test_acc"), faces_test)
         f["sweep"] = {"lo": f"{lo:g}", "hi": f"{hi:g}", "old": co["v"], "new": cn["v"],
                       "old_lo": mean_sd(accs(sweep[lo], "old_test_acc")), "old_hi": mean_sd(accs(sweep[hi], "old_test_acc")),
                       "new_lo": mean_sd(accs(sweep[lo], "new_test_acc")), "new_hi": mean_sd(accs(sweep[hi], "new_test_acc"))}
     if all(m in runs for m in ("fe", "ft", "lwf")):
         claims = {"fine-tuning forgets part of the old task": drops["ft"]["v"] < 0,
-                  "LwF keeps more of it than fine-tuning": cmp["lwf-ft"]["old"] > 0,
-                  "fine-tuning learns the faces better than feature extraction": cmp["ft-fe"]["new"] > 0}
+                  "LwF keeps more of it than fine-tuning": cmp["lwf/ft"]["old"] > 0,
+                  "fine-tuning learns the faces better than feature extraction": cmp["ft/fe"]["new"] > 0}
         f["shown"] = joined(c for c, ok in claims.items() if ok)
         f["unshown"] = joined(c for c, ok in claims.items() if not ok)
     return f

@@ -139,11 +139,13 @@ def one_line_error(excinfo, *fragments):
 
 def pdf_text(path):
     """The text of each page of a PDF (pypdf: CI has no pdftotext), its page number (the last line) left out,
-    non-breaking spaces as spaces and Typst's minus signs as hyphens."""
+    non-breaking spaces as spaces, Typst's minus signs as hyphens and math italics (𝑇, 𝜆) as letters (T, λ)."""
     import re
+    import unicodedata
     import pypdf
-    return [re.sub(r"\n\d+\s*$", "", page.extract_text()).replace("\xa0", " ").replace("\u2212", "-")
-            for page in pypdf.PdfReader(path).pages]
+    letters = lambda m: unicodedata.normalize("NFKC", m.group())  # noqa: E731
+    return [re.sub("[\U0001D400-\U0001D7FF]", letters, re.sub(r"\n\d+\s*$", "", page.extract_text()))
+            .replace("\xa0", " ").replace("\u2212", "-") for page in pypdf.PdfReader(path).pages]
 
 
 def appendix_page(out):

@@ -12,77 +12,7 @@ import q1b_kd as q1b
 import q2_continual as q2
 import report
 from conftest import ROOT, appendix_page, pdf_text
-
-METHOD_ACC = {"fe": (93.0, 60.0), "ft": (40.0, 80.0), "lwf": (75.0, 70.0), "joint": (91.0, 78.0), "ft-all": (30.0, 82.0),
-              "lam0": (35.0, 81.0)}
-
-
-def write_run(folder, config, history, result):
-    os.makedirs(folder, exist_ok=True)
-    for name, obj in (("config", config), ("history", history), ("result", result)):
-        with open(os.path.join(folder, f"{name}.json"), "w") as f:
-            json.dump(obj, f)
-
-
-def history(epochs, acc, extra=lambda e: {}):
-    """Epoch 0 (before training) to `epochs`, the last at `acc`; the lr's cosine at 0 after the last."""
-    return [{"epoch": e, "lr": 0.1 * (1 - e / epochs), "train_loss": 2.0 / (e + 1), "test_loss": 2.2 / (e + 1),
-             "train_acc": acc - 3 + e, "test_acc": acc - epochs + e, **extra(e)} for e in range(epochs + 1)]
-
-
-def fake_out(out, seeds=2, epochs=3, teacher=94.0, student=lambda k, i: 60.0 + 2 * k + 1.5 * i, methods=None,
-             gap=lambda k: 10.0, agree=lambda k, acc: acc + 2, n_test=10000, n_train=50000, before=93.0, sweep=True):
-    """A finished teacher, the KD table's five students, a 2x2 sweep and the five Q2 methods with LwF at λo = 0 (100
-    subjects), each with `seeds` seeds, as the scripts write them: configs from the scripts' own defaults.
-    `student(k, i)`: the test accuracy of student k of the table, seed i (default: KD students a few points above
-    λ = 0, seeds 1.5 points apart); `gap(k)`: its training minus test accuracy; `agree(k, acc)`: its agreement with
-    the teacher; `methods`: {method or "lam0": (old-task, new-task test accuracy)} (seed i adds i to both)."""
-    t = vars(q1a.parse(["--epochs", str(epochs)])) | {"precision": "fp32"}
-    for k in ("data", "out", "device"):
-        t.pop(k)
-    write_run(f"{out}/teacher", t, history(epochs, teacher), {
-        "train_acc": teacher + 3.25, "test_acc": teacher, "train_loss": 0.1, "test_loss": 0.2, "epochs": epochs, "device": "cpu",
-        "cifar10_source": "official", "train_images": n_train, "test_images": n_test})
-    with open(f"{out}/teacher/model.pt", "wb") as f:
-        f.write(b"weights")
-    kd = vars(q1b.parse(["--epochs", str(epochs)]))
-    shared = {k: kd[k] for k in ("epochs", "lr", "fc1_lr", "batch", "momentum", "wd", "warmup", "clip", "bn", "dropout",
-                                 "augment", "seed")} | {"precision": "fp32", "teacher_sha256": "ab" * 32}
-    accs = {}
-    for k, (label, T, lam) in enumerate(q1b.TABLE):
-        for i in range(seeds):
-            acc = student(k, i)
-            accs.setdefault(label, []).append(acc)
-            fid = {"test_ce": 0.8, "test_agree": agree(k, acc), "test_kl": 0.3}
-            write_run(f"{out}/kd/{q1b.name(T, lam, i)}", shared | {"T": T, "lam": lam, "seed": i},
-                      history(epochs, acc, lambda e: {"test_ce": 1.0 / (e + 1), "test_agree": agree(k, acc) - epochs + e,
-                                                      "test_kl": 0.3}),
-                      {"train_acc": acc + gap(k), "test_acc": acc, "train_loss": 0.5, "test_loss": 0.6, "T": T, "lam": lam,
-                       "seed": i, "epochs": epochs, "device": "cpu"} | fid)
-    with open(f"{out}/kd/soft_targets.json", "w") as f:  # as q1b_kd.py records them (common.soft_target_summary)
-        json.dump({"label": 3} | {f"{T:g}": {"top": 0.9 / T ** 0.5, "true": 0.8 / T ** 0.5, "entropy": 1 - 0.5 / T,
-                                             "example": [0.1] * 10} for T in (1, 5, 10, 20)}, f)
-    if sweep:
-        with open(f"{out}/kd/sweep.json", "w") as f:
-            json.dump({"T": [2.0, 8.0], "lam": [0.5, 0.9], "seeds": 1}, f)
-        for T, lam, acc in ((2.0, 0.5, 66.25), (2.0, 0.9, 71.5), (8.0, 0.5, 64.0), (8.0, 0.9, 69.75)):
-            write_run(f"{out}/kd/{q1b.name(T, lam)}", shared | {"T": T, "lam": lam, "seed": 0},
-                      history(epochs, acc, lambda e: {"test_ce": 1.0 / (e + 1)}),
-                      {"train_acc": acc + 5, "test_acc": acc, "train_loss": 0.5, "test_loss": 0.6, "T": T, "lam": lam,
-                       "seed": 0, "epochs": epochs, "device": "cpu"})
-    args = q2.parse(["--epochs", str(epochs), "--lwf-warmup", "1", "--faces", "/somewhere/faces"])
-    args.precision, args.teacher_sha256 = "fp32", "ab" * 32
-    for key, m, lam in [(m, m, 1.0) for m in q2.METHODS] + [("lwf_lam0", "lwf", 0.0)]:
-        old, new = (methods or METHOD_ACC)[m if key != "lwf_lam0" else "lam0"]
-        for i in range(seeds):
-            o = old if m == "fe" else old + i
-            write_run(q2.run_dir(args, key, i).replace(args.out, str(out)), q2.method_config(m, args, 0.1, i, lam),
-                      history(epochs, new + i, lambda e: {"old_test_acc": before if e == 0 else o}),
-                      {"old_train_acc": o + 2, "old_test_acc": o, "new_train_acc": new + 10, "new_test_acc": new + i,
-                       "old_train_acc_before": before + 2, "old_test_acc_before": before, "seed": i, "epochs": epochs,
-                       "device": "cpu", "faces_source": "DigiFace-1M"})
-    return accs
-
+from fakes import REGIMES, fake_out, regime
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
@@ -178,7 +108,11 @@ def test_each_comparison_is_a_difference_with_two_standard_errors_and_a_verdict(
     c = report.compare([70.0, 71.0, 72.0], [95.0])  # against one teacher: its spread is not counted
     assert (c["d"], round(c["e"], 4), c["v"]) == (-24.0, round(2 / 3 ** 0.5, 4), -1)
     assert report.compare([60.0], [58.0]) == {"d": 2.0, "e": None, "v": 0}  # one seed each, no yardstick given
-    assert report.compare([60.0], [58.0], 1.5)["v"] == 1 and report.compare([60.0], [58.0], 2.5)["v"] == 0
+    assert report.compare([60.0], [58.0], bound=1.5)["v"] == 1 and report.compare([60.0], [58.0], bound=2.5)["v"] == 0
+    # one seed each on n test images: binomial, near the pair's mean 59%: 2 x 100 x sqrt(2 x 0.59 x 0.41 / n)
+    c = report.compare([60.0], [58.0], 10000)
+    assert (round(c["e"], 3), c["v"]) == (round(200 * (2 * 0.59 * 0.41 / 10000) ** 0.5, 3), 1)
+    assert report.compare([60.0], [58.0], 1000)["v"] == 0  # 4.40 on 1,000 images
     q2 = rows_of(d["q2"]["q"]["table"])
     assert q2["LwF − LwF at λo = 0 / old (CIFAR-10)"][2] == "higher"  # 75-76 against 35-36
     assert "picked on the test set itself, which flatters it" in body
@@ -244,8 +178,9 @@ def test_with_one_seed_differences_are_set_against_the_test_sets_own_noise(tmp_p
     fake_out(str(tmp_path), seeds=1)  # students at 60, 62, 64, 66, 68 % on 10,000 test images
     q = report.q1_facts(report.gather(str(tmp_path)))
     bound = 2 * 100 * (2 * 0.64 * 0.36 / 10000) ** 0.5  # two standard errors of a difference near 64%: 1.36 points
-    assert q["noise"] == {"n": 1, "n_test": "10,000", "p": "64", "two_se": f"{bound:.1f}"}
-    assert rows_of(q["table"])["KD 1, T = 5, λ = 0.1 − λ = 0"] == ("+4.00", f"{bound:.2f}", "higher")
+    assert q["noise"] == {"n": 1, "n_test": "10,000", "p": "64", "two_se": f"{bound:.1f}"}  # the students' mean
+    pair = 2 * 100 * (2 * 0.62 * 0.38 / 10000) ** 0.5  # a row: near its own pair's mean, (64 + 60) / 2: 1.37 points
+    assert rows_of(q["table"])["KD 1, T = 5, λ = 0.1 − λ = 0"] == ("+4.00", f"{pair:.2f}", "higher")
     assert q["kd_effect"] == "up" and q["vs_teacher"] == -1
 
 
@@ -266,7 +201,7 @@ def test_the_report_of_a_full_gpu_like_run_says_what_its_numbers_show(tmp_path):
     assert q1["vs_teacher"] == -1 and q1["kd_effect"] == "up" and q1["noise"]["n"] == 3
     assert rows_of(q1["table"])["KD 3, T = 20 − KD 2, T = 10"] == ("+0.00", "0.82", "within noise")
     assert q1["temps"][1] == {"a": "T = 10", "b": "T = 20", "v": 0, "d": "0.0"}
-    assert q2["unshown"] == "" and q2["forgets"]["ft"]["v"] == -1 and q2["cmp"]["joint-lwf"]["old"] == 1
+    assert q2["unshown"] == "" and q2["forgets"]["ft"]["v"] == -1 and q2["cmp"]["joint/lwf"]["old"] == 1
     d = report.report_data(report.gather(str(tmp_path)), "", "")
     assert d["intro"]["task"] == "100-subject" and d["q2"]["subjects"] == 100 and d["q2"]["test_per"] == 10
     assert d["intro"]["source"] == "official" and d["intro"]["pretrained"]  # nothing to warn of
@@ -288,3 +223,28 @@ def test_the_report_of_the_real_image_run_in_docs(tmp_path):
     assert q1["kd_effect"] == "none" and q1["gap"]["effect"] == "none"
     assert d["intro"]["task"] == "10-subject" and d["q2"]["subjects"] == 10 and "100-subject" not in text
     assert d["q2"]["synthetic_faces"] and not d["q2"]["lr_from_teacher"]  # Q2's rate was set for the run: 0.01
+
+
+EXPECT = {  # what the report must find in each invented regime (fakes.REGIMES)
+    "expected": dict(vs_teacher=-1, kd_effect="up", lam1=-1, gap="narrower", fidelity="up", unshown="", joint=1,
+                     ftall_most=True, term=1),
+    "kd-below": dict(vs_teacher=-1, kd_effect="down", lam1=-1, gap="none", unshown="", joint=1, term=1),
+    "joint-low": dict(kd_effect="up", joint=-1, ft_forgets=0, ftall_most=True,
+                      unshown="fine-tuning forgets part of the old task and LwF keeps more of it than fine-tuning"),
+    "small-noisy": dict(vs_teacher=-1, kd_effect="none", lam1=0, gap="none", fidelity="none", joint=0, term=0,
+                        shown="", ft_forgets=0, ftall_most=False),
+    "all-fail": dict(vs_teacher=1, kd_effect="down", lam1=1, gap="wider", fidelity="down", shown="", joint=-1,
+                     ftall_most=False, term=-1),
+}
+
+
+@pytest.mark.parametrize("name", list(REGIMES))
+def test_each_invented_regime_gets_the_verdicts_its_numbers_make(tmp_path, name):
+    regime(str(tmp_path), name)
+    q1, q2 = facts_of(tmp_path)
+    want = EXPECT[name]
+    got = {"vs_teacher": q1["vs_teacher"], "kd_effect": q1["kd_effect"], "lam1": q1.get("lam1"),
+           "gap": q1["gap"]["effect"], "fidelity": q1["fidelity"]["effect"], "unshown": q2["unshown"],
+           "shown": q2["shown"], "joint": q2["cmp"]["joint/lwf"]["old"], "ftall_most": q2["ftall_most"],
+           "term": q2["cmp"]["lwf/0.0"]["old"], "ft_forgets": q2["forgets"]["ft"]["v"]}
+    assert {k: got[k] for k in want} == want

@@ -1,0 +1,122 @@
+"""Result folders as the scripts write them, with invented numbers: the report's tests read them, and so can a
+reader: `python tests/fakes.py OUT` writes each regime of REGIMES into OUT/<regime>/ and makes its report there.
+Nothing here is a result."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import q1a_teacher as q1a  # noqa: E402
+import q1b_kd as q1b  # noqa: E402
+import q2_continual as q2  # noqa: E402
+
+METHOD_ACC = {"fe": (93.0, 60.0), "ft": (40.0, 80.0), "lwf": (75.0, 70.0), "joint": (91.0, 78.0), "ft-all": (30.0, 82.0),
+              "lam0": (35.0, 81.0)}
+
+
+def write_run(folder, config, history, result):
+    os.makedirs(folder, exist_ok=True)
+    for name, obj in (("config", config), ("history", history), ("result", result)):
+        with open(os.path.join(folder, f"{name}.json"), "w") as f:
+            json.dump(obj, f)
+
+
+def history(epochs, acc, extra=lambda e: {}):
+    """Epoch 0 (before training) to `epochs`, the last at `acc`; the lr's cosine at 0 after the last."""
+    return [{"epoch": e, "lr": 0.1 * (1 - e / epochs), "train_loss": 2.0 / (e + 1), "test_loss": 2.2 / (e + 1),
+             "train_acc": acc - 3 + e, "test_acc": acc - epochs + e, **extra(e)} for e in range(epochs + 1)]
+
+
+def fake_out(out, seeds=2, epochs=3, teacher=94.0, student=lambda k, i: 60.0 + 2 * k + 1.5 * i, methods=None,
+             gap=lambda k: 10.0, agree=lambda k, acc: acc + 2, n_test=10000, n_train=50000, before=93.0, sweep=True):
+    """A finished teacher, the KD table's five students, a 2x2 sweep and the five Q2 methods with LwF at λo = 0 (100
+    subjects), each with `seeds` seeds, as the scripts write them: configs from the scripts' own defaults.
+    `student(k, i)`: the test accuracy of student k of the table, seed i (default: KD students a few points above
+    λ = 0, seeds 1.5 points apart); `gap(k)`: its training minus test accuracy; `agree(k, acc)`: its agreement with
+    the teacher; `methods`: {method or "lam0": (old-task, new-task test accuracy)} (seed i adds i to both)."""
+    t = vars(q1a.parse(["--epochs", str(epochs)])) | {"precision": "fp32"}
+    for k in ("data", "out", "device"):
+        t.pop(k)
+    write_run(f"{out}/teacher", t, history(epochs, teacher), {
+        "train_acc": teacher + 3.25, "test_acc": teacher, "train_loss": 0.1, "test_loss": 0.2, "epochs": epochs, "device": "cpu",
+        "cifar10_source": "official", "train_images": n_train, "test_images": n_test})
+    with open(f"{out}/teacher/model.pt", "wb") as f:
+        f.write(b"weights")
+    kd = vars(q1b.parse(["--epochs", str(epochs)]))
+    shared = {k: kd[k] for k in ("epochs", "lr", "fc1_lr", "batch", "momentum", "wd", "warmup", "clip", "bn", "dropout",
+                                 "augment", "seed")} | {"precision": "fp32", "teacher_sha256": "ab" * 32}
+    accs = {}
+    for k, (label, T, lam) in enumerate(q1b.TABLE):
+        for i in range(seeds):
+            acc = student(k, i)
+            accs.setdefault(label, []).append(acc)
+            fid = {"test_ce": 0.8, "test_agree": agree(k, acc), "test_kl": 0.3}
+            write_run(f"{out}/kd/{q1b.name(T, lam, i)}", shared | {"T": T, "lam": lam, "seed": i},
+                      history(epochs, acc, lambda e: {"test_ce": 1.0 / (e + 1), "test_agree": agree(k, acc) - epochs + e,
+                                                      "test_kl": 0.3}),
+                      {"train_acc": acc + gap(k), "test_acc": acc, "train_loss": 0.5, "test_loss": 0.6, "T": T, "lam": lam,
+                       "seed": i, "epochs": epochs, "device": "cpu"} | fid)
+    with open(f"{out}/kd/soft_targets.json", "w") as f:  # as q1b_kd.py records them (common.soft_target_summary)
+        json.dump({"label": 3} | {f"{T:g}": {"top": 0.9 / T ** 0.5, "true": 0.8 / T ** 0.5, "entropy": 1 - 0.5 / T,
+                                             "example": [0.1] * 10} for T in (1, 5, 10, 20)}, f)
+    if sweep:
+        with open(f"{out}/kd/sweep.json", "w") as f:
+            json.dump({"T": [2.0, 8.0], "lam": [0.5, 0.9], "seeds": 1}, f)
+        for T, lam, acc in ((2.0, 0.5, 66.25), (2.0, 0.9, 71.5), (8.0, 0.5, 64.0), (8.0, 0.9, 69.75)):
+            write_run(f"{out}/kd/{q1b.name(T, lam)}", shared | {"T": T, "lam": lam, "seed": 0},
+                      history(epochs, acc, lambda e: {"test_ce": 1.0 / (e + 1)}),
+                      {"train_acc": acc + 5, "test_acc": acc, "train_loss": 0.5, "test_loss": 0.6, "T": T, "lam": lam,
+                       "seed": 0, "epochs": epochs, "device": "cpu"})
+    args = q2.parse(["--epochs", str(epochs), "--lwf-warmup", "1", "--faces", "/somewhere/faces"])
+    args.precision, args.teacher_sha256 = "fp32", "ab" * 32
+    for key, m, lam in [(m, m, 1.0) for m in q2.METHODS] + [("lwf_lam0", "lwf", 0.0)]:
+        old, new = (methods or METHOD_ACC)[m if key != "lwf_lam0" else "lam0"]
+        for i in range(seeds):
+            o = old if m == "fe" else old + i
+            write_run(q2.run_dir(args, key, i).replace(args.out, str(out)), q2.method_config(m, args, 0.1, i, lam),
+                      history(epochs, new + i, lambda e: {"old_test_acc": before if e == 0 else o}),
+                      {"old_train_acc": o + 2, "old_test_acc": o, "new_train_acc": new + 10, "new_test_acc": new + i,
+                       "old_train_acc_before": before + 2, "old_test_acc_before": before, "seed": i, "epochs": epochs,
+                       "device": "cpu", "faces_source": "DigiFace-1M"})
+    return accs
+
+
+
+# Invented regimes, each of 3 seeds on full-size test sets unless said: (students' test accuracy by table row,
+# λ = 0 first; Q2 methods' (old, new) test accuracy), and what the report must find in them.
+REGIMES = {
+    "expected": dict(teacher=95.0, students=[80.0, 78.0, 81.0, 81.5, 81.2], gap=[8.0, 4.0, 5.0, 5.0, 5.0],
+                     methods={"fe": (93.0, 60.0), "ft": (70.0, 75.0), "lwf": (85.0, 72.0), "joint": (91.0, 74.0),
+                              "ft-all": (40.0, 78.0), "lam0": (60.0, 76.0)}),
+    "kd-below": dict(teacher=95.0, students=[80.0, 76.0, 77.0, 77.5, 77.2], gap=[8.0, 8.0, 8.0, 8.0, 8.0],
+                     methods={"fe": (93.0, 60.0), "ft": (70.0, 75.0), "lwf": (85.0, 72.0), "joint": (91.0, 74.0),
+                              "ft-all": (40.0, 78.0), "lam0": (60.0, 76.0)}),
+    "joint-low": dict(teacher=95.0, students=[80.0, 78.0, 81.0, 81.5, 81.2], gap=[8.0, 4.0, 5.0, 5.0, 5.0],
+                      methods={"fe": (93.0, 60.0), "ft": (92.6, 62.0), "lwf": (85.0, 72.0), "joint": (50.0, 74.0),
+                               "ft-all": (40.0, 78.0), "lam0": (60.0, 76.0)}),
+    "small-noisy": dict(teacher=70.0, students=[52.0, 50.0, 52.5, 51.5, 53.0], gap=[4.0, 3.0, 4.0, 4.5, 4.0],
+                        seeds=1, n_test=2000, n_train=5000,
+                        methods={"fe": (93.0, 35.0), "ft": (92.0, 38.0), "lwf": (92.5, 37.0), "joint": (92.0, 38.5),
+                                 "ft-all": (91.5, 39.0), "lam0": (92.0, 38.0)}),
+    "all-fail": dict(teacher=60.0, students=[70.0, 78.0, 66.0, 65.0, 64.0], gap=[4.0, 9.0, 9.0, 9.0, 9.0],
+                     agree=[70.0, 60.0, 60.0, 60.0, 60.0],
+                     methods={"fe": (93.0, 70.0), "ft": (93.0, 60.0), "lwf": (60.0, 62.0), "joint": (40.0, 60.0),
+                              "ft-all": (92.5, 61.0), "lam0": (80.0, 64.0)}),
+}
+
+
+def regime(out, name):
+    """Write the regime `name` of REGIMES into `out`."""
+    r = REGIMES[name]
+    fake_out(out, seeds=r.get("seeds", 3), epochs=8, teacher=r["teacher"], student=lambda k, i: r["students"][k] + 0.3 * i,
+             methods=r["methods"], gap=lambda k: r["gap"][k], n_test=r.get("n_test", 10000), n_train=r.get("n_train", 50000),
+             agree=(lambda k, a: r["agree"][k]) if "agree" in r else (lambda k, a: min(99.0, a + 8 + 2 * (k > 1))))
+
+
+if __name__ == "__main__":
+    import report
+    for name in REGIMES:
+        folder = os.path.join(sys.argv[1], name)
+        regime(folder, name)
+        report.main(["--out", folder])

@@ -1,0 +1,174 @@
+"""The report's computed sentences, over generated result sets (hypothesis): any order of teacher, students and
+methods, one to three seeds, test sets of any size. What is checked is report.json's facts and the conditions
+report.typ reads from them (no PDF is compiled): the verdicts say "within noise" exactly when a difference is
+under two standard errors, recomputed here; the summaries never contradict the verdicts; every condition report.typ
+tests is one the facts can answer, and every value they take is one report.typ words."""
+import math
+import os
+import re
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import q1b_kd as q1b
+import report
+from conftest import ROOT
+
+TYP = open(os.path.join(ROOT, "report.typ"), encoding="utf-8").read()
+Q1_BLOCK = TYP[TYP.index("#if k.q != none"):TYP.index("=== (5) Bonus")]
+Q2_BLOCK = TYP[TYP.index("#let f = q.q"):TYP.index("= References")]
+LABELS = [label for label, _, _ in q1b.TABLE]
+acc = st.floats(min_value=5.0, max_value=99.0, allow_nan=False).map(lambda x: round(x, 2))
+
+
+def run(result, config=None, history=None):
+    return {"result": result, "config": config or {}, "history": history or []}
+
+
+@st.composite
+def result_sets(draw):
+    """A teacher, the table's five students and the five Q2 methods with LwF at λo = 0, n seeds each, as gather
+    returns them."""
+    n, n_test = draw(st.integers(1, 3)), draw(st.sampled_from([100, 2000, 10000]))
+    teacher = draw(acc)
+    t = run({"test_acc": teacher, "train_acc": min(100.0, teacher + draw(acc) / 10), "test_images": n_test,
+             "train_images": draw(st.sampled_from([120, 5000, 50000]))}, {"pretrained": draw(st.integers(0, 1)),
+                                                                          "epochs": 3, "lr": 0.1})
+    students = {}
+    for label in LABELS:
+        seeds = []
+        for i in range(n):
+            a, r = draw(acc), []
+            history = [{"epoch": e, "test_acc": draw(acc) if e < 3 else a, "lr": 0.1 * (3 - e) / 3} for e in range(4)]
+            result = {"test_acc": a, "train_acc": min(100.0, a + draw(st.floats(-5, 30))), "test_agree": draw(acc),
+                      "test_kl": draw(st.floats(0, 3)), "epochs": 3, "seed": i}
+            if draw(st.integers(0, 30)) == 0:
+                result["diverged"] = "diverged at epoch 2, step 3"
+            seeds.append(run(result, {"clip": 5.0, "lr": 0.02}, history))
+        students[label] = seeds
+    cfg = {"subjects": 100, "per_subject": 50, "train_per_subject": 40, "lwf_warmup": 2, "lr": 0.1}
+    before = draw(acc)
+    methods = {}
+    for m in ["fe", "ft", "lwf", "joint", "ft-all", 0.0]:
+        seeds = []
+        for i in range(n):
+            old = before if m == "fe" else draw(acc)
+            hist = [{"epoch": e, "old_test_acc": before if e == 0 else draw(acc) if e < 4 else old,
+                     "test_acc": draw(acc)} for e in range(5)]
+            seeds.append(run({"old_test_acc": old, "new_test_acc": draw(acc), "new_train_acc": draw(acc),
+                              "old_test_acc_before": before}, cfg, hist))
+        methods[m] = seeds
+    sweep = {0.0: methods.pop(0.0), 1.0: methods["lwf"]}
+    return {"teacher": t, "students": students, "methods": methods, "lwf_sweep": sweep, "sweep": None, "out": ""}
+
+
+def rows(table):
+    """(what, difference, two standard errors or None, verdict) of each row of a comparison table."""
+    out, what = [], ""
+    for r in table["rows"]:
+        what = r[0] or what
+        out.append((what + (f" / {r[1]}" if len(r) == 5 else ""), float(r[-3]), None if r[-2] == "-" else float(r[-2]),
+                    r[-1]))
+    return out
+
+
+def independent(a, b, n_test):
+    """The difference of means and its two standard errors, computed here: seeds' variances, or with one seed each
+    the binomial noise of two accuracies near their mean on n_test images."""
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    if len(a) > 1 or len(b) > 1:  # a single value is a fixed reference: no variance of its own
+        var = lambda v, m: sum((x - m) ** 2 for x in v) / (len(v) - 1) if len(v) > 1 else 0.0  # noqa: E731
+        e = 2 * math.sqrt(var(a, ma) / len(a) + var(b, mb) / len(b))
+    else:
+        p = (ma + mb) / 2 / 100
+        e = 2 * 100 * math.sqrt(2 * p * (1 - p) / n_test)
+    return ma - mb, e
+
+
+def check_verdicts(table):
+    for what, d, e, verdict in rows(table):
+        if e is None:
+            assert verdict == "within noise", what
+        elif abs(abs(d) - e) > 0.011:  # the table rounds both to two decimals
+            assert (verdict == "within noise") == (abs(d) < e), (what, d, e, verdict)
+            assert verdict == "within noise" or verdict == ("higher" if d > 0 else "lower"), what
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(result_sets())
+def test_q1_verdicts_are_within_noise_exactly_under_two_standard_errors_and_the_summaries_follow_them(g):
+    q = report.q1_facts(g)
+    if q is None:  # every student diverged: no discussion
+        assert all(len(report.accs(r)) == 0 for r in g["students"].values())
+        return
+    check_verdicts(q["table"])
+    table = {what: (d, e, v) for what, d, e, v in rows(q["table"])}
+    base, n_test = report.accs(g["students"][LABELS[0]]), g["teacher"]["result"]["test_images"]
+    kd = [label for label in LABELS[2:] if report.accs(g["students"][label])]
+    verdicts = []
+    for label in kd:
+        if base:
+            d, e = independent(report.accs(g["students"][label]), base, n_test)
+            got = table[f"{report.SHORT[label]}, λ = 0.1 − λ = 0"]
+            assert math.isclose(got[0], d, abs_tol=0.006) and math.isclose(got[1], e, abs_tol=0.006)
+            verdicts.append(0 if abs(d) < e else 1 if d > 0 else -1)
+    if base and kd and all(abs(abs(d) - e) > 0.011 for _, d, e, _ in rows(q["table"])):
+        assert q["kd_effect"] == report.effect(verdicts)
+        words = {"up": "higher", "down": "lower", "none": "within noise"}
+        assert q["kd_effect"] == "mixed" or all(table[f"{report.SHORT[k]}, λ = 0.1 − λ = 0"][2] == words[q["kd_effect"]]
+                                                for k in kd)
+    first = rows(q["table"])[0]
+    assert first[0].endswith("(the best student) − teacher") and q["vs_teacher"] == {"higher": 1, "lower": -1,
+                                                                                     "within noise": 0}[first[3]]
+    assert q["noise"]["n"] == max(len(r) for r in g["students"].values())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(result_sets())
+def test_q2_verdicts_and_the_summary_never_contradict_each_other(g):
+    f = report.q2_facts(g)
+    check_verdicts(f["table"])
+    table = {what: v for what, _, _, v in rows(f["table"])}
+    value = {"higher": 1, "lower": -1, "within noise": 0}
+    for key, c in f["cmp"].items():
+        a, b = key.split("/")
+        b = 0.0 if b == "0.0" else b
+        name = f"{report.WORDS[a]} − {report.WORDS[b]}"
+        assert c["old"] == value[table[f"{name} / old (CIFAR-10)"]] and c["new"] == value[table[f"{name} / new (faces)"]]
+    for m, drop in f["forgets"].items():
+        m = 0.0 if m == "0.0" else m
+        assert drop["v"] == value[table[f"{report.WORDS[m]} − the teacher before any change / old (CIFAR-10)"]]
+    shown, unshown = f["shown"], f["unshown"]
+    claims = {"fine-tuning forgets part of the old task": f["forgets"]["ft"]["v"] < 0,
+              "LwF keeps more of it than fine-tuning": f["cmp"]["lwf/ft"]["old"] > 0,
+              "fine-tuning learns the faces better than feature extraction": f["cmp"]["ft/fe"]["new"] > 0}
+    for claim, holds in claims.items():
+        assert (claim in shown) == holds and (claim in unshown) == (not holds), claim
+    assert f["fe_exact"]  # feature extraction's old task as before, in every generated set
+    if f["ftall_most"]:  # fine-tuning every layer below every other method that moves the backbone, beyond noise
+        assert f["cmp"]["lwf/ft-all"]["old"] > 0 and f["cmp"]["ft-all/ft"]["old"] < 0
+
+
+def test_every_value_a_fact_takes_is_one_report_typ_words():
+    for key, values in (("kd_effect", {"up", "none", "down", "mixed"}), ("effect", {"narrower", "none", "wider", "mixed"})):
+        handled = set(re.findall(rf'{key} == "(\w+)"', Q1_BLOCK))
+        assert values <= handled, (key, values - handled)
+    assert {"up", "none", "down", "mixed"} <= set(re.findall(r'fidelity\.effect == "(\w+)"', Q1_BLOCK))
+    for key in ("lam1", "vs_teacher"):  # verdicts: each of the three has its sentence
+        assert {f"q.{key} < 0", f"q.{key} == 0", f"q.{key} > 0"} <= set(re.findall(rf"q\.{key} [<>=]=? 0", Q1_BLOCK))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(result_sets())
+def test_every_fact_report_typ_reads_is_there_or_its_reading_is_guarded(g):
+    """A field report.typ reads that the facts lack would stop the compile: every `q.x` of Q1's discussion and `f.x`
+    of Q2's is in the facts, or read under `"x" in q` (x, or x_y beside it)."""
+    q, f = report.q1_facts(g), report.q2_facts(g)
+    for block, var, facts in ((Q1_BLOCK, "q", q), (Q2_BLOCK, "f", f)):
+        if facts is None:
+            continue
+        guards = set(re.findall(rf'"(\w+)" in {var}\b', block))  # read only under `"x" in q`: x and x_* with it
+        for name in set(re.findall(rf"\b{var}\.(\w+)", block)):
+            assert name in facts or any(name == g or name.startswith(g + "_") for g in guards), (var, name)
+            if name in guards and name in facts:  # a guarded field: the fields read with it come with it
+                assert all(k in facts for k in re.findall(rf"\b{var}\.({name}_\w+)", block)), name
