@@ -25,8 +25,9 @@ from torchvision import transforms
 import machinery as M
 from common import (MEAN, STD, Batches, StudentCNN, Students, cross_entropy, evaluate, load_cifar10, load_teacher,
                     normalize, sgd, student_groups, teacher_resnet18, train_epoch, warmup_cosine)
-from machinery import (CIFAR10, PRECISIONS, RESNET18_FILE, Parser, autocast, die, group_size, lockstep_groups, md_table,
+from machinery import (CIFAR10, PRECISIONS, RESNET18_FILE, Parser, autocast, die, group_size, lockstep_groups,
                        nonneg, positive, positive_int, run, setup, write_synthetic_cifar)
+from files import md_table
 import q1b_kd
 from q1b_kd import distill_loss
 
@@ -288,7 +289,7 @@ def plan(args, device):
                   + "; ".join(f"{s} {v / 2 ** 30:.1f} GiB" + ("" if v < 0.9 * free else " (DOES NOT FIT: give a smaller "
                                                              + ("GROUP=" if s.startswith("kd") else "BATCH=") + ")")
                               for s, v in need.items())
-                  + f". Lock-step groups: measured " + ", ".join(f"{j} students {v / 2 ** 30:.2f} GiB" for j, v in
+                  + ". Lock-step groups: measured " + ", ".join(f"{j} students {v / 2 ** 30:.2f} GiB" for j, v in
                                                                  g["measured"].items())
                   + f"; one more student {g['per_student'] / 2 ** 30:.2f} GiB (arithmetic floor {g['floor'] / 2 ** 30:.2f}"
                   f" GiB), fixed {g['fixed'] / 2 ** 30:.2f} GiB; groups of up to {g['group']} fit 80% of the free memory;"
@@ -304,6 +305,10 @@ def plan(args, device):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "plan.md"), "w") as f:
         f.write(text)
+    M.write_json(os.path.join(args.out, "plan.json"), {  # what docs/gpu_check.sh sets the run against
+        "device": name, "precision": args.precision, "seconds": {s: sec for s, _, _, _, sec, _ in steps},
+        "groups": {"kd-table": [len(g) for g in table], "kd-sweep": [len(g) for g in sweep]},
+        "peak_bytes": need if cuda else {}, "images_per_s": {k: 1 / v for k, v in rates.items()}})
     print(text)
     return steps
 

@@ -492,7 +492,7 @@ def fidelity(student_logits, teacher_logits, labels):
 
 def sgd(groups, lr, momentum=0.9, weight_decay=5e-4):
     """SGD with Nesterov momentum over parameter groups (each may carry its own lr); the fused
-    kernel where this torch has it (one pass over the weights: 10x faster on the CPU)."""
+    kernel where this torch has it (one pass over the weights; docs/design.md, "Speed")."""
     groups, kw = list(groups), dict(lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
     try:
         return torch.optim.SGD(groups, fused=True, **kw)

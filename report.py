@@ -20,11 +20,11 @@ import torch
 import common
 import q1b_kd as q1b
 import q2_continual as q2
-from machinery import (CIFAR_CLASSES, HEADER, Parser, die, file_sha256, md_table, pct, read_json, run, write_tables,
-                       write_text, written)
+from files import CIFAR_CLASSES, HEADER, die, file_sha256, md_table, pct, read_json, write_tables, write_text, written
+from machinery import Parser, run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-APPENDIX = ["q1a_teacher.py", "q1b_kd.py", "q2_continual.py", "common.py", "machinery.py", "Makefile"]
+APPENDIX = ["q1a_teacher.py", "q1b_kd.py", "q2_continual.py", "common.py", "machinery.py", "files.py", "Makefile"]
 PRECISION = {"fp32": "32-bit floating point", "bf16": "bfloat16 mixed precision (autocast), 32-bit weights",
              "fp16": "float16 mixed precision (autocast) with loss scaling, 32-bit weights"}
 RESULT_KEYS = ("old_train_acc", "old_test_acc", "new_train_acc", "new_test_acc", "old_train_acc_before",

@@ -1,6 +1,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,15 @@ def teacher_out(tmp_path_factory, cifar_root):
 
 
 _DEMO = {}
+# the Makefile's variables (PYTHON, OUT, ...): make puts those given on its command line into its recipes' environment
+MAKE_VARS = set(re.findall(r"^([A-Z_0-9]+) +\?=", open(os.path.join(ROOT, "Makefile")).read(), re.M))
+
+
+def as_a_user(env):
+    """The environment of a make started by hand: without the MAKEFLAGS, MFLAGS and MAKELEVEL of the `make test` that
+    runs this suite, nor the variables it was given (`make test PYTHON=python3` hands its PYTHON to every make started
+    here, in MAKEFLAGS and in the environment both)."""
+    return {k: v for k, v in env.items() if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"} | MAKE_VARS}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -73,7 +83,7 @@ def pytest_collection_modifyitems(config, items):
     torch.set_num_threads(1)  # one core for the tests (and the scripts they start), one for make demo, until it ends
     os.environ["OMP_NUM_THREADS"] = "1"
     root = tempfile.mkdtemp(prefix="pytest-demo-")
-    env = dict(os.environ, OMP_NUM_THREADS="1", http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", no_proxy="127.0.0.1",
+    env = dict(as_a_user(os.environ), OMP_NUM_THREADS="1", http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", no_proxy="127.0.0.1",
                HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", TORCH_HOME=f"{root}/torch_home")
     log = open(f"{root}/make.log", "w")
     _DEMO.update(root=root, folder=f"{root}/demo", log=log, proc=subprocess.Popen(

@@ -38,7 +38,7 @@ def result_sets(draw):
     for label in LABELS:
         seeds = []
         for i in range(n):
-            a, r = draw(acc), []
+            a = draw(acc)
             history = [{"epoch": e, "test_acc": draw(acc) if e < 3 else a, "lr": 0.1 * (3 - e) / 3} for e in range(4)]
             result = {"test_acc": a, "train_acc": min(100.0, a + draw(st.floats(-5, 30))), "test_agree": draw(acc),
                       "test_kl": draw(st.floats(0, 3)), "epochs": 3, "seed": i}

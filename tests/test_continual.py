@@ -14,7 +14,7 @@ import report
 from common import (Batches, ContinualNet, cross_entropy, evaluate, fit, load_cifar10, sgd, soft_cross_entropy,
                     teacher_resnet18, warmup_cosine)
 import machinery
-from machinery import _prototypes, _samples, write_synthetic_cifar
+from files import _prototypes, _samples, write_synthetic_cifar
 
 
 def run(out, cifar_root, faces_root, *extra):

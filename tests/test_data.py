@@ -115,13 +115,14 @@ def test_any_pickle_protocol_of_a_plain_batch_loads(tmp_path, protocol):
 
 def test_the_official_files_are_recognised_by_md5_and_unpickled_as_torchvision_does(tmp_path, monkeypatch):
     import hashlib
+    import files
     import machinery
     write_synthetic_cifar(str(tmp_path), n_train=20, n_test=10)
     folder = tmp_path / "cifar-10-batches-py"
     official = [[n, hashlib.md5((folder / n).read_bytes()).hexdigest()] for n, _ in machinery.CIFAR10.train_list]
     monkeypatch.setattr(machinery.CIFAR10, "train_list", official)  # pretend these are the official files
     used = []
-    monkeypatch.setattr(machinery._CifarUnpickler, "load", lambda self: used.append(1) or pickle.Unpickler.load(self))
+    monkeypatch.setattr(files._CifarUnpickler, "load", lambda self: used.append(1) or pickle.Unpickler.load(self))
     data = load_cifar10(str(tmp_path), torch.device("cpu"))
     assert len(used) == 1  # only the test batch, whose md5 is not the official one, went through the restricted reader
     assert data["source"] == "other"  # one file is not official: not the official files

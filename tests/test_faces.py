@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import files
 import machinery
 from common import load_faces
 from machinery import fetch_digiface, write_synthetic_faces
@@ -260,32 +261,32 @@ def test_real_world_image_files_load_right(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(rgb).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "exif.png", exif=exif)
-    up = machinery._read_image(str(tmp_path / "exif.png"), 12)
+    up = files._read_image(str(tmp_path / "exif.png"), 12)
     assert np.array_equal(up, np.asarray(Image.fromarray(rgb).resize((12, 12), Image.BILINEAR)))
     # 16-bit greyscale: 0..65535 scaled to 0..255, not clipped to white
     grey16 = np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.uint16)
     Image.fromarray(grey16).save(tmp_path / "grey16.png")
-    assert machinery._read_image(str(tmp_path / "grey16.png"), 4)[0, :, 0].tolist() == [0, 64, 128, 255]
+    assert files._read_image(str(tmp_path / "grey16.png"), 4)[0, :, 0].tolist() == [0, 64, 128, 255]
     # greyscale, palette, CMYK: converted to RGB
     Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
-    assert np.array_equal(machinery._read_image(str(tmp_path / "grey.png"), 12)[..., 2],
+    assert np.array_equal(files._read_image(str(tmp_path / "grey.png"), 12)[..., 2],
                           np.asarray(Image.fromarray(rgb[..., 0]).resize((12, 12), Image.BILINEAR)))
     pal = Image.fromarray(rgb).quantize(16)
     pal.save(tmp_path / "pal.png")
-    assert np.array_equal(machinery._read_image(str(tmp_path / "pal.png"), 12),
+    assert np.array_equal(files._read_image(str(tmp_path / "pal.png"), 12),
                           np.asarray(pal.convert("RGB").resize((12, 12), Image.BILINEAR)))
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
-    assert np.abs(machinery._read_image(str(tmp_path / "cmyk.jpg"), 12).astype(int)
+    assert np.abs(files._read_image(str(tmp_path / "cmyk.jpg"), 12).astype(int)
                   - np.asarray(Image.fromarray(rgb).resize((12, 12), Image.BILINEAR)).astype(int)).mean() < 20
     # alpha: composited on black, so a transparent pixel is black whatever colour it hides
     rgba = np.dstack([np.full((4, 4, 3), 200, np.uint8), np.array([[0, 255, 255, 255]] * 4, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
-    assert machinery._read_image(str(tmp_path / "alpha.png"), 4)[:, :, 0].tolist() == [[0, 200, 200, 200]] * 4
+    assert files._read_image(str(tmp_path / "alpha.png"), 4)[:, :, 0].tolist() == [[0, 200, 200, 200]] * 4
 
 
 def test_a_decompression_bomb_is_refused_with_a_warning_naming_it(tmp_path, monkeypatch, capsys):
     Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    assert machinery._read_image(str(tmp_path / "big.png"), 8) is None
+    assert files._read_image(str(tmp_path / "big.png"), 8) is None
     err = capsys.readouterr().err
     assert str(tmp_path / "big.png") in err and "decompression bomb" in err

@@ -3,13 +3,12 @@ import os
 import shutil
 import subprocess
 
-from conftest import ROOT
+from conftest import ROOT, as_a_user
 
 
 def make(*args, cwd=ROOT, env=None):
-    """`make ARGS` as a user starts it: without the MAKEFLAGS, MFLAGS and MAKELEVEL of a `make test` that
-    runs this suite (`make test PYTHON=python3` would hand its PYTHON to every make started here)."""
-    env = {k: v for k, v in (env or os.environ).items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    """`make ARGS` as a user starts it (conftest.as_a_user: none of the outer `make test`'s flags and variables)."""
+    env = as_a_user(env or os.environ)
     return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 

@@ -7,9 +7,6 @@ import shutil
 
 import pytest
 
-import q1a_teacher as q1a
-import q1b_kd as q1b
-import q2_continual as q2
 import report
 from conftest import ROOT, appendix_page, pdf_text
 from fakes import REGIMES, fake_out, regime
@@ -159,7 +156,6 @@ def test_a_report_of_the_teacher_alone_names_what_is_not_run_yet(tmp_path, capsy
     out = tmp_path / "out"
     fake_out(str(out), seeds=1)
     for d in ("kd", "continual"):
-        import shutil
         shutil.rmtree(out / d)
     report.main(["--out", str(out)])
     text = re.sub(r"\s+", " ", " ".join(pdf_text(out / "report.pdf")))
@@ -218,7 +214,7 @@ def test_the_report_of_the_real_image_run_in_docs(tmp_path):
     assert "CIFAR-10 images, not the official files" in text and "synthetic substitute for CIFAR-10" not in text
     assert d["intro"]["source"] == "other" and not d["intro"]["pretrained"] and not d["intro"]["full"]
     assert "5,000 training and 2,000 test images" in text
-    q1, q2 = d["kd"]["q"], d["q2"]["q"]
+    q1 = d["kd"]["q"]
     assert q1["best"] == "KD 3, T = 20" and q1["vs_teacher"] == 0 and q1["weak_teacher"]
     assert q1["kd_effect"] == "none" and q1["gap"]["effect"] == "none"
     assert d["intro"]["task"] == "10-subject" and d["q2"]["subjects"] == 10 and "100-subject" not in text
