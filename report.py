@@ -104,12 +104,16 @@ def compare(a, b, n=None, bound=None):
     the binomial noise of two accuracies near their mean on n test images; 'v': +1 or -1 when |d| is at least e, 0
     (within noise) when under it or when nothing measures e}."""
     (ma, sa, na), (mb, sb, nb) = stats(a), stats(b)
-    if sa is not None or sb is not None:
-        e = 2 * math.sqrt((sa or 0) ** 2 / na + (sb or 0) ** 2 / nb)
-    else:
-        e = bound if bound is not None else two_se((ma + mb) / 2, n) if n else None
+    e = 2 * math.sqrt((sa or 0) ** 2 / na + (sb or 0) ** 2 / nb) if sa is not None or sb is not None else None
+    if not e:  # one seed each, or seeds that agree to the digit: the test set's own noise
+        e = bound if bound is not None else two_se((ma + mb) / 2, n) if n else e
     d = ma - mb
     return {"d": d, "e": e, "v": 0 if e is None or abs(d) < e or d == 0 else (1 if d > 0 else -1)}
+
+
+def at(run, epoch):
+    """A run's history row of `epoch` (None if it has none)."""
+    return next((h for h in run["history"] if h["epoch"] == epoch), None)
 
 
 def row(what, c, task=None):
@@ -209,10 +213,11 @@ def student_figures(g):
     """Every student on shared axes: (a) training (dashed) and test loss, (b) test accuracy; then (a) the
     cross-entropy with the labels on the test set, (b) top-1 agreement with the teacher; one legend each."""
     runs = {label: [r["history"] for r in v] for label, v in g["students"].items() if v}
+    fidelity = all("test_agree" in r for hs in runs.values() for h in hs for r in h)
     for name, panels in (("kd_students", [("(a) loss: λT²KL + (1−λ)CE", ("train_loss", "test_loss")),
                                           ("(b) test accuracy (%)", ("test_acc",))]),
                          ("kd_fidelity", [("(a) test cross-entropy with the labels", ("test_ce",)),
-                                          ("(b) agreement with the teacher (%)", ("test_agree",))])):
+                                          ("(b) agreement with the teacher (%)", ("test_agree",))]))[:1 + fidelity]:
         fig, axes = common.pyplot().subplots(1, 2, figsize=(6.6, 2.45), sharex=True)
         for ax, (title, keys) in zip(axes, panels):
             for i, (label, hs) in enumerate(runs.items()):
@@ -227,6 +232,7 @@ def student_figures(g):
         handles, labels = axes[1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=5, frameon=False)
         common.save(fig, os.path.join(g["out"], "figures", name))
+    return fidelity
 
 
 def kd_part(g):
@@ -242,8 +248,8 @@ def kd_part(g):
                                                                    else ["not run yet (make kd-table)"] * 2)])
         per_seed += [[label, T, lam, r["result"]["seed"], r["result"]["train_acc"], r["result"]["test_acc"],
                       r["result"].get("diverged", "")] for r in runs]
-    student_figures(g)
-    return setup_words(cfg, first, t["result"].get("train_images", 50000)) | {
+    fidelity_curves = student_figures(g)
+    return setup_words(cfg, first, t["result"].get("train_images", 50000)) | {"fidelity_curves": fidelity_curves,
         "lr_default": q1b.parse([]).lr, "params": f"{n_params:,}", "fc1_in": f"{fc1_in:,}", "soft": soft_targets(g),
         "fc1_m": f"{fc1_params / 1e6:.1f}", "params_m": f"{n_params / 1e6:.1f}", "q": q1_facts(g),
         "student": table("kd_student", "Student network (output sizes measured by running it).",
@@ -297,6 +303,8 @@ def sweep_part(g):
                           if sweep["cells"][T, lam] else "not run" for lam in grid["lam"]] for T in grid["T"]]
     table_epochs = next((r[0]["result"]["epochs"] for r in g["students"].values() if r), None)
     reach = best and compare(ok[best], [t["test_acc"]], n_test)
+    base = accs(g["students"].get(q1b.TABLE[0][0]) or [])  # the table's λ = 0 student
+    vs_base = best and base and table_epochs == epochs and compare(ok[best], base, n_test)
     return {"table": table(
         "kd_sweep", f"Bonus: student test accuracy (%) over T and λ, {epochs} epoch{'s' * (epochs != 1)} per student"
         + (f", mean ± standard deviation over {grid['seeds']} seeds" if grid["seeds"] > 1 else "") +
@@ -310,7 +318,8 @@ def sweep_part(g):
         "best": best and {"T": f"{best[0]:g}", "lam": f"{best[1]:g}", "acc": mean_sd(ok[best]), "near": len(near) - 1,
                           "d": f"{reach['d']:+.2f}", "e": f"{reach['e']:.2f}" if reach["e"] else "-", "v": reach["v"]},
         "teacher": pct(t["test_acc"]), "epochs": epochs, "same_epochs": table_epochs in (None, epochs),
-        "table_epochs": table_epochs}
+        "table_epochs": table_epochs, "vs_base": {"v": vs_base["v"], "d": f"{abs(vs_base['d']):.2f}",
+                                                     "acc": mean_sd(base)} if vs_base else None}
 
 
 def q2_part(g):
@@ -339,10 +348,11 @@ def q2_part(g):
         "train_n": f"{cfg['subjects'] * cfg['train_per_subject']:,}",
         "test_n": f"{cfg['subjects'] * (cfg['per_subject'] - cfg['train_per_subject']):,}",
         "old_eval_n": f"{min(common.EVAL_IMAGES, g['teacher']['result'].get('train_images', 50000)):,}",
+        "old_train_n": f"{g['teacher']['result'].get('train_images', 50000):,}",
         "runs": {m: bool(r) for m, r in methods.items()}, "lwf": methods["lwf"] and methods["lwf"][0]["config"],
         "ft_all_lr": methods["ft-all"] and methods["ft-all"][0]["config"]["ft_all_lr"], "q": q2_facts(g),
         "ft_layers": ft and joined([f"{layer} at {rate:g}%" for layer, rate in ft["ft_layers"]]),
-        "ft_conv5": bool(ft) and any(x.startswith("conv5") for x, _ in ft["ft_layers"]),
+        "ft_conv5": bool(ft) and all(x.startswith("conv5") for x, _ in ft["ft_layers"]),
         "ft_below": bool(ft) and max(rate for _, rate in ft["ft_layers"]) < 100,
         "ft": ft and table("finetune_layers", "Fine-tuning: the layers chosen and their learning rates.",
                            ["Conv layers that you choose to fine-tune", "Learning Rate (x% of the original)", "Remark"],
@@ -381,6 +391,7 @@ def q1_facts(g):
     base, lam1, teacher = q1b.TABLE[0][0], q1b.TABLE[1][0], [t["result"]["test_acc"]]
     kd = [label for label, T, lam in q1b.TABLE if lam == 0.1 and label in acc]
     rows, f = [], {"noise": noise(n, n_test, p), "teacher": pct(teacher[0]), "weak_teacher": teacher[0] < 90,
+                   "teacher_train": pct(t["result"]["train_acc"]),
                    "base_acc": None, "kd_effect": None, "kd_up": "", "kd_down": "", "kd_range": "",
                    "diverged": [SHORT[k] for k, r in students.items() if r and len(accs(r)) < len(r)]}
     best = max(acc, key=lambda k: stats(acc[k])[0])
@@ -450,13 +461,14 @@ def q2_facts(g):
             co, cn = compare(old(a), old(b), n_test), compare(new(a), new(b), faces_test)
             what = f"{WORDS[a]} − {WORDS[b]}"
             rows += [row(what, co, "old (CIFAR-10)"), row("", cn, "new (faces)")]
-            cmp[f"{a}/{b}"] = {"old": co["v"], "new": cn["v"], "old_d": f"{abs(co['d']):.1f}", "new_d": f"{abs(cn['d']):.1f}"}
+            cmp[f"{a}/{b}"] = {"old": co["v"], "new": cn["v"], "old_d": f"{abs(co['d']):.1f}", "new_d": f"{abs(cn['d']):.1f}",
+                                "a": WORDS[a], "b": WORDS[b]}
     drops = {}
     for m in [k for k in ("ft", "lwf", 0.0, "joint", "ft-all") if k in runs]:
         c = compare(old(m), [before], n_test)
         rows += [row(f"{WORDS[m]} − the teacher before any change", c, "old (CIFAR-10)")]
         w = runs[m][0]["config"].get("lwf_warmup", 0) if m in ("lwf", 0.0, "joint") else 0
-        first = [r["history"][w + 1]["old_test_acc"] for r in runs[m] if len(r["history"]) > w + 1]
+        first = [at(r, w + 1)["old_test_acc"] for r in runs[m] if at(r, w + 1)]
         drop = before - stats(old(m))[0]
         drops[str(m)] = {"v": c["v"], "drop": f"{drop:.1f}", "first": f"{before - stats(first)[0]:.1f}" if first else None,
                          "mostly_first": bool(first) and drop > 0 and before - stats(first)[0] > drop / 2,
@@ -469,8 +481,8 @@ def q2_facts(g):
         f["fe_exact"] = all(r["result"]["old_test_acc"] == r["result"]["old_test_acc_before"] for r in runs["fe"])
     if "lwf" in runs:
         w = runs["lwf"][0]["config"]["lwf_warmup"]
-        f["warm"] = {"w": w, "new": mean_sd([r["history"][w]["test_acc"] for r in runs["lwf"]]),
-                     "fe_like": "fe" in runs}
+        ends = [at(r, w)["test_acc"] for r in runs["lwf"] if at(r, w)]
+        f["warm"] = {"w": w, "new": mean_sd(ends) if ends else None, "fe_like": "fe" in runs}
     if "ft-all" in runs:
         others = [m for m in ("ft", "lwf", "joint", 0.0) if m in runs]
         f["ftall_most"] = bool(others) and all(compare(old("ft-all"), old(m), n_test)["v"] < 0 for m in others)
@@ -490,6 +502,10 @@ def q2_facts(g):
                   "fine-tuning learns the faces better than feature extraction": cmp["ft/fe"]["new"] > 0}
         f["shown"] = joined(c for c, ok in claims.items() if ok)
         f["unshown"] = joined(c for c, ok in claims.items() if not ok)
+        f["reversed"] = joined(c for c, rev in {"fine-tuning raised the old task": drops["ft"]["v"] > 0,
+                                                "LwF keeps less of it than fine-tuning": cmp["lwf/ft"]["old"] < 0,
+                                                "fine-tuning learns the faces worse than feature extraction":
+                                                    cmp["ft/fe"]["new"] < 0}.items() if rev)
     return f
 
 
@@ -566,7 +582,12 @@ def report_data(g, author, student_id):
     return {"title": "Assignment 2: Knowledge Distillation and Continual Learning", "author": author,
             "course": "EEE7331-01 Special Topics in Deep Learning, 2022 Autumn", "student_id": student_id,
             "appendix": APPENDIX, "repro": reproducibility(g),
-            "intro": {"task": f"{ref[0]['config']['subjects']}-subject" if ref else "100-subject",
+            "from0": all(r["history"][0]["epoch"] == 0 for runs in [*g["students"].values(), *g["methods"].values(),
+                                                                  [g["teacher"]] if g["teacher"] else []]
+                         for r in runs if r and r.get("history")),
+            "intro": {"synthetic_faces": bool(g["methods"]) and any(
+                          r[0]["result"].get("faces_source") == "synthetic" for r in g["methods"].values() if r),
+                      "task": f"{ref[0]['config']['subjects']}-subject" if ref else "100-subject",
                       "source": r.get("cifar10_source"), "pretrained": bool(t and t["config"]["pretrained"]),
                       "train": f"{r.get('train_images', 0):,}", "test": f"{r.get('test_images', 0):,}",
                       "full": (r.get("train_images"), r.get("test_images")) == (50000, 10000)},
