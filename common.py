@@ -219,10 +219,10 @@ def teacher_resnet18(num_classes=10, pretrained=True):
     model = torchvision.models.resnet18()
     if pretrained:
         model.load_state_dict(M.imagenet_weights())
-    model.conv1.stride = (1, 1)
-    model.maxpool.stride = 1
-    model.layer4[0].conv1.stride = (1, 1)
-    model.layer4[0].downsample[0].stride = (1, 1)
+    model.conv1.stride = (1, 1)  # conv1: stride 2 -> 1 (32x32 out, not 16x16)
+    model.maxpool.stride = 1  # the max-pool: 2 -> 1 (32x32, not 8x8)
+    model.layer4[0].conv1.stride = (1, 1)  # conv5_1's first 3x3 conv: 2 -> 1 (8x8, not 4x4)
+    model.layer4[0].downsample[0].stride = (1, 1)  # and its 1x1 shortcut with it
     model.fc = Float32Linear(512, num_classes)
     return model
 
@@ -427,7 +427,8 @@ def kd_loss(student_logits, teacher_logits, labels, T, lam):
     summed over classes and averaged over the batch. lam weights the soft term (0: labels only, 1: soft
     targets only); T^2 keeps its gradients comparable across T. soft is KL(teacher || student), the soft
     cross-entropy minus the teacher's entropy (a constant): the same gradients, and 0 when the student
-    matches the teacher, so its loss curve moves (the cross-entropy sits near T^2 times that entropy)."""
+    matches the teacher, so its loss curve moves (the cross-entropy sits near T^2 times that entropy). T is for
+    training only: a student is tested on its raw logits (T = 1), as the assignment's table measures it."""
     if not T > 0 or not 0 <= lam <= 1:
         raise ValueError(f"need T > 0 and 0 <= lam <= 1, got T={T}, lam={lam}")
     p = soft_targets(teacher_logits, T)
@@ -548,7 +549,7 @@ def train_epoch(model, loss_fn, sched, data, step, desc=""):
     for x, *ys in tqdm(data, desc=desc, leave=False, disable=None):
         with M.autocast(x.device, step.precision):
             loss = loss_fn(model, x, *ys)[0]
-        step(loss)
+        step(loss)  # for one model: opt.zero_grad(); loss.backward(); clip_grad_norm_(clip); opt.step()
         sched.step()
 
 

@@ -71,7 +71,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         die(f"{message} (see --help)")
 
-    def run_options(self, epochs, lr, batch, lr_help, teacher=False):
+    def run_options(self, epochs, lr, batch, lr_help, momentum, wd, teacher=False):
         """--data --out --device [--teacher] --epochs --lr --batch --momentum --wd --compile."""
         self.add_argument("--data", default="data", help="CIFAR-10 (downloaded on first use) and the faces' cache")
         self.add_argument("--out", default="out", help="results folder")
@@ -81,8 +81,8 @@ class Parser(argparse.ArgumentParser):
         self.add_argument("--epochs", type=positive_int, default=epochs)
         self.add_argument("--lr", type=positive, default=lr, help=lr_help)
         self.add_argument("--batch", type=positive_int, default=batch)
-        self.add_argument("--momentum", type=nonneg, default=0.9, help="Nesterov momentum")
-        self.add_argument("--wd", type=nonneg, default=5e-4, help="weight decay, L2 (the assignment's 0.0005)")
+        self.add_argument("--momentum", type=nonneg, default=momentum, help="Nesterov momentum")
+        self.add_argument("--wd", type=nonneg, default=wd, help="weight decay, L2")
         self.add_argument("--precision", choices=PRECISIONS, default="auto",
                           help="auto: bf16 on GPUs of compute capability >= 8.0, fp16 (loss scaling) below, fp32 on the CPU")
         self.add_argument("--compile", type=flag, default=0, help="1: torch.compile the models")

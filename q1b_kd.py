@@ -38,7 +38,7 @@ LOSS_LABEL = "λ·T²·KL(teacher‖student) + (1−λ)·CE"
 
 def parse(argv=None):
     p = M.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.run_options(epochs=30, lr=0.02, batch=512, teacher=True,
+    p.run_options(epochs=30, lr=0.02, batch=512, momentum=0.9, wd=5e-4, teacher=True,  # the teacher's SGD and L2
                   lr_help="peak learning rate: under a third of the lowest lr at which a clipped student diverged in "
                           "the lr range test on real CIFAR-10 images (0.067, docs/real_cifar.md)")
     mode = p.add_mutually_exclusive_group()
@@ -89,9 +89,10 @@ def distill_loss(teacher, specs):
     def loss(students, x, y, t=None):
         cached = t is not None
         if not cached:
-            with torch.no_grad():  # lam = 0 everywhere: no soft term, no teacher pass
+            with torch.no_grad():  # the teacher's pass; none when every lam is 0 (no soft term to feed)
                 t = teacher(x) if any(lam for _, lam in specs) else torch.zeros(len(x), 10, device=x.device)
         s = students(x)  # (students, batch, 10); in training, student k sees only students.part(x, k)
+        # each student's loss at its own T and lam, on its own seed's part of the batch; Step sums them for backward
         losses = [kd_loss(s[k], students.part(t, k), students.part(y, k), T, lam) for k, (T, lam) in enumerate(specs)]
         return (torch.stack(losses), s, *([fidelity(s, t, y)] if cached else []))
     return loss

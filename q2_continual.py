@@ -9,7 +9,7 @@ with two references beyond the assignment: joint training (with the old data) an
 The assignment's items, and what answers each:
   the network: the teacher's backbone, its old head, a new one   common.ContinualNet
   (1) feature extraction: the new 100-way layer alone           trained("fe"), train_method
-  (2) fine-tuning chosen layers at x% of the rate (the table)   trained("ft"), --ft-layers (parse)
+  (2) fine-tuning chosen layers at x% of the rate (the table)   trained("ft"); the choice and why: --ft-layers (parse)
   (3) LwF: its steps in point form, lr, T, lambda_o, L2          train_method (its two stages), common.lwf_loss
   (a), (b) loss and accuracy against epoch, every method        train_method: fit's history
   (4) the table: old and new task, training and test            run_method: result.json
@@ -35,7 +35,7 @@ METHODS = {"fe": "Feature Extraction", "ft": "Fine Tuning", "lwf": "LwF",  # the
 
 def parse(argv=None):
     p = M.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.run_options(epochs=20, lr=None, batch=128, teacher=True,
+    p.run_options(epochs=20, lr=None, batch=128, momentum=0.9, wd=5e-4, teacher=True,  # the assignment's L2 0.0005
                   lr_help="the original learning rate, 100%% (default: the teacher's); other rates are %% of it")
     p.add_argument("--methods", nargs="*", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--lwf-sweep", type=M.nonneg, nargs="*", default=[],
@@ -115,8 +115,8 @@ def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, g
     # (the old task's term would reach no trained weight).
     opt, sched = optimiser(net, trained("fe", net, args), lr, args, w * steps)
     fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)
-    # Stage 2, epochs w+1..end, continuing stage 1's history: every layer, backbone and old head at --lwf-lr %, the
-    # new head at 100%, on LwF's loss (joint training: the new task's plus CIFAR-10's, a batch of each per step).
+    # Stage 2, epochs w+1..end, continuing stage 1's history: every weight, backbone and old head at --lwf-lr %, new head
+    # at 100% (BatchNorm statistics frozen), on LwF's loss (joint training: CE on faces + CE on a CIFAR-10 batch).
     if method == "lwf":
         loss_fn, data = lwf_loss(original, args.lwf_T, lambda_o), train
     else:
