@@ -3,6 +3,7 @@
 #                  ImageNet weights and 100 DigiFace-1M identities on first use)
 #   make demo      the same pipeline offline on synthetic data, CPU, under 2 min on 2 cores, into out/demo/
 #   make test      the test suite (CPU, no network), about 5 min on 2 cores (+1-2 min to make .venv)
+#   make mutants   mutation testing of common.py's training path (dev only: installs mutmut), MUTANTS= to choose
 #   make report    the hand-in: out/report.pdf (and .typ, .json) from whatever has run; AUTHOR= STUDENT_ID=
 #   make plan      what make all will run on this card: precision, lock-step groups, memory, disk, time
 #   make bench     throughput of each kind of step; make lr-range / make compare: the students' lr range
@@ -55,6 +56,8 @@ LWF_LAMBDAS ?= 0.1 0.3 1 3#  make lwf-sweep: LwF at these λo, and at 0 (fine-tu
 LWF_ZERO ?=#              1 (default): make lwf (and continual, all) trains LwF at λo = 0 beside it; 0: not
 RECIPES ?=#               make compare: student recipes of bench.py (default: all)
 ADAPT_BN ?=#              0: BatchNorm statistics frozen in fine-tuning and LwF
+MUTANTS ?= common.x_kd_loss* common.x_soft_* common.x_lwf_loss* common.x_joint_loss* common.x_old_task* \
+           common.x_new_task* common.x_fidelity* common.x_warmup_cosine* common.x_sgd* common.x_student_groups*#  make mutants
 AUTHOR ?=#                make report: the student's name on the title page (empty: a line to fill in)
 STUDENT_ID ?=#            make report: the student's ID
 
@@ -75,7 +78,7 @@ CL_ARGS = $(RUN_ARGS) $(call qopt,FACES,faces) $(call opt,FACES_URL,faces-url) $
 TEACHER_DONE = $(strip $(OUT))/teacher/result.json
 
 .PHONY: all teacher kd kd-table kd-sweep continual fe ft lwf joint ft-all lwf-sweep report demo bench lr-range compare plan test deps \
-        clean help
+        mutants clean help
 .NOTPARALLEL:  # one GPU, and steps that share run folders: `make -j` runs them one at a time
 
 help:
@@ -175,6 +178,13 @@ compare: $(STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -rs -o tmp_path_retention_policy=failed tests
+
+# Mutation testing (dev only: installs mutmut 3.8.1 here): the functions of common.py named in MUTANTS, each mutant
+# run against the training path's tests (setup.cfg). One thread each: forked workers of a threaded torch hang.
+mutants: $(STAMP)
+	$(PYTHON) -m pip install -q "mutmut==3.8.1"
+	OMP_NUM_THREADS=1 $(PYTHON) -m mutmut run $(foreach m,$(MUTANTS),"$(m)")
+	$(PYTHON) -m mutmut results
 
 clean:
 	rm -rf $(strip $(OUT))

@@ -7,6 +7,7 @@ writes report.new.typ, .json and .pdf), OUT/report.pdf (typst, offline), OUT/tab
 import ast
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -43,10 +44,7 @@ def load(folder):
 
 def seeds(folder):
     """Every finished seed of a run: folder, folder_seed1, ... (up to the first missing one)."""
-    runs = []
-    while run_ := load(folder + (f"_seed{len(runs)}" if runs else "")):
-        runs.append(run_)
-    return runs
+    return list(itertools.takewhile(bool, (load(folder + (f"_seed{i}" if i else "")) for i in itertools.count())))
 
 
 def gather(out):
@@ -111,11 +109,6 @@ def compare(a, b, n=None, bound=None):
     return {"d": d, "e": e, "v": 0 if e is None or abs(d) < e or d == 0 else (1 if d > 0 else -1)}
 
 
-def at(run, epoch):
-    """A run's history row of `epoch` (None if it has none)."""
-    return next((h for h in run["history"] if h["epoch"] == epoch), None)
-
-
 def row(what, c, task=None):
     """A row of a comparison table: what, (task,) difference, two standard errors, verdict."""
     return [what, *([task] if task else []), f"{c['d']:+.2f}", "-" if c["e"] is None else f"{c['e']:.2f}",
@@ -164,16 +157,14 @@ def data_words(teacher):
 
 
 def teacher_part(g):
-    t = g["teacher"]
+    t, changes = g["teacher"], common.stride_changes(32)
     r, times = t["result"], lambda c: re.sub(r"(?<=\d)x(?=\d)", "×", c or "")
-    changes = common.stride_changes(32)
     rows = [[times(c) for i, c in enumerate(row) if i != 1] for row in changes if row[2]] + [["---"]]
     rows += [[times(row[0]), "", "", "", times(row[5]), times(row[6])] for row in changes
              if not row[2] and row[1].startswith("layer")]
     common.plot_curves([("", [t["history"]])], os.path.join(g["out"], "figures", "teacher"), "cross-entropy", svg=True)
     return setup_words(t["config"], [t], r.get("train_images", 50000)) | {
-        "data": data_words(t), "listing": listing("The teacher: torchvision's ResNet18, three strides changed",
-                                                  common.teacher_resnet18),
+        "data": data_words(t), "listing": listing("The teacher: ResNet18 with four strides changed", common.teacher_resnet18),
         "changes": table("teacher_changes", "Changes to ResNet18 for 32×32 inputs: the layers whose stride changed, "
                          "then each stage's output (H×W×C, measured by running both networks on a 32×32×3 input).",
                          ["Layer", "Kernel", "Original", "New", "Output before", "Output after"], rows),
@@ -333,9 +324,10 @@ def q2_part(g):
                          *(cells(methods[m], (f"{task}_train_acc", f"{task}_test_acc")) if methods[m]
                            else [f"not run yet (make {m})"] * 2)])
         per_seed += [[label, r["result"]["seed"], *(r["result"][k] for k in RESULT_KEYS)] for r in methods[m]]
-    before, ft, sweep = ref[0]["result"], methods["ft"] and methods["ft"][0]["config"], g["lwf_sweep"]
+    before, ft, sweep, tcfg = ref[0]["result"], methods["ft"] and methods["ft"][0]["config"], g["lwf_sweep"], g[
+        "teacher"]["config"]
     q2_figures(g)
-    tcfg = g["teacher"]["config"]
+    old_n = g["teacher"]["result"].get("train_images", 50000)
     faces = ref[0]["result"].get("faces_source") or ("DigiFace-1M" if cfg["faces"] == q2.M.DIGIFACE_URL
                                                      or cfg["faces"].endswith(".zip") else "a face image folder")
     return setup_words(cfg, ref, cfg["subjects"] * cfg["train_per_subject"]) | {
@@ -345,10 +337,9 @@ def q2_part(g):
                       faces, "the face images given for the run"), "synthetic_faces": faces != "a face image folder",
         "lr_teacher": tcfg["lr"], "lr_from_teacher": cfg["lr"] == tcfg["lr"],
         "subjects": cfg["subjects"], "test_per": cfg["per_subject"] - cfg["train_per_subject"],
-        "train_n": f"{cfg['subjects'] * cfg['train_per_subject']:,}",
+        "train_n": f"{cfg['subjects'] * cfg['train_per_subject']:,}", "old_train_n": f"{old_n:,}",
         "test_n": f"{cfg['subjects'] * (cfg['per_subject'] - cfg['train_per_subject']):,}",
-        "old_eval_n": f"{min(common.EVAL_IMAGES, g['teacher']['result'].get('train_images', 50000)):,}",
-        "old_train_n": f"{g['teacher']['result'].get('train_images', 50000):,}",
+        "old_eval_n": f"{min(common.EVAL_IMAGES, old_n):,}",
         "runs": {m: bool(r) for m, r in methods.items()}, "lwf": methods["lwf"] and methods["lwf"][0]["config"],
         "ft_all_lr": methods["ft-all"] and methods["ft-all"][0]["config"]["ft_all_lr"], "q": q2_facts(g),
         "ft_layers": ft and joined([f"{layer} at {rate:g}%" for layer, rate in ft["ft_layers"]]),
@@ -385,13 +376,13 @@ def q1_facts(g):
     acc = {label: accs(runs) for label, runs in students.items() if runs and accs(runs)}
     if not acc:
         return None
-    n, n_test = max(len(r) for r in students.values()), t["result"].get("test_images", 10000)
-    n_train = t["result"].get("train_images", 50000)
-    p = stats([v for a in acc.values() for v in a])[0]
+    n, n_test, n_train = max(map(len, students.values())), t["result"].get("test_images", 10000), t["result"].get(
+        "train_images", 50000)
+    p, fits = stats([v for a in acc.values() for v in a])[0], max(r["result"]["train_acc"] for k in acc for r in students[k])
     base, lam1, teacher = q1b.TABLE[0][0], q1b.TABLE[1][0], [t["result"]["test_acc"]]
     kd = [label for label, T, lam in q1b.TABLE if lam == 0.1 and label in acc]
     rows, f = [], {"noise": noise(n, n_test, p), "teacher": pct(teacher[0]), "weak_teacher": teacher[0] < 90,
-                   "teacher_train": pct(t["result"]["train_acc"]),
+                   "teacher_train": pct(t["result"]["train_acc"]), "best_train": pct(fits), "underfit": fits < 90,
                    "base_acc": None, "kd_effect": None, "kd_up": "", "kd_down": "", "kd_range": "",
                    "diverged": [SHORT[k] for k, r in students.items() if r and len(accs(r)) < len(r)]}
     best = max(acc, key=lambda k: stats(acc[k])[0])
@@ -435,9 +426,9 @@ def q1_facts(g):
                          "kl_base": f"{stats(accs(students[base], 'test_kl'))[0]:.3f}",
                          "kl_kd": joined(f"{stats(accs(students[k], 'test_kl'))[0]:.3f}" for k in kd)}
     hs = [r["history"] for k in acc for r in students[k] if "diverged" not in r["result"]]
-    f["still_rising"] = all(len(h) > 2 and h[-1]["test_acc"] > h[-2]["test_acc"] for h in hs)
-    f["lr_zero"] = all(h[-1]["lr"] < 1e-9 for h in hs)
-    f["clip"], f["lr"] = students[best][0]["config"].get("clip", 0), students[best][0]["config"]["lr"]
+    f |= {"still_rising": all(len(h) > 2 and h[-1]["test_acc"] > h[-2]["test_acc"] for h in hs),
+          "lr_zero": all(h[-1]["lr"] < 1e-9 for h in hs), "clip": students[best][0]["config"].get("clip", 0),
+          "lr": students[best][0]["config"]["lr"]}
     f["table"] = table("kd_compare", "Knowledge distillation: the comparisons, test accuracy (%) unless named; "
                        "a difference within two standard errors is within noise.",
                        ["Comparison", "Difference", "Two standard errors", "Verdict"], rows, [2.6, 0, 0, 0])
@@ -447,6 +438,7 @@ def q1_facts(g):
 def q2_facts(g):
     """Q2's comparisons on both tasks (rows of the comparison table) and the facts its discussion depends on."""
     runs = {m: r for m, r in g["methods"].items() if r} | ({0.0: g["lwf_sweep"][0.0]} if 0.0 in g["lwf_sweep"] else {})
+    at = lambda run, e: next((h for h in run["history"] if h["epoch"] == e), None)  # noqa: E731  (its epoch's row)
     ref = next(iter(runs.values()))
     cfg, before = ref[0]["config"], ref[0]["result"]["old_test_acc_before"]
     n, n_test = max(len(r) for r in runs.values()), g["teacher"]["result"].get("test_images", 10000)
@@ -521,23 +513,24 @@ def q2_figures(g):
             common.plot_curves(rows, os.path.join(g["out"], "figures", f"q2_{name}"), "loss", tuple(names), svg=True,
                                stage=stage, names=names)
     fig, (a, b) = common.pyplot().subplots(1, 2, figsize=(6.6, 3.1))
-    for m, label in q2.METHODS.items():
+    for i, (m, label) in enumerate(q2.METHODS.items()):
         if runs := methods[m]:
             label = label.replace(" (reference)", "*").replace("Fine-tuning all layers", "FT all layers")
             common.band(a, [e["epoch"] for e in runs[0]["history"]], [[e["old_test_acc"] for e in r["history"]]
                                                                        for r in runs], label, seeds=False)
             (mo, so, _), (mn, sn, _) = stats(accs(runs, "old_test_acc")), stats(accs(runs, "new_test_acc"))
             b.errorbar(mn, mo, xerr=sn or 0, yerr=so or 0, fmt="o", capsize=3)
-            b.annotate(label, (mn, mo), textcoords="offset points", xytext=(4, 4), fontsize=7.5)
+            b.annotate(label, (mn, mo), textcoords="offset points", xytext=(4, 4 if i % 2 else -10), fontsize=7.5)
     if len(g["lwf_sweep"]) > 1:
         pts = [(stats(accs(r, "new_test_acc"))[0], stats(accs(r, "old_test_acc"))[0]) for r in g["lwf_sweep"].values()]
         b.plot(*zip(*pts), "k--", lw=1)
         for v, pt in zip(g["lwf_sweep"], pts):
             b.annotate(f"λo={v:g}", pt, textcoords="offset points", xytext=(4, -9), fontsize=7.5)
-    a.set(title="(a) old task while learning faces", xlabel="epoch (0: before any change)",
+    zero = any(r["history"][0]["epoch"] == 0 for runs in methods.values() for r in runs)
+    a.set(title="(a) old task while learning faces", xlabel="epoch" + " (0: before any change)" * zero,
           ylabel="CIFAR-10 test accuracy (%)")
-    b.margins(0.2)
-    b.set(title="(b) what each method keeps and learns", xlabel="faces: test accuracy (%)", ylabel="CIFAR-10 test (%)")
+    b.set(title="(b) what each method keeps and learns", xlabel="faces: test accuracy (%)", ylabel="CIFAR-10 test (%)",
+          xmargin=0.2, ymargin=0.2)
     common.integer_epochs(a)
     fig.legend(*a.get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
     common.save(fig, os.path.join(g["out"], "figures", "q2_forgetting"))
@@ -579,14 +572,12 @@ def report_data(g, author, student_id):
     t, ref = g["teacher"], next((r for r in g["methods"].values() if r), None)
     r = (t or {}).get("result", {})
     have = lambda key: t and any(g[key].values())  # noqa: E731
+    every = [r for runs in [[t] if t else [], *g["students"].values(), *g["methods"].values()] for r in runs]
     return {"title": "Assignment 2: Knowledge Distillation and Continual Learning", "author": author,
             "course": "EEE7331-01 Special Topics in Deep Learning, 2022 Autumn", "student_id": student_id,
             "appendix": APPENDIX, "repro": reproducibility(g),
-            "from0": all(r["history"][0]["epoch"] == 0 for runs in [*g["students"].values(), *g["methods"].values(),
-                                                                  [g["teacher"]] if g["teacher"] else []]
-                         for r in runs if r and r.get("history")),
-            "intro": {"synthetic_faces": bool(g["methods"]) and any(
-                          r[0]["result"].get("faces_source") == "synthetic" for r in g["methods"].values() if r),
+            "from0": all(r["history"][0]["epoch"] == 0 for r in every if r.get("history")),
+            "intro": {"synthetic_faces": any(r["result"].get("faces_source") == "synthetic" for r in every),
                       "task": f"{ref[0]['config']['subjects']}-subject" if ref else "100-subject",
                       "source": r.get("cifar10_source"), "pretrained": bool(t and t["config"]["pretrained"]),
                       "train": f"{r.get('train_images', 0):,}", "test": f"{r.get('test_images', 0):,}",

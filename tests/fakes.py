@@ -28,12 +28,14 @@ def rise(start, end, e, epochs):
     return end - (end - start) * (1 - e / epochs) ** 2
 
 
-def history(epochs, acc, train=None, chance=10.0, extra=lambda e: {}):
-    """Epoch 0 (before training, at `chance`) to `epochs`, ending at the result's test accuracy `acc` and training
-    accuracy `train`; the loss falling as the accuracy rises; the lr's cosine at 0 after the last."""
+def history(epochs, acc, train=None, chance=10.0, extra=lambda e: {}, loss=lambda e: 0.0):
+    """Epoch 0 (before training, at `chance`, its loss ln(1 / chance)) to `epochs`, ending at the result's test
+    accuracy `acc` and training accuracy `train`, each loss falling with its accuracy (plus `loss(e)`: another
+    term); the lr's cosine at 0 after the last."""
     train = acc + 3 if train is None else train
-    return [{"epoch": e, "lr": 0.1 * (1 - e / epochs), "train_loss": 2.3 - 2.0 * rise(0, 1, e, epochs),
-             "test_loss": 2.3 - 1.6 * rise(0, 1, e, epochs), "train_acc": rise(chance, train, e, epochs),
+    ce = lambda a: -math.log(max(a, chance) / 100) * (1 - a / 150)  # noqa: E731  (ln 1/chance at chance)
+    return [{"epoch": e, "lr": 0.1 * (1 - e / epochs), "train_loss": ce(rise(chance, train, e, epochs)) + loss(e),
+             "test_loss": ce(rise(chance, acc, e, epochs)) + loss(e), "train_acc": rise(chance, train, e, epochs),
              "test_acc": rise(chance, acc, e, epochs), **extra(e)} for e in range(epochs + 1)]
 
 
@@ -44,7 +46,7 @@ def soft_targets(Ts=(1, 5, 10, 20), label=3):
     for T in Ts:
         z = [math.exp(v / T) for v in logits]
         p = [v / sum(z) for v in z]
-        out[f"{T:g}"] = {"top": max(p), "true": p[label], "entropy": -sum(q * math.log(q) for q in p) / math.log(10),
+        out[f"{T:g}"] = {"top": max(p), "true": p[label] * 0.95, "entropy": -sum(q * math.log(q) for q in p) / math.log(10),
                          "example": p}
     return out
 
@@ -74,7 +76,7 @@ def fake_out(out, seeds=2, epochs=3, teacher=94.0, student=lambda k, i: 60.0 + 2
         for i in range(seeds):
             acc = student(k, i)
             accs.setdefault(label, []).append(acc)
-            fid = {"test_ce": 2.3 - acc / 60, "test_agree": agree(k, acc), "test_kl": (100 - agree(k, acc)) / 40}
+            fid = {"test_ce": -math.log(acc / 100) * (1 - acc / 150), "test_agree": agree(k, acc), "test_kl": (100 - agree(k, acc)) / 40}
             write_run(f"{out}/kd/{q1b.name(T, lam, i)}", shared | {"T": T, "lam": lam, "seed": i},
                       history(epochs, acc, acc + gap(k), extra=lambda e: {
                           "test_ce": rise(2.3, fid["test_ce"], e, epochs), "test_agree": rise(10, fid["test_agree"], e, epochs),
@@ -101,10 +103,11 @@ def fake_out(out, seeds=2, epochs=3, teacher=94.0, student=lambda k, i: 60.0 + 2
             o = before if m == "fe" else old + i
             curve = lambda e: before if e <= w else rise(before, o, e - w, epochs - w)  # noqa: E731
             write_run(q2.run_dir(args, key, i).replace(args.out, str(out)), q2.method_config(m, args, 0.1, i, lam),
-                      history(epochs, new + i, new + 10, chance=1.0, extra=lambda e: {
-                          "old_test_acc": curve(e), "old_train_acc": curve(e) + 2}),
-                      {"old_train_acc": o + 2, "old_test_acc": o, "new_train_acc": new + 10, "new_test_acc": new + i,
-                       "old_train_acc_before": before + 2, "old_test_acc_before": before, "seed": i, "epochs": epochs,
+                      history(epochs, new + i, new + 10, chance=100 / args.subjects, extra=lambda e: {
+                          "old_test_acc": curve(e), "old_train_acc": curve(e) + 3.25},
+                          loss=lambda e: 0.4 * (e > w) if m == "lwf" else 1.0 * (e > w) if m == "joint" else 0.0),
+                      {"old_train_acc": o + 3.25, "old_test_acc": o, "new_train_acc": new + 10, "new_test_acc": new + i,
+                       "old_train_acc_before": before + 3.25, "old_test_acc_before": before, "seed": i, "epochs": epochs,
                        "device": device, "faces_source": "DigiFace-1M"})
     return accs
 
@@ -138,7 +141,8 @@ def regime(out, name):
     r = REGIMES[name]
     fake_out(out, seeds=r.get("seeds", 3), epochs=8, teacher=r["teacher"], student=lambda k, i: r["students"][k] + 0.3 * i,
              methods=r["methods"], gap=lambda k: r["gap"][k], sweep=tuple(r["students"][0] + d for d in (-1, 0.5, -2, -0.2)), n_test=r.get("n_test", 10000), n_train=r.get("n_train", 50000),
-             agree=(lambda k, a: r["agree"][k]) if "agree" in r else (lambda k, a: min(99.0, a + 8 + 2 * (k > 1))))
+             agree=(lambda k, a: r["agree"][k]) if "agree" in r else  # within 100 - |teacher - student| of the test images
+             (lambda k, a: a + (100 - r["teacher"]) / 2 + (k > 1) * min(1.0, 0.3 * (100 - r["teacher"]))))
 
 
 if __name__ == "__main__":
