@@ -221,7 +221,7 @@ def teacher_resnet18(num_classes=10, pretrained=True):
         model.load_state_dict(M.imagenet_weights())
     model.conv1.stride = (1, 1)  # conv1: stride 2 -> 1 (32x32 out, not 16x16)
     model.maxpool.stride = 1  # the max-pool: 2 -> 1 (32x32, not 8x8)
-    model.layer4[0].conv1.stride = (1, 1)  # conv5_1's first 3x3 conv: 2 -> 1 (8x8, not 4x4)
+    model.layer4[0].conv1.stride = (1, 1)  # conv5_1's first 3x3 conv: 2 -> 1 (8x8; 4x4 with the two above alone)
     model.layer4[0].downsample[0].stride = (1, 1)  # and its 1x1 shortcut with it
     model.fc = Float32Linear(512, num_classes)
     return model
