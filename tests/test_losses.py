@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 from common import kd_loss, soft_cross_entropy
 
 
@@ -83,3 +84,18 @@ def test_the_kl_form_is_the_ce_form_minus_the_teachers_entropy_with_the_same_gra
         loss.backward()
         grads.append(s.grad)
     assert torch.allclose(*grads, atol=1e-6)
+
+
+def test_the_soft_target_summary_by_hand():
+    # two images over 3 classes: logits (ln 4, 0, 0) and (0, ln 2, 0), labels 0 and 2
+    t = torch.tensor([[math.log(4), 0.0, 0.0], [0.0, math.log(2), 0.0]])
+    s = common.soft_target_summary(t, torch.tensor([0, 2]), [1.0, 2.0])
+    # T = 1: (4, 1, 1) / 6 and (1, 2, 1) / 4; top 2/3 and 1/2, true class 2/3 and 1/4
+    h = lambda p: -sum(q * math.log(q) for q in p) / math.log(3)  # noqa: E731  (entropy over the uniform's)
+    assert s["label"] == 0 and s["1"]["example"] == pytest.approx([4 / 6, 1 / 6, 1 / 6])
+    assert s["1"]["top"] == pytest.approx((2 / 3 + 1 / 2) / 2) and s["1"]["true"] == pytest.approx((2 / 3 + 1 / 4) / 2)
+    assert s["1"]["entropy"] == pytest.approx((h([4 / 6, 1 / 6, 1 / 6]) + h([1 / 4, 2 / 4, 1 / 4])) / 2)
+    # T = 2: the logits halved, (2, 1, 1) / 4 and (1, sqrt 2, 1) / (2 + sqrt 2)
+    r = 2 + math.sqrt(2)
+    assert s["2"]["top"] == pytest.approx((1 / 2 + math.sqrt(2) / r) / 2) and s["2"]["true"] == pytest.approx((1 / 2 + 1 / r) / 2)
+    assert s["2"]["entropy"] == pytest.approx((h([1 / 2, 1 / 4, 1 / 4]) + h([1 / r, math.sqrt(2) / r, 1 / r])) / 2)
