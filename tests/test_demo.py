@@ -58,6 +58,8 @@ def test_the_demo_shows_each_methods_character(demo):
     assert cl["ft"]["old_test_acc"] < before - 15  # fine-tuning conv4_x + conv5_x at 100% forgets
     assert cl["lwf"]["old_test_acc"] > cl["ft-all"]["old_test_acc"] + 5  # LwF keeps more than fine-tuning at its rates
     assert cl["joint"]["old_test_acc"] >= cl["lwf"]["old_test_acc"]  # joint training: the upper reference
+    lam0 = result(path, "continual/lwf_lam0")  # LwF with its old-task term off: what the term buys
+    assert cl["lwf"]["old_test_acc"] > lam0["old_test_acc"] + 10
 
 
 def test_a_students_float16_weights_give_back_its_accuracy(demo):
