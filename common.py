@@ -450,7 +450,7 @@ def new_task(net, x, y):
     return F.cross_entropy(new.float(), y), new
 
 
-def soft_cross_entropy(logits, target_logits, T=1.0):
+def soft_cross_entropy(logits, target_logits, T):
     """Cross-entropy between softmax(target_logits/T) and softmax(logits/T), summed over classes and
     averaged over the batch (no T^2 here)."""
     return -(soft_targets(target_logits, T) * F.log_softmax(logits.float() / T, dim=-1)).sum(-1).mean()
