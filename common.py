@@ -438,6 +438,20 @@ def kd_loss(student_logits, teacher_logits, labels, T, lam):
     return lam * T * T * soft + (1 - lam) * hard
 
 
+def kd_step(student, teacher, opt, x, y, T, lam, clip=0.0):
+    """One KD training step of one student, plainly: what a lock-step group (q1b_kd.distill_loss, train_epoch,
+    machinery.Step) does for each of its students in one pass (tests/test_step.py holds the two equal)."""
+    with torch.no_grad():
+        t = teacher(x)  # the soft targets' logits: the teacher in eval mode, no gradient
+    loss = kd_loss(student(x), t, y, T, lam)
+    opt.zero_grad()
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
+    opt.step()
+    return loss.detach()
+
+
 def old_task(net, x, y):
     """The old head's CIFAR-10 loss (Q2: the old task)."""
     old = net(x)[0]

@@ -10,8 +10,8 @@ The assignment's items, and what answers each:
                                                    what they hold: common.soft_target_summary (main)
   (2) the training setup, the teacher's tricks     parse (the defaults: --bn, --augment, --dropout; beyond the
                                                    teacher's: --fc1-lr 10% for the 93,312-input FC, --clip 5), train_group
-  (3) the loss, a mix of soft and hard CE          common.kd_loss, one call per student in distill_loss; a step:
-                                                   common.train_epoch (loss, then backward, clip and SGD in M.Step)
+  (3) the loss, a mix of soft and hard CE          common.kd_loss, one call per student in distill_loss; one step
+                                                   of one student, plainly: common.kd_step (what a group takes)
       (a), (b) loss and test accuracy per epoch    fit's history, written per student in train_group
   (4) the table                                    TABLE, main with --table
   (5) bonus: more T and lambda                     main with --sweep

@@ -1,5 +1,6 @@
 """One optimiser step, checked by arithmetic: per-student clipping, weight decay, the warm-up's rates, the
 old-task training curve's images, and no host sync in a training step at any precision."""
+import copy
 import math
 
 import pytest
@@ -138,3 +139,34 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch, precisi
     assert any(not torch.equal(a, q) for a, q in zip(before, model.parameters()))  # it did train
     if precision == "fp16":
         assert step.scale.max().item() < 2.0 ** 18  # overflowed, halved, on the device
+
+
+def test_a_lock_step_group_takes_for_each_student_the_plain_kd_step():
+    """Two students at their own T and lam, in one group (distill_loss, train_epoch, Step) and alone (kd_step):
+    the same weights after three steps, the clip binding on both."""
+    import q1b_kd
+    torch.manual_seed(0)
+    small = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),  # noqa: E731
+                                  nn.Linear(4 * 6 * 6, 10))
+    teacher = small().eval().requires_grad_(False)
+    students = [small() for _ in range(2)]
+    alone = [copy.deepcopy(m) for m in students]
+    specs = [(4.0, 0.5), (20.0, 0.9)]
+    group = common.Students(students)
+    opt = sgd([{"params": list(m.parameters())} for m in group], 0.1)
+    step = machinery.Step(group, opt, "fp32", clip=0.05)
+    x, y = torch.randn(24, 3, 8, 8), torch.arange(24) % 10
+    loss = q1b_kd.distill_loss(teacher, specs)
+    group.train()
+    for i in range(3):
+        b = slice(8 * i, 8 * i + 8)
+        step(loss(group, x[b], y[b])[0])
+    for m, (T, lam) in zip(alone, specs):
+        o = sgd(m.parameters(), 0.1)
+        m.train()
+        for i in range(3):
+            b = slice(8 * i, 8 * i + 8)
+            common.kd_step(m, teacher, o, x[b], y[b], T, lam, clip=0.05)  # it binds: without it the two differ
+    for a, b in zip(alone, group):
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.allclose(p, q, atol=1e-6), (p - q).abs().max()
