@@ -250,7 +250,7 @@ def kd_part(g):
             ["Model", "Temperature, T", "λ", "Training Accuracy (%)", "Testing Accuracy (%)"], rows,
             csv_rows=(["model", "T", "lam", "seed", "train_acc", "test_acc", "diverged"], per_seed)),
         "listings": {"student": listing("The student", common.StudentCNN),
-                     "loss": listing("The KD loss: one call to kd_loss per student", q1b.distill_loss, common.soft_targets,
+                     "loss": listing("One student's KD step, and the loss", common.kd_step, common.soft_targets,
                                      common.kd_loss)}}
 
 
