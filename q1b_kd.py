@@ -94,7 +94,8 @@ def distill_loss(teacher, specs):
             with torch.no_grad():  # the teacher's pass; none when every lam is 0 (no soft term to feed)
                 t = teacher(x) if any(lam for _, lam in specs) else torch.zeros(len(x), 10, device=x.device)
         s = students(x)  # (students, batch, 10); in training, student k sees only students.part(x, k)
-        # each student's loss at its own T and lam, on its own seed's part of the batch; Step sums them for backward
+        # each student's loss at its own T and lam, on its own seed's part of the batch; then M.Step takes each one's
+        # backward, clip and SGD step exactly as common.kd_step does for one student (tests/test_step.py)
         losses = [kd_loss(s[k], students.part(t, k), students.part(y, k), T, lam) for k, (T, lam) in enumerate(specs)]
         return (torch.stack(losses), s, *([fidelity(s, t, y)] if cached else []))
     return loss
