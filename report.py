@@ -513,19 +513,19 @@ def q2_figures(g):
             common.plot_curves(rows, os.path.join(g["out"], "figures", f"q2_{name}"), "loss", tuple(names), svg=True,
                                stage=stage, names=names)
     fig, (a, b) = common.pyplot().subplots(1, 2, figsize=(6.6, 3.1))
-    for i, (m, label) in enumerate(q2.METHODS.items()):
+    for m, label in q2.METHODS.items():
         if runs := methods[m]:
             label = label.replace(" (reference)", "*").replace("Fine-tuning all layers", "FT all layers")
             common.band(a, [e["epoch"] for e in runs[0]["history"]], [[e["old_test_acc"] for e in r["history"]]
                                                                        for r in runs], label, seeds=False)
             (mo, so, _), (mn, sn, _) = stats(accs(runs, "old_test_acc")), stats(accs(runs, "new_test_acc"))
             b.errorbar(mn, mo, xerr=sn or 0, yerr=so or 0, fmt="o", capsize=3)
-            b.annotate(label, (mn, mo), textcoords="offset points", xytext=(4, 4 if i % 2 else -10), fontsize=7.5)
+            b.annotate(label, (mn, mo), textcoords="offset points", xytext=(7, 0), va="center", fontsize=7.5)
     if len(g["lwf_sweep"]) > 1:
         pts = [(stats(accs(r, "new_test_acc"))[0], stats(accs(r, "old_test_acc"))[0]) for r in g["lwf_sweep"].values()]
         b.plot(*zip(*pts), "k--", lw=1)
         for v, pt in zip(g["lwf_sweep"], pts):
-            b.annotate(f"λo={v:g}", pt, textcoords="offset points", xytext=(4, -9), fontsize=7.5)
+            b.annotate(f"λo={v:g}", pt, textcoords="offset points", xytext=(-7, 0), ha="right", va="center", fontsize=7.5)
     zero = any(r["history"][0]["epoch"] == 0 for runs in methods.values() for r in runs)
     a.set(title="(a) old task while learning faces", xlabel="epoch" + " (0: before any change)" * zero,
           ylabel="CIFAR-10 test accuracy (%)")
