@@ -489,15 +489,12 @@ def q2_facts(g):
                       "old_lo": mean_sd(accs(sweep[lo], "old_test_acc")), "old_hi": mean_sd(accs(sweep[hi], "old_test_acc")),
                       "new_lo": mean_sd(accs(sweep[lo], "new_test_acc")), "new_hi": mean_sd(accs(sweep[hi], "new_test_acc"))}
     if all(m in runs for m in ("fe", "ft", "lwf")):
-        claims = {"fine-tuning forgets part of the old task": drops["ft"]["v"] < 0,
-                  "LwF keeps more of it than fine-tuning": cmp["lwf/ft"]["old"] > 0,
-                  "fine-tuning learns the faces better than feature extraction": cmp["ft/fe"]["new"] > 0}
-        f["shown"] = joined(c for c, ok in claims.items() if ok)
-        f["unshown"] = joined(c for c, ok in claims.items() if not ok)
-        f["reversed"] = joined(c for c, rev in {"fine-tuning raised the old task": drops["ft"]["v"] > 0,
-                                                "LwF keeps less of it than fine-tuning": cmp["lwf/ft"]["old"] < 0,
-                                                "fine-tuning learns the faces worse than feature extraction":
-                                                    cmp["ft/fe"]["new"] < 0}.items() if rev)
+        claims = [("fine-tuning forgets part of the old task", "fine-tuning raised the old task", -drops["ft"]["v"]),
+                  ("LwF keeps more of it than fine-tuning", "LwF keeps less of it than fine-tuning", cmp["lwf/ft"]["old"]),
+                  ("fine-tuning learns the faces better than feature extraction", "fine-tuning learns the faces worse "
+                   "than feature extraction", cmp["ft/fe"]["new"])]  # (what is known, its reverse, its verdict)
+        f |= {"shown": joined(c for c, _, v in claims if v > 0), "unshown": joined(c for c, _, v in claims if v <= 0),
+              "reversed": joined(r for _, r, v in claims if v < 0)}
     return f
 
 
