@@ -5,13 +5,14 @@
   python q1b_kd.py --sweep            the bonus grid of T x lam           -> out/kd/T<T>_lam<lam>/
 
 The assignment's items, and what answers each:
-  the student network (its table)                  common.StudentCNN
+  the student network (its table)                  common.StudentCNN (its options: --bn, --dropout in parse)
   (1) soft targets from the teacher at T           distill_loss (the teacher's pass), common.soft_targets;
                                                    what they hold: common.soft_target_summary (main)
   (2) the training setup, the teacher's tricks     parse (the defaults: --bn, --augment, --dropout; beyond the
                                                    teacher's: --fc1-lr 10% for the 93,312-input FC, --clip 5), train_group
-  (3) the loss, a mix of soft and hard CE          common.kd_loss, one call per student in distill_loss; one step
-                                                   of one student, plainly: common.kd_step (what a group takes)
+  (3) the loss, a mix of soft and hard CE          common.kd_loss; for one batch, distill_loss: the teacher's pass, then
+                                                   each student's kd_loss at its T and lam on its seed's images;
+                                                   one step of one student, plainly: common.kd_step (what a group takes)
       (a), (b) loss and test accuracy per epoch    fit's history, written per student in train_group
   (4) the table                                    TABLE, main with --table
   (5) bonus: more T and lambda                     main with --sweep

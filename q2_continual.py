@@ -77,9 +77,10 @@ def parse(argv=None):
 
 def trained(method, net, args):
     """What `method` trains, {what: (parameters, lr in % of the original)}; every other weight stays frozen, and its
-    BatchNorm statistics with it (ContinualNet). For LwF and joint training: their second stage."""
+    BatchNorm statistics with it (ContinualNet). "warm-up": LwF's and joint training's first stage; "lwf", "joint": their
+    second."""
     head = {"new head": (list(net.new.parameters()), 100.0)}
-    if method == "fe":  # Q2 (1): the new head alone
+    if method in ("fe", "warm-up"):  # Q2 (1), and the warm-up: the new head alone
         return head
     if method == "ft":  # Q2 (2): the chosen layers, each at its own rate
         return head | {layer: (layer_parameters(net.backbone, layer), rate) for layer, rate in args.layers}
@@ -113,7 +114,7 @@ def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, g
     # LwF (Li & Hoiem) and joint training, in two stages, each with its own SGD and cosine decay.
     # Stage 1, the warm-up, epochs 1..w: the new head alone at 100%, on the new task's loss, as in feature extraction
     # (the old task's term would reach no trained weight).
-    opt, sched = optimiser(net, trained("fe", net, args), lr, args, w * steps)
+    opt, sched = optimiser(net, trained("warm-up", net, args), lr, args, w * steps)
     fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)
     # Stage 2, epochs w+1..end, continuing stage 1's history: every weight, backbone and old head at --lwf-lr %, new head
     # at 100% (BatchNorm statistics frozen), on LwF's loss (joint training: CE on faces + CE on a CIFAR-10 batch).

@@ -54,6 +54,8 @@ def gather(out):
     g = {"out": out, "teacher": load(os.path.join(out, "teacher")), "sweep": None, "lwf_sweep": {},
          "students": {label: seeds(os.path.join(kd, q1b.name(T, lam))) for label, T, lam in q1b.TABLE},
          "methods": {m: seeds(os.path.join(cl, m)) for m in q2.METHODS}}
+    synthetic = g["teacher"] and g["teacher"]["result"].get("cifar10_source") == "synthetic"
+    g["cifar"] = "synthetic CIFAR-10" if synthetic else "CIFAR-10"  # the old task's name in tables and figures
     if os.path.exists(os.path.join(kd, "sweep.json")):
         grid = read_json(os.path.join(kd, "sweep.json"))
         g["sweep"] = {"grid": grid, "cells": {(T, lam): seeds(os.path.join(kd, q1b.name(T if lam else 1.0, lam)))
@@ -352,7 +354,7 @@ def q2_part(g):
                            + [[f"new FC + softmax, {ft['subjects']} outputs", f"100% ({ft['lr']:g})", "trained from "
                                "scratch"], ["every other layer, old head", "0%", "frozen"]], [1.3, 1, 1.3]),
         "table": table("continual_table", "Continual learning: final accuracy (last epoch)" + (
-            f", mean ± standard deviation over {len(ref)} seeds" if len(ref) > 1 else "") + ". *Old task: CIFAR-10 "
+            f", mean ± standard deviation over {len(ref)} seeds" if len(ref) > 1 else "") + f". *Old task: {g['cifar']} "
             "through the old head after the network was changed for faces; before any change the teacher scores "
             f"{pct(before['old_train_acc_before'])}% (training) and {pct(before['old_test_acc_before'])}% (test).",
             ["Method", "Task", "Training Accuracy (%)", "Testing Accuracy (%)"], rows, bold=[(6, 0)],
@@ -452,13 +454,13 @@ def q2_facts(g):
         if a in runs and b in runs:
             co, cn = compare(old(a), old(b), n_test), compare(new(a), new(b), faces_test)
             what = f"{WORDS[a]} − {WORDS[b]}"
-            rows += [row(what, co, "old (CIFAR-10)"), row("", cn, "new (faces)")]
+            rows += [row(what, co, "old"), row("", cn, "new")]
             cmp[f"{a}/{b}"] = {"old": co["v"], "new": cn["v"], "old_d": f"{abs(co['d']):.1f}", "new_d": f"{abs(cn['d']):.1f}",
                                 "a": WORDS[a], "b": WORDS[b]}
     drops = {}
     for m in [k for k in ("ft", "lwf", 0.0, "joint", "ft-all") if k in runs]:
         c = compare(old(m), [before], n_test)
-        rows += [row(f"{WORDS[m]} − the teacher before any change", c, "old (CIFAR-10)")]
+        rows += [row(f"{WORDS[m]} − the teacher before any change", c, "old")]
         w = runs[m][0]["config"].get("lwf_warmup", 0) if m in ("lwf", 0.0, "joint") else 0
         first = [at(r, w + 1)["old_test_acc"] for r in runs[m] if at(r, w + 1)]
         drop = before - stats(old(m))[0]
@@ -466,8 +468,8 @@ def q2_facts(g):
                          "mostly_first": bool(first) and drop > 0 and before - stats(first)[0] > drop / 2,
                          "epoch": w + 1}
     f |= {"cmp": cmp, "forgets": drops, "table": table(
-        "continual_compare", "Continual learning: the comparisons, test accuracy (%) on each task; a difference within "
-        "two standard errors is within noise.", ["Comparison", "Task", "Difference", "Two standard errors", "Verdict"],
+        "continual_compare", f"Continual learning: the comparisons, test accuracy (%) on each task (old: {g['cifar']}, "
+        "new: faces); a difference within two standard errors is within noise.", ["Comparison", "Task", "Difference", "Two standard errors", "Verdict"],
         rows, [2.4, 1.1, 0, 0, 0])}
     if "fe" in runs:
         f["fe_exact"] = all(r["result"]["old_test_acc"] == r["result"]["old_test_acc_before"] for r in runs["fe"])
@@ -503,7 +505,7 @@ def q2_figures(g):
     """Each method's curves from epoch 0 (the new task's loss; accuracy on both tasks), and the forgetting figure."""
     methods = g["methods"]
     names = {"train": "new task (faces), training", "test": "new task (faces), test",
-             "old_train": "old task (CIFAR-10), training", "old_test": "old task (CIFAR-10), test"}
+             "old_train": f"old task ({g['cifar']}), training", "old_test": f"old task ({g['cifar']}), test"}
     for name, ms in (("fe", ["fe"]), ("ft", ["ft"]), ("lwf", ["lwf"]), ("references", ["joint", "ft-all"])):
         if rows := [(f"{WORDS[m]}: " if len(ms) > 1 else "", [r["history"] for r in methods[m]]) for m in ms if methods[m]]:
             stage = methods[ms[0]][0]["config"].get("lwf_warmup") if ms[0] in ("lwf", "joint") and methods[ms[0]] else None
@@ -525,8 +527,8 @@ def q2_figures(g):
             b.annotate(f"λo={v:g}", pt, textcoords="offset points", xytext=(-7, 0), ha="right", va="center", fontsize=7.5)
     zero = any(r["history"][0]["epoch"] == 0 for runs in methods.values() for r in runs)
     a.set(title="(a) old task while learning faces", xlabel="epoch" + " (0: before any change)" * zero,
-          ylabel="CIFAR-10 test accuracy (%)")
-    b.set(title="(b) what each method keeps and learns", xlabel="faces: test accuracy (%)", ylabel="CIFAR-10 test (%)",
+          ylabel=f"{g['cifar']} test accuracy (%)")
+    b.set(title="(b) what each method keeps and learns", xlabel="faces: test accuracy (%)", ylabel=f"{g['cifar']} test (%)",
           xmargin=0.2, ymargin=0.2)
     common.integer_epochs(a)
     fig.legend(*a.get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
@@ -576,7 +578,7 @@ def report_data(g, author, student_id):
             "from0": all(r["history"][0]["epoch"] == 0 for r in every if r.get("history")),
             "intro": {"synthetic_faces": any(r["result"].get("faces_source") == "synthetic" for r in every),
                       "task": f"{ref[0]['config']['subjects']}-subject" if ref else "100-subject",
-                      "source": r.get("cifar10_source"), "pretrained": bool(t and t["config"]["pretrained"]),
+                      "source": r.get("cifar10_source"), "cifar": g["cifar"], "pretrained": bool(t and t["config"]["pretrained"]),
                       "train": f"{r.get('train_images', 0):,}", "test": f"{r.get('test_images', 0):,}",
                       "full": (r.get("train_images"), r.get("test_images")) == (50000, 10000)},
             "teacher": t and teacher_part(g), "kd": have("students") and kd_part(g) or None,

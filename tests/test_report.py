@@ -111,7 +111,7 @@ def test_each_comparison_is_a_difference_with_two_standard_errors_and_a_verdict(
     assert (round(c["e"], 3), c["v"]) == (round(200 * (2 * 0.59 * 0.41 / 10000) ** 0.5, 3), 1)
     assert report.compare([60.0], [58.0], 1000)["v"] == 0  # 4.40 on 1,000 images
     q2 = rows_of(d["q2"]["q"]["table"])
-    assert q2["LwF − LwF at λo = 0 / old (CIFAR-10)"][2] == "higher"  # 75-76 against 35-36
+    assert q2["LwF − LwF at λo = 0 / old"][2] == "higher"  # 75-76 against 35-36
     assert "picked on the test set itself, which flatters it" in body
     assert "T = 2 and λ = 0.9, reaches 71.50%" in body and "no cell reaches the teacher" in body
     assert "Feature extraction cannot forget" in body and "rather than a finding" in body
