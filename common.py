@@ -215,7 +215,9 @@ class Float32Linear(nn.Linear):
 def teacher_resnet18(num_classes=10, pretrained=True):
     """torchvision's ResNet18 for 32x32 inputs: conv1, the max-pool and conv5_1 (3x3 conv and 1x1
     shortcut) get stride 1, so stages run 32-32-32-16-8-8 and the last feature map is 8x8x512;
-    same 17 convolutions, kernel sizes, paddings and single max-pool. `fc` is a new 10-way layer."""
+    same 17 convolutions, kernel sizes, paddings and single max-pool. `fc` is a new 10-way layer. Of the five
+    halvings of ResNet18 (32 -> 1), three go: the stem's two (conv1, the max-pool), made to shrink 224x224 ImageNet
+    images fast, and the last stage's, so that conv3_x and conv4_x halve the image as they did in pretraining."""
     model = torchvision.models.resnet18()
     if pretrained:
         model.load_state_dict(M.imagenet_weights())
@@ -481,14 +483,11 @@ def lwf_loss(original, T, lambda_o):
     return loss
 
 
-def joint_loss(net, x, y, x_old=None, y_old=None):
+def joint_loss(net, x, y, x_old, y_old):
     """Joint training's loss (the reference with the old data): CE(new head, faces) + CE(old head, CIFAR-10),
-    each task on its own head; evaluation batches (faces only) measure the new task."""
+    each task on its own head, a batch of each (JointBatches)."""
     new = net(x)[1]
-    loss = F.cross_entropy(new.float(), y)
-    if x_old is not None:
-        loss = loss + F.cross_entropy(net(x_old)[0].float(), y_old)
-    return loss, new
+    return F.cross_entropy(new.float(), y) + F.cross_entropy(net(x_old)[0].float(), y_old), new
 
 
 def fidelity(student_logits, teacher_logits, labels):
@@ -648,19 +647,18 @@ SPLITS = {"train": "training", "test": "test", "old_train": "old task (CIFAR-10)
 
 def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test"), height=2.0, svg=False, stage=None,
                 names=SPLITS):
-    """Loss (training and test) and accuracy (of `acc_splits` the histories hold) against epoch from epoch 0 (before
+    """Loss and accuracy of each split of `acc_splits` (those the histories hold) against epoch from epoch 0 (before
     training), side by side, a row per (title, [the history of each seed]): the mean of the seeds with a band of +- one
     standard deviation; a loss spanning more than 10x on a log scale; one legend under the figure; `stage`: the last
     epoch of a first stage, marked by a dotted line. Writes path.png (and with `svg`, path.svg)."""
     fig, axes = pyplot().subplots(len(rows), 2, figsize=(6.6, height * len(rows) + 0.45), squeeze=False, sharex=True)
     for (title, hs), (a, b) in zip(rows, axes):
         epochs = [r["epoch"] for r in hs[0]]
-        for i, split in enumerate(("train", "test")):
-            band(a, epochs, [[r[f"{split}_loss"] for r in h] for h in hs], names[split], color=f"C{i}")
         for i, split in enumerate(acc_splits):
-            if all(f"{split}_acc" in r for h in hs for r in h):
-                band(b, epochs, [[r[f"{split}_acc"] for r in h] for h in hs], names[split], color=f"C{i}")
-        losses = [r[f"{s}_loss"] for h in hs for r in h for s in ("train", "test")]
+            for ax, key in ((a, f"{split}_loss"), (b, f"{split}_acc")):
+                if all(key in r for h in hs for r in h):
+                    band(ax, epochs, [[r[key] for r in h] for h in hs], names[split], color=f"C{i}")
+        losses = [r[f"{s}_loss"] for h in hs for r in h for s in acc_splits if f"{s}_loss" in r]
         a.set(ylabel=loss_label, title=f"{title}(a) loss", yscale="log" if 0 < min(losses) < max(losses) / 10 else "linear")
         b.set(ylabel="accuracy (%)", title=f"{title}(b) accuracy")
         for ax in (a, b) if stage else ():

@@ -44,7 +44,8 @@ def main(argv=None):
     device = M.setup(args)
     cfg = {k: v for k, v in vars(args).items() if k not in ("data", "out", "device")}
     print(f"== Q1 part A: teacher ResNet18 -> {folder} on {device}, {args.precision}")
-    print("changed for 32x32 input: " + "; ".join(f"{r[1]} {r[3]} -> {r[4]}" for r in stride_changes(32) if r[2]))
+    print("changed for 32x32 input: " + "; ".join(f"{module} {old} -> {new}"  # the changed layers (not the stage outputs)
+                                                   for _, module, kernel, old, new, *_ in stride_changes(32) if kernel))
 
     if not M.finished(folder, cfg):
         torch.manual_seed(args.seed)

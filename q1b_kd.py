@@ -90,15 +90,18 @@ def distill_loss(teacher, specs):
     teacher.eval()  # BatchNorm on its running statistics: the teacher of part A as it was trained
 
     def loss(students, x, y, t=None):
-        cached = t is not None
-        if not cached:
+        """x: in training, the seeds' augmented batches one after another (SeedBatches: seeds x batch images);
+        in evaluation, one batch with the teacher's logits t cached."""
+        training = t is None
+        if training:
             with torch.no_grad():  # the teacher's pass; none when every lam is 0 (no soft term to feed)
                 t = teacher(x) if any(lam for _, lam in specs) else torch.zeros(len(x), 10, device=x.device)
-        s = students(x)  # (students, batch, 10); in training, student k sees only students.part(x, k)
+        s = students(x)  # (students, batch, 10); in training, student k sees only students.part(x, k): its seed's images
         # each student's loss at its own T and lam, on its own seed's part of the batch; then M.Step takes each one's
         # backward, clip and SGD step exactly as common.kd_step does for one student (tests/test_step.py)
-        losses = [kd_loss(s[k], students.part(t, k), students.part(y, k), T, lam) for k, (T, lam) in enumerate(specs)]
-        return (torch.stack(losses), s, *([fidelity(s, t, y)] if cached else []))
+        losses = torch.stack([kd_loss(s[k], students.part(t, k), students.part(y, k), T, lam)
+                              for k, (T, lam) in enumerate(specs)])
+        return (losses, s) if training else (losses, s, fidelity(s, t, y))
     return loss
 
 

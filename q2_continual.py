@@ -9,7 +9,7 @@ with two references beyond the assignment: joint training (with the old data) an
 The assignment's items, and what answers each:
   the network: the teacher's backbone, its old head, a new one   common.ContinualNet
   (1) feature extraction: the new 100-way layer alone           trained("fe"), train_method
-  (2) fine-tuning chosen layers at x% of the rate (the table)   trained("ft"); the choice and why: --ft-layers (parse)
+  (2) fine-tuning chosen layers at x% of the rate (the table)   trained("ft"): the choice and why (--ft-layers)
   (3) LwF: its steps in point form, lr, T, lambda_o, L2          train_method (its two stages), common.lwf_loss
   (a), (b) loss and accuracy against epoch, every method        train_method: fit's history
   (4) the table: old and new task, training and test            run_method: result.json
@@ -49,10 +49,8 @@ def parse(argv=None):
     p.add_argument("--per-subject", type=M.positive_int, default=50)
     p.add_argument("--train-per-subject", type=M.positive_int, default=40)
     p.add_argument("--face-size", type=M.positive_int, default=64, help="faces are resized to this square")
-    # conv5_x at 10%: the last stage holds the most task-specific features of the old task (Yosinski et al. 2014), the
-    # first to need changing for faces; a tenth of the rate lets it move slowly while the fresh head learns at 100%
-    p.add_argument("--ft-layers", default="conv5_x:10",
-                   help="fine-tuned layers with their lr in %% of the original, e.g. 'conv5_x:10 conv4_2:1'")
+    p.add_argument("--ft-layers", default="conv5_x:10", help="fine-tuned layers (ResNet-paper names: conv5_x is layer4) "
+                   "with their lr in %% of the original, e.g. 'conv5_x:10 conv4_2:1'; why the default: trained()")
     p.add_argument("--ft-all-lr", type=M.positive, default=None,
                    help="ft-all: lr of every layer, %% of the original (default: FT_LAYERS' first rate)")
     p.add_argument("--lwf-lr", type=M.positive, default=10.0,
@@ -82,7 +80,9 @@ def trained(method, net, args):
     head = {"new head": (list(net.new.parameters()), 100.0)}
     if method in ("fe", "warm-up"):  # Q2 (1), and the warm-up: the new head alone
         return head
-    if method == "ft":  # Q2 (2): the chosen layers, each at its own rate
+    if method == "ft":  # Q2 (2): the chosen layers, each at its own rate (default: conv5_x at 10%). Why conv5_x: the
+        # last stage holds the most task-specific features of the old task (Yosinski et al. 2014), the first to need
+        # changing for faces; a tenth of the rate lets it move slowly while the fresh head learns at 100%
         return head | {layer: (layer_parameters(net.backbone, layer), rate) for layer, rate in args.layers}
     if method == "ft-all":  # reference: every layer of the backbone, on faces only
         return head | {"backbone": (list(net.backbone.parameters()), args.ft_all_lr)}
@@ -101,30 +101,31 @@ def optimiser(net, groups, lr, args, steps):
 
 
 def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, gen):
-    """Train `method` on the face split into `run` (machinery.Run); returns its history. Every method is measured
-    on the same sets after each epoch: the new task on the face sets, the old task on CIFAR-10's."""
+    """Train `method` on the face split into `run` (machinery.Run), rates in % of `lr` (the original); returns its
+    history. Every method is measured alike after each epoch: each head's cross-entropy and accuracy on its task."""
     train = Batches(*faces["train"], batch_size=args.batch, shuffle=True, augment=True, pad=args.face_size // 8, gen=gen)
-    evals = {"train": Batches(*faces["train"], batch_size=1024), "test": Batches(*faces["test"], batch_size=1024),
+    evals = {"train": (new_task, Batches(*faces["train"], batch_size=1024)),
+             "test": (new_task, Batches(*faces["test"], batch_size=1024)),
              "old_train": (old_task, Batches(*cifar["train"], batch_size=1024)),
              "old_test": (old_task, Batches(*cifar["test"], batch_size=1024))}
     steps, w = len(train), args.lwf_warmup
     if method in ("fe", "ft", "ft-all"):  # one stage: what trained() names, on the new task's loss alone
         opt, sched = optimiser(net, trained(method, net, args), lr, args, args.epochs * steps)
         return fit(net, new_task, opt, sched, train, evals, args.epochs, run)
-    # LwF (Li & Hoiem) and joint training, in two stages, each with its own SGD and cosine decay.
-    # Stage 1, the warm-up, epochs 1..w: the new head alone at 100%, on the new task's loss, as in feature extraction
-    # (the old task's term would reach no trained weight).
+    # LwF (Li & Hoiem) and joint training, in two stages, each with a fresh SGD (no momentum carried over) and its own
+    # cosine decay from the full rates; `run` holds stage 1's epochs and last weights, which stage 2 continues.
+    # Stage 1, the warm-up, epochs 1..w: the new head alone at 100%, on the new task's loss, as in feature extraction.
     opt, sched = optimiser(net, trained("warm-up", net, args), lr, args, w * steps)
-    fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)
-    # Stage 2, epochs w+1..end, continuing stage 1's history: every weight, backbone and old head at --lwf-lr %, new head
-    # at 100% (BatchNorm statistics frozen), on LwF's loss (joint training: CE on faces + CE on a CIFAR-10 batch).
+    fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)  # epochs 0..w, into run's history
+    # Stage 2, epochs w+1..end: every weight, backbone and old head at --lwf-lr %, new head at 100% (BatchNorm
+    # statistics frozen), on LwF's loss (joint training: CE on faces + CE on a CIFAR-10 batch).
     if method == "lwf":
         loss_fn, data = lwf_loss(original, args.lwf_T, lambda_o), train
     else:
         loss_fn = joint_loss
         data = JointBatches(train, Batches(*cifar["train"], batch_size=args.batch, shuffle=True, augment=True, gen=gen))
     opt, sched = optimiser(net, trained(method, net, args), lr, args, (args.epochs - w) * steps)
-    return fit(net, loss_fn, opt, sched, data, evals, range(w + 1, args.epochs + 1), run)
+    return fit(net, loss_fn, opt, sched, data, evals, range(w + 1, args.epochs + 1), run)  # all of it, epochs 0..end
 
 
 def run_dir(args, key, i=0):
@@ -170,7 +171,7 @@ def run_method(key, method, lambda_o, i, teacher, cifar, faces, before, args, lr
     run = M.Run(folder, method_config(method, args, lr, i, lambda_o), gen)
     history = train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, gen)
     M.write_json(os.path.join(folder, "split.json"), {"subjects": faces["subjects"], **faces["files"]})
-    plot_curves([(f"{METHODS[method]}, seed {args.seed + i}: ", [history])], os.path.join(folder, "curves"), "loss",
+    plot_curves([(f"{METHODS[method]}, seed {args.seed + i}: ", [history])], os.path.join(folder, "curves"), "cross-entropy",
                 ("train", "test", "old_train", "old_test"), stage=args.lwf_warmup if method in ("lwf", "joint") else None)
     last = history[-1]  # the last epoch, measured on every image of each set
     M.finish(folder, net, {"old_train_acc": last["old_train_acc"], "old_test_acc": last["old_test_acc"],

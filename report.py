@@ -170,9 +170,8 @@ def teacher_part(g):
         "changes": table("teacher_changes", "Changes to ResNet18 for 32×32 inputs: the layers whose stride changed, "
                          "then each stage's output (H×W×C, measured by running both networks on a 32×32×3 input).",
                          ["Layer", "Kernel", "Original", "New", "Output before", "Output after"], rows),
-        "accuracy": table("teacher_accuracy", f"Teacher: final accuracy (epoch {r['epochs']}, the last points of the "
-                          "curves).", ["Training Accuracy (%)", "Testing Accuracy (%)"],
-                          [[pct(r["train_acc"]), pct(r["test_acc"])]]),
+        "accuracy": table("teacher_accuracy", f"Teacher: final accuracy (epoch {r['epochs']}, the curves' last points).",
+                          ["Training Accuracy (%)", "Testing Accuracy (%)"], [[pct(r["train_acc"]), pct(r["test_acc"])]]),
         "test": pct(r["test_acc"]), "train": pct(r["train_acc"]), "passed": r["test_acc"] >= 90,
         "gap": f"{r['train_acc'] - r['test_acc']:+.2f}", "train_n": f"{r.get('train_images', 50000):,}",
         "eval_n": f"{min(common.EVAL_IMAGES, r.get('train_images', 50000)):,}"}
@@ -289,14 +288,14 @@ def best_cell(sweep):
 def sweep_part(g):
     sweep, t = g["sweep"], g["teacher"]["result"]
     grid, (best, ok) = sweep["grid"], best_cell(sweep)
-    n_test, runs = t.get("test_images", 10000), [r for v in sweep["cells"].values() for r in v]
-    epochs = runs[0]["result"]["epochs"]
+    n_test, epochs = t.get("test_images", 10000), next(r for v in sweep["cells"].values() for r in v)["result"]["epochs"]
     near = [k for k in ok if best and compare(ok[best], ok[k], n_test)["v"] == 0]
     rows = [[f"{T:g}"] + [(mean_sd(ok[T, lam]) if (T, lam) in ok else cells(sweep["cells"][T, lam], ["test_acc"])[0])
                           if sweep["cells"][T, lam] else "not run" for lam in grid["lam"]] for T in grid["T"]]
     table_epochs = next((r[0]["result"]["epochs"] for r in g["students"].values() if r), None)
     reach = best and compare(ok[best], [t["test_acc"]], n_test)
-    base = accs(g["students"].get(q1b.TABLE[0][0]) or [])  # the table's λ = 0 student
+    top = max((k for k, r in g["students"].items() if accs(r)), key=lambda k: stats(accs(g["students"][k]))[0], default="")
+    base = accs(g["students"].get(top) or [])  # the table's best student
     vs_base = best and base and table_epochs == epochs and compare(ok[best], base, n_test)
     return {"table": table(
         "kd_sweep", f"Bonus: student test accuracy (%) over T and λ, {epochs} epoch{'s' * (epochs != 1)} per student"
@@ -312,7 +311,7 @@ def sweep_part(g):
                           "d": f"{reach['d']:+.2f}", "e": f"{reach['e']:.2f}" if reach["e"] else "-", "v": reach["v"]},
         "teacher": pct(t["test_acc"]), "epochs": epochs, "same_epochs": table_epochs in (None, epochs),
         "table_epochs": table_epochs, "vs_base": {"v": vs_base["v"], "d": f"{abs(vs_base['d']):.2f}",
-                                                     "acc": mean_sd(base)} if vs_base else None}
+                                                     "acc": mean_sd(base), "who": SHORT.get(top)} if vs_base else None}
 
 
 def q2_part(g):
@@ -344,6 +343,7 @@ def q2_part(g):
         "old_eval_n": f"{min(common.EVAL_IMAGES, old_n):,}",
         "runs": {m: bool(r) for m, r in methods.items()}, "lwf": methods["lwf"] and methods["lwf"][0]["config"],
         "ft_all_lr": methods["ft-all"] and methods["ft-all"][0]["config"]["ft_all_lr"], "q": q2_facts(g),
+        "cfg_joint_w": methods["joint"] and methods["joint"][0]["config"]["lwf_warmup"],
         "ft_layers": ft and joined([f"{layer} at {rate:g}%" for layer, rate in ft["ft_layers"]]),
         "ft_conv5": bool(ft) and all(x.startswith("conv5") for x, _ in ft["ft_layers"]),
         "ft_below": bool(ft) and max(rate for _, rate in ft["ft_layers"]) < 100,
@@ -358,8 +358,7 @@ def q2_part(g):
             "through the old head after the network was changed for faces; before any change the teacher scores "
             f"{pct(before['old_train_acc_before'])}% (training) and {pct(before['old_test_acc_before'])}% (test).",
             ["Method", "Task", "Training Accuracy (%)", "Testing Accuracy (%)"], rows, bold=[(6, 0)],
-            csv_rows=(["method", "seed", *RESULT_KEYS], per_seed)),
-        "lwf_sweep": len(sweep) > 1 and table(
+            csv_rows=(["method", "seed", *RESULT_KEYS], per_seed)), "lwf_sweep": len(sweep) > 1 and table(
             "lwf_sweep", "LwF's trade-off over λo (λo = 0: every layer fine-tuned at LwF's rates, after its warm-up), "
             "test accuracy (%).", ["λo", "Old task", "New task"],
             [[f"{v:g}", *cells(r, ("old_test_acc", "new_test_acc"))] for v, r in sweep.items()],
@@ -380,12 +379,13 @@ def q1_facts(g):
         return None
     n, n_test, n_train = max(map(len, students.values())), t["result"].get("test_images", 10000), t["result"].get(
         "train_images", 50000)
-    p, fits = stats([v for a in acc.values() for v in a])[0], max(r["result"]["train_acc"] for k in acc for r in students[k])
+    p, fits = stats([v for a in acc.values() for v in a])[0], max(stats(accs(students[k], "train_acc"))[0] for k in acc)
     base, lam1, teacher = q1b.TABLE[0][0], q1b.TABLE[1][0], [t["result"]["test_acc"]]
     kd = [label for label, T, lam in q1b.TABLE if lam == 0.1 and label in acc]
     rows, f = [], {"noise": noise(n, n_test, p), "teacher": pct(teacher[0]), "weak_teacher": teacher[0] < 90,
-                   "teacher_train": pct(t["result"]["train_acc"]), "best_train": pct(fits), "underfit": fits < 90,
-                   "base_acc": None, "kd_effect": None, "kd_up": "", "kd_down": "", "kd_range": "",
+                   "teacher_train": pct(t["result"]["train_acc"]), "best_train": pct(fits),
+                   "underfit": fits < 90, "undertrained": fits < teacher[0], "base_acc": None, "kd_effect": None,
+                   "kd_up": "", "kd_down": "", "kd_range": "",
                    "diverged": [SHORT[k] for k, r in students.items() if r and len(accs(r)) < len(r)]}
     best = max(acc, key=lambda k: stats(acc[k])[0])
     c = compare(acc[best], teacher, n_test)
@@ -405,7 +405,9 @@ def q1_facts(g):
         if lam1 in acc:
             c = compare(acc[lam1], acc[base], n_test)
             rows.append(row("λ = 1, T = 20 − λ = 0", c))
-            f |= {"lam1": c["v"], "lam1_acc": mean_sd(acc[lam1]), "lam1_d": f"{abs(c['d']):.1f}"}
+            f |= {"lam1": c["v"], "lam1_acc": mean_sd(acc[lam1]), "lam1_d": f"{abs(c['d']):.1f}",
+                  "lam1_errors": -c["d"] <= 100 - t["result"]["train_acc"],  # the teacher's errors could explain it
+                  "lam1_above": compare(acc[lam1], teacher, n_test)["v"] > 0}
     steps = [(a, b, compare(acc[b], acc[a], n_test)) for a, b in zip(kd, kd[1:])]
     rows += [row(f"{SHORT[b]} − {SHORT[a]}", c) for a, b, c in steps]
     f["temps"] = [{"a": SHORT[a][6:], "b": SHORT[b][6:], "v": c["v"], "d": f"{abs(c['d']):.1f}"} for a, b, c in steps]
@@ -476,7 +478,7 @@ def q2_facts(g):
     if "lwf" in runs:
         w = runs["lwf"][0]["config"]["lwf_warmup"]
         ends = [at(r, w)["test_acc"] for r in runs["lwf"] if at(r, w)]
-        f["warm"] = {"w": w, "new": mean_sd(ends) if ends else None, "fe_like": "fe" in runs}
+        f["warm"] = {"w": w, "new": mean_sd(ends) if ends else None, "chance": f"{100 / cfg['subjects']:g}"}
     if "ft-all" in runs:
         others = [m for m in ("ft", "lwf", "joint", 0.0) if m in runs]
         f["ftall_most"] = bool(others) and all(compare(old("ft-all"), old(m), n_test)["v"] < 0 for m in others)
@@ -491,7 +493,7 @@ def q2_facts(g):
                       "old_lo": mean_sd(accs(sweep[lo], "old_test_acc")), "old_hi": mean_sd(accs(sweep[hi], "old_test_acc")),
                       "new_lo": mean_sd(accs(sweep[lo], "new_test_acc")), "new_hi": mean_sd(accs(sweep[hi], "new_test_acc"))}
     if all(m in runs for m in ("fe", "ft", "lwf")):
-        claims = [("fine-tuning forgets part of the old task", "fine-tuning raised the old task", -drops["ft"]["v"]),
+        claims = [("fine-tuning loses old-task accuracy", "fine-tuning raised the old task", -drops["ft"]["v"]),
                   ("LwF keeps more of it than fine-tuning", "LwF keeps less of it than fine-tuning", cmp["lwf/ft"]["old"]),
                   ("fine-tuning learns the faces better than feature extraction", "fine-tuning learns the faces worse "
                    "than feature extraction", cmp["ft/fe"]["new"])]  # (what is known, its reverse, its verdict)
@@ -509,7 +511,7 @@ def q2_figures(g):
     for name, ms in (("fe", ["fe"]), ("ft", ["ft"]), ("lwf", ["lwf"]), ("references", ["joint", "ft-all"])):
         if rows := [(f"{WORDS[m]}: " if len(ms) > 1 else "", [r["history"] for r in methods[m]]) for m in ms if methods[m]]:
             stage = methods[ms[0]][0]["config"].get("lwf_warmup") if ms[0] in ("lwf", "joint") and methods[ms[0]] else None
-            common.plot_curves(rows, os.path.join(g["out"], "figures", f"q2_{name}"), "loss", tuple(names), svg=True,
+            common.plot_curves(rows, os.path.join(g["out"], "figures", f"q2_{name}"), "cross-entropy", tuple(names), svg=True,
                                stage=stage, names=names)
     fig, (a, b) = common.pyplot().subplots(1, 2, figsize=(6.6, 3.1))
     for m, label in q2.METHODS.items():

@@ -28,14 +28,14 @@ def rise(start, end, e, epochs):
     return end - (end - start) * (1 - e / epochs) ** 2
 
 
-def history(epochs, acc, train=None, chance=10.0, extra=lambda e: {}, loss=lambda e: 0.0):
+def history(epochs, acc, train=None, chance=10.0, extra=lambda e: {}):
     """Epoch 0 (before training, at `chance`, its loss ln(1 / chance)) to `epochs`, ending at the result's test
-    accuracy `acc` and training accuracy `train`, each loss falling with its accuracy (plus `loss(e)`: another
-    term); the lr's cosine at 0 after the last."""
+    accuracy `acc` and training accuracy `train`, each loss falling with its accuracy; the lr's cosine at 0 after
+    the last."""
     train = acc + 3 if train is None else train
     ce = lambda a: -math.log(max(a, chance) / 100) * (1 - a / 150)  # noqa: E731  (ln 1/chance at chance)
-    return [{"epoch": e, "lr": 0.1 * (1 - e / epochs), "train_loss": ce(rise(chance, train, e, epochs)) + loss(e),
-             "test_loss": ce(rise(chance, acc, e, epochs)) + loss(e), "train_acc": rise(chance, train, e, epochs),
+    return [{"epoch": e, "lr": 0.1 * (1 - e / epochs), "train_loss": ce(rise(chance, train, e, epochs)),
+             "test_loss": ce(rise(chance, acc, e, epochs)), "train_acc": rise(chance, train, e, epochs),
              "test_acc": rise(chance, acc, e, epochs), **extra(e)} for e in range(epochs + 1)]
 
 
@@ -104,9 +104,9 @@ def fake_out(out, seeds=2, epochs=3, teacher=94.0, student=lambda k, i: 60.0 + 2
             curve = lambda e: before if e <= w else rise(before, o, e - w, epochs - w)  # noqa: E731
             write_run(q2.run_dir(args, key, i).replace(args.out, str(out)), q2.method_config(m, args, 0.1, i, lam),
                       history(epochs, new + i, new + 10, chance=100 / args.subjects, extra=lambda e: {
-                          "old_test_acc": curve(e), "old_train_acc": curve(e) + 3.25},
-                          loss=lambda e: 0.4 * (e > w) if m == "lwf" else 1.0 * (e > w) if m == "joint" else 0.0),
-                      {"old_train_acc": o + 3.25, "old_test_acc": o, "new_train_acc": new + 10, "new_test_acc": new + i,
+                          "old_test_acc": curve(e), "old_train_acc": curve(e) + 3.25,
+                          "old_test_loss": -math.log(curve(e) / 100), "old_train_loss": -math.log((curve(e) + 3.25) / 100)}),
+                      {"old_train_acc": o + 3.25, "old_test_acc": o, "new_train_acc": new + 10 + i / 2, "new_test_acc": new + i,
                        "old_train_acc_before": before + 3.25, "old_test_acc_before": before, "seed": i, "epochs": epochs,
                        "device": device, "faces_source": "DigiFace-1M"})
     return accs

@@ -140,7 +140,7 @@ def test_q2_verdicts_and_the_summary_never_contradict_each_other(g):
         m = 0.0 if m == "0.0" else m
         assert drop["v"] == value[table[f"{report.WORDS[m]} − the teacher before any change / old"]]
     shown, unshown = f["shown"], f["unshown"]
-    claims = {"fine-tuning forgets part of the old task": f["forgets"]["ft"]["v"] < 0,
+    claims = {"fine-tuning loses old-task accuracy": f["forgets"]["ft"]["v"] < 0,
               "LwF keeps more of it than fine-tuning": f["cmp"]["lwf/ft"]["old"] > 0,
               "fine-tuning learns the faces better than feature extraction": f["cmp"]["ft/fe"]["new"] > 0}
     for claim, holds in claims.items():

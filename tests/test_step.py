@@ -95,7 +95,7 @@ def test_the_teachers_run_warms_up_for_the_epochs_asked(tmp_path, tiny_cifar, mo
     assert h[1]["lr"] == pytest.approx(0.01) and h[2]["lr"] == pytest.approx(0.0)  # the peak after the warm-up
 
 
-def test_the_old_tasks_training_curve_is_measured_on_cifars_training_images(monkeypatch):
+def test_every_method_is_measured_with_each_heads_own_loss_and_the_old_task_on_cifars_training_images(monkeypatch):
     seen = {}
     monkeypatch.setattr(q2, "fit", lambda net, loss, opt, sched, train, evals, epochs, run: seen.update(evals) or [])
     args = q2.parse(["--faces", "/nowhere", "--epochs", "2", "--lwf-warmup", "1"])
@@ -108,8 +108,9 @@ def test_the_old_tasks_training_curve_is_measured_on_cifars_training_images(monk
         seen.clear()
         q2.train_method(method, net, None, faces, cifar, 1.0, args, 0.1, None, g)
         assert seen["old_train"][1].x is cifar["train"][0] and seen["old_test"][1].x is cifar["test"][0]
-        assert seen["train"].x is faces["train"][0] and seen["test"].x is faces["test"][0]
+        assert seen["train"][1].x is faces["train"][0] and seen["test"][1].x is faces["test"][0]
         assert seen["old_train"][0] is q2.old_task and seen["old_test"][0] is q2.old_task
+        assert seen["train"][0] is q2.new_task and seen["test"][0] is q2.new_task  # not LwF's objective
 
 
 SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
