@@ -83,25 +83,23 @@ def group_dir(args, specs):
 
 
 def distill_loss(teacher, specs):
-    """The KD loss of a lock-step group of students, `specs` = [(T, lam) of each]. For one batch: the teacher's
-    logits t, from one forward pass in eval mode without gradients on exactly the augmented images the students
-    see (an evaluation set brings them cached), then each student's kd_loss at its own T and lam, on its own
-    seed's part of the batch. In evaluation it also returns each student's fidelity to the teacher."""
+    """The KD loss of a lock-step group of students, `specs` = [(T, lam) of each]. One training batch x holds each
+    seed's own augmented batch, one after another (SeedBatches); the teacher runs once on all of x, in eval mode
+    without gradients; student k runs on its seed's part only (Students.part) and gets kd_loss at its own T and lam
+    on that part. M.Step then backpropagates the students' summed losses (they share no weight, so each gets its
+    own gradient), clips each student's gradient norm to --clip and takes the SGD step: per student exactly what
+    common.kd_step does for one (tests/test_step.py). In evaluation the batch brings the teacher's logits t cached,
+    every student sees all of it, and the loss also returns each student's fidelity to the teacher."""
     teacher.eval()  # BatchNorm on its running statistics: the teacher of part A as it was trained
 
     def loss(students, x, y, t=None):
-        """x: in training, the seeds' augmented batches one after another (SeedBatches: seeds x batch images);
-        in evaluation, one batch with the teacher's logits t cached."""
-        training = t is None
-        if training:
-            with torch.no_grad():  # the teacher's pass; none when every lam is 0 (no soft term to feed)
+        if t is None:  # not cached: the teacher's pass; none when every lam is 0 (no soft term to feed)
+            with torch.no_grad():
                 t = teacher(x) if any(lam for _, lam in specs) else torch.zeros(len(x), 10, device=x.device)
         s = students(x)  # (students, batch, 10); in training, student k sees only students.part(x, k): its seed's images
-        # each student's loss at its own T and lam, on its own seed's part of the batch; then M.Step takes each one's
-        # backward, clip and SGD step exactly as common.kd_step does for one student (tests/test_step.py)
         losses = torch.stack([kd_loss(s[k], students.part(t, k), students.part(y, k), T, lam)
                               for k, (T, lam) in enumerate(specs)])
-        return (losses, s) if training else (losses, s, fidelity(s, t, y))
+        return (losses, s) if students.training else (losses, s, fidelity(s, t, y))
     return loss
 
 

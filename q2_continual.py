@@ -101,8 +101,9 @@ def optimiser(net, groups, lr, args, steps):
 
 
 def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, gen):
-    """Train `method` on the face split into `run` (machinery.Run), rates in % of `lr` (the original); returns its
-    history. Every method is measured alike after each epoch: each head's cross-entropy and accuracy on its task."""
+    """Train `method` on the face split into `run` (machinery.Run), rates in % of `lr` (the original: --lr, default the
+    teacher's); returns its history. Every method is measured alike after each epoch: each head's cross-entropy and
+    accuracy on its own task."""
     train = Batches(*faces["train"], batch_size=args.batch, shuffle=True, augment=True, pad=args.face_size // 8, gen=gen)
     evals = {"train": (new_task, Batches(*faces["train"], batch_size=1024)),
              "test": (new_task, Batches(*faces["test"], batch_size=1024)),
@@ -112,17 +113,16 @@ def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, g
     if method in ("fe", "ft", "ft-all"):  # one stage: what trained() names, on the new task's loss alone
         opt, sched = optimiser(net, trained(method, net, args), lr, args, args.epochs * steps)
         return fit(net, new_task, opt, sched, train, evals, args.epochs, run)
-    # LwF (Li & Hoiem) and joint training, in two stages, each with a fresh SGD (no momentum carried over) and its own
-    # cosine decay from the full rates; `run` holds stage 1's epochs and last weights, which stage 2 continues.
-    # Stage 1, the warm-up, epochs 1..w: the new head alone at 100%, on the new task's loss, as in feature extraction.
+    # LwF (Li & Hoiem) and joint training, two stages, each a fresh SGD (no momentum carried over) and cosine:
+    #   stage 1, warm-up   epochs 1..w    new head at 100%                                  new_task (faces' CE)
+    #   stage 2            epochs w+1..   new head at 100%, backbone + old head at --lwf-lr  lwf_loss (joint_loss)
+    # BatchNorm statistics stay frozen; stage 2 starts from stage 1's weights and continues the history `run` holds.
     opt, sched = optimiser(net, trained("warm-up", net, args), lr, args, w * steps)
     fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)  # epochs 0..w, into run's history
-    # Stage 2, epochs w+1..end: every weight, backbone and old head at --lwf-lr %, new head at 100% (BatchNorm
-    # statistics frozen), on LwF's loss (joint training: CE on faces + CE on a CIFAR-10 batch).
     if method == "lwf":
         loss_fn, data = lwf_loss(original, args.lwf_T, lambda_o), train
     else:
-        loss_fn = joint_loss
+        loss_fn = joint_loss  # CE on faces + CE on a CIFAR-10 batch, each through its own head
         data = JointBatches(train, Batches(*cifar["train"], batch_size=args.batch, shuffle=True, augment=True, gen=gen))
     opt, sched = optimiser(net, trained(method, net, args), lr, args, (args.epochs - w) * steps)
     return fit(net, loss_fn, opt, sched, data, evals, range(w + 1, args.epochs + 1), run)  # all of it, epochs 0..end

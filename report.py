@@ -202,8 +202,7 @@ SHORT = {"Student Network (λ = 0)": "λ = 0", "Student Network (λ = 1)": "λ =
 
 
 def student_figures(g):
-    """Every student on shared axes: (a) training (dashed) and test loss, (b) test accuracy; then (a) the
-    cross-entropy with the labels on the test set, (b) top-1 agreement with the teacher; one legend each."""
+    """Every student on shared axes: (a) loss (training dashed), (b) test accuracy; then test (a) CE, (b) agreement."""
     runs = {label: [r["history"] for r in v] for label, v in g["students"].items() if v}
     fidelity = all("test_agree" in r for hs in runs.values() for h in hs for r in h)
     for name, panels in (("kd_students", [("(a) loss: λT²KL + (1−λ)CE", ("train_loss", "test_loss")),
@@ -221,8 +220,7 @@ def student_figures(g):
             vals = [r[k] for hs in runs.values() for h in hs for r in h for k in keys if r.get(k) is not None]
             ax.set(title=title, xlabel="epoch", yscale="log" if vals and 0 < min(vals) < max(vals) / 10 else "linear")
             common.integer_epochs(ax)
-        handles, labels = axes[1].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncol=5, frameon=False)
+        fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=5, frameon=False)
         common.save(fig, os.path.join(g["out"], "figures", name))
     return fidelity
 
@@ -309,7 +307,7 @@ def sweep_part(g):
         "Ts": ", ".join(f"{x:g}" for x in grid["T"]), "lams": ", ".join(f"{x:g}" for x in grid["lam"]),
         "best": best and {"T": f"{best[0]:g}", "lam": f"{best[1]:g}", "acc": mean_sd(ok[best]), "near": len(near) - 1,
                           "d": f"{reach['d']:+.2f}", "e": f"{reach['e']:.2f}" if reach["e"] else "-", "v": reach["v"]},
-        "teacher": pct(t["test_acc"]), "epochs": epochs, "same_epochs": table_epochs in (None, epochs),
+        "teacher": pct(t["test_acc"]), "epochs": epochs, "same_epochs": table_epochs in (None, epochs), "seeds": grid["seeds"],
         "table_epochs": table_epochs, "vs_base": {"v": vs_base["v"], "d": f"{abs(vs_base['d']):.2f}",
                                                      "acc": mean_sd(base), "who": SHORT.get(top)} if vs_base else None}
 
@@ -371,8 +369,7 @@ def q2_part(g):
 
 # ----------------------------------------------------------------------------- the facts the discussions' conditions test
 def q1_facts(g):
-    """Q1B's comparisons (each a row of the comparison table, with its verdict) and the facts the discussion's
-    sentences depend on."""
+    """Q1B's comparisons (rows of the comparison table, with verdicts) and the facts the discussion depends on."""
     t, students = g["teacher"], g["students"]
     acc = {label: accs(runs) for label, runs in students.items() if runs and accs(runs)}
     if not acc:
@@ -510,9 +507,8 @@ def q2_figures(g):
              "old_train": f"old task ({g['cifar']}), training", "old_test": f"old task ({g['cifar']}), test"}
     for name, ms in (("fe", ["fe"]), ("ft", ["ft"]), ("lwf", ["lwf"]), ("references", ["joint", "ft-all"])):
         if rows := [(f"{WORDS[m]}: " if len(ms) > 1 else "", [r["history"] for r in methods[m]]) for m in ms if methods[m]]:
-            stage = methods[ms[0]][0]["config"].get("lwf_warmup") if ms[0] in ("lwf", "joint") and methods[ms[0]] else None
             common.plot_curves(rows, os.path.join(g["out"], "figures", f"q2_{name}"), "cross-entropy", tuple(names), svg=True,
-                               stage=stage, names=names)
+                               stage=[methods[m][0]["config"].get("lwf_warmup") for m in ms if methods[m]], names=names)
     fig, (a, b) = common.pyplot().subplots(1, 2, figsize=(6.6, 3.1))
     for m, label in q2.METHODS.items():
         if runs := methods[m]:
@@ -522,6 +518,11 @@ def q2_figures(g):
             (mo, so, _), (mn, sn, _) = stats(accs(runs, "old_test_acc")), stats(accs(runs, "new_test_acc"))
             b.errorbar(mn, mo, xerr=sn or 0, yerr=so or 0, fmt="o", capsize=3)
             b.annotate(label, (mn, mo), textcoords="offset points", xytext=(7, 0), va="center", fontsize=7.5)
+    b.margins(0.2)
+    b.autoscale_view()  # the limits as drawn (in pixels below): each label goes under the earlier ones near its point
+    for i, t in enumerate(b.texts):
+        t.xyann = (7, -9 * sum(bool((abs(b.transData.transform(t.xy) - b.transData.transform(u.xy)) < (80, 12)).all())
+                               for u in b.texts[:i]))
     if len(g["lwf_sweep"]) > 1:
         pts = [(stats(accs(r, "new_test_acc"))[0], stats(accs(r, "old_test_acc"))[0]) for r in g["lwf_sweep"].values()]
         b.plot(*zip(*pts), "k--", lw=1)
@@ -530,8 +531,7 @@ def q2_figures(g):
     zero = any(r["history"][0]["epoch"] == 0 for runs in methods.values() for r in runs)
     a.set(title="(a) old task while learning faces", xlabel="epoch" + " (0: before any change)" * zero,
           ylabel=f"{g['cifar']} test accuracy (%)")
-    b.set(title="(b) what each method keeps and learns", xlabel="faces: test accuracy (%)", ylabel=f"{g['cifar']} test (%)",
-          xmargin=0.2, ymargin=0.2)
+    b.set(title="(b) what each method keeps and learns", xlabel="faces: test accuracy (%)", ylabel=f"{g['cifar']} test (%)")
     common.integer_epochs(a)
     fig.legend(*a.get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
     common.save(fig, os.path.join(g["out"], "figures", "q2_forgetting"))
