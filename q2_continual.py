@@ -113,19 +113,19 @@ def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, g
     if method in ("fe", "ft", "ft-all"):  # one stage: what trained() names, on the new task's loss alone
         opt, sched = optimiser(net, trained(method, net, args), lr, args, args.epochs * steps)
         return fit(net, new_task, opt, sched, train, evals, args.epochs, run)
-    # LwF (Li & Hoiem) and joint training, two stages, each a fresh SGD (no momentum carried over) and cosine:
-    #   stage 1, warm-up   epochs 1..w    new head at 100%                                  new_task (faces' CE)
-    #   stage 2            epochs w+1..   new head at 100%, backbone + old head at --lwf-lr  lwf_loss (joint_loss)
-    # BatchNorm statistics stay frozen; stage 2 starts from stage 1's weights and continues the history `run` holds.
+    # LwF (Li & Hoiem) and joint training: two stages, each a fresh SGD (no momentum kept) and cosine.
+    #   stage 1, warm-up, epochs 1..w: new head at 100%; new_task (the faces' CE)
+    #   stage 2, epochs w+1..end: new head at 100%, backbone + old head at --lwf-lr; lwf_loss (joint_loss)
+    # BatchNorm statistics stay frozen; stage 2 starts from stage 1's weights and continues run's history.
     opt, sched = optimiser(net, trained("warm-up", net, args), lr, args, w * steps)
     fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)  # epochs 0..w, into run's history
     if method == "lwf":
         loss_fn, data = lwf_loss(original, args.lwf_T, lambda_o), train
     else:
-        loss_fn = joint_loss  # CE on faces + CE on a CIFAR-10 batch, each through its own head
+        loss_fn = joint_loss  # CE on faces + CE on a CIFAR-10 batch, each by its head
         data = JointBatches(train, Batches(*cifar["train"], batch_size=args.batch, shuffle=True, augment=True, gen=gen))
     opt, sched = optimiser(net, trained(method, net, args), lr, args, (args.epochs - w) * steps)
-    return fit(net, loss_fn, opt, sched, data, evals, range(w + 1, args.epochs + 1), run)  # all of it, epochs 0..end
+    return fit(net, loss_fn, opt, sched, data, evals, range(w + 1, args.epochs + 1), run)  # epochs 0..end
 
 
 def run_dir(args, key, i=0):
