@@ -1,8 +1,8 @@
 # Knowledge distillation (Q1) and continual learning (Q2), end to end.
 #   make all       everything the assignment asks for, into out/ (a GPU box; downloads CIFAR-10,
 #                  ImageNet weights and 100 DigiFace-1M identities on first use)
-#   make demo      the same pipeline offline on synthetic data, CPU, under 2 min on 2 cores, into out/demo/
-#   make test      the test suite (CPU, no network), about 5 min on 2 cores (+1-2 min to make .venv)
+#   make demo      the same pipeline offline on synthetic data, CPU, 2-3 min on 2 cores, into out/demo/
+#   make test      the test suite (CPU, no network), 5-6 min on 2 cores (+1-2 min to make .venv)
 #   make mutants   mutation testing of common.py's training path (dev only: installs mutmut), MUTANTS= to choose
 #   make report    the hand-in: out/report.pdf (and .typ, .json) from whatever has run; AUTHOR= STUDENT_ID=
 #   make plan      what make all will run on this card: precision, lock-step groups, memory, disk, time
