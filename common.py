@@ -650,10 +650,10 @@ def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test"), hei
     """Loss and accuracy of each split of `acc_splits` (those the histories hold) against epoch from epoch 0 (before
     training), side by side, a row per (title, [the history of each seed]): the mean of the seeds with a band of +- one
     standard deviation; a loss spanning more than 10x on a log scale; one legend under the figure; `stage`: the last
-    epoch of a first stage, marked by a dotted line (a list: one per row, None for none). Writes path.png (and with
-    `svg`, path.svg)."""
+    epoch of a first stage, marked by a dotted line, one per row (None: no line). Writes path.png (and with `svg`,
+    path.svg)."""
     fig, axes = pyplot().subplots(len(rows), 2, figsize=(6.6, height * len(rows) + 0.45), squeeze=False, sharex=True)
-    for (title, hs), (a, b), stage in zip(rows, axes, stage if isinstance(stage, list) else [stage] * len(rows)):
+    for (title, hs), (a, b), stage in zip(rows, axes, stage or [None] * len(rows)):
         epochs = [r["epoch"] for r in hs[0]]
         for i, split in enumerate(acc_splits):
             for ax, key in ((a, f"{split}_loss"), (b, f"{split}_acc")):

@@ -172,7 +172,7 @@ def run_method(key, method, lambda_o, i, teacher, cifar, faces, before, args, lr
     history = train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, gen)
     M.write_json(os.path.join(folder, "split.json"), {"subjects": faces["subjects"], **faces["files"]})
     plot_curves([(f"{METHODS[method]}, seed {args.seed + i}: ", [history])], os.path.join(folder, "curves"), "cross-entropy",
-                ("train", "test", "old_train", "old_test"), stage=args.lwf_warmup if method in ("lwf", "joint") else None)
+                ("train", "test", "old_train", "old_test"), stage=[args.lwf_warmup if method in ("lwf", "joint") else None])
     last = history[-1]  # the last epoch, measured on every image of each set
     M.finish(folder, net, {"old_train_acc": last["old_train_acc"], "old_test_acc": last["old_test_acc"],
                            "new_train_acc": last["train_acc"], "new_test_acc": last["test_acc"],
