@@ -5,7 +5,6 @@ report.typ reads), OUT/report.typ (a copy to edit: once edited, make report leav
 writes report.new.typ, .json and .pdf), OUT/report.pdf (typst, offline), OUT/tables/ and OUT/figures/.
 """
 import ast
-import hashlib
 import inspect
 import itertools
 import json
@@ -154,8 +153,7 @@ def data_words(teacher):
     r = teacher["result"]
     sizes = f"{r.get('train_images', 50000):,} training and {r.get('test_images', 10000):,} test images"
     return {"official": f"CIFAR-10: {sizes}", "other": f"CIFAR-10 images, not the official files: {sizes}",
-            "synthetic": f"a synthetic substitute for CIFAR-10 (not the real images): {sizes}"
-            }[r.get("cifar10_source", "official")]
+            "synthetic": f"a synthetic substitute for CIFAR-10 (not the real images): {sizes}"}[r.get("cifar10_source", "official")]
 
 
 def teacher_part(g):
@@ -202,23 +200,28 @@ SHORT = {"Student Network (λ = 0)": "λ = 0", "Student Network (λ = 1)": "λ =
 
 
 def student_figures(g):
-    """Every student on shared axes: (a) loss (training dashed), (b) test accuracy; then test (a) CE, (b) agreement."""
+    """Every student on shared axes: (a) loss, (b) test accuracy; then test (a) CE, (b) agreement, (c) accuracy − λ = 0's."""
     runs = {label: [r["history"] for r in v] for label, v in g["students"].items() if v}
     fidelity = all("test_agree" in r for hs in runs.values() for h in hs for r in h)
+    base = accs(g["students"][q1b.TABLE[0][0]]) and runs[q1b.TABLE[0][0]]  # λ = 0, when any of its seeds trained
     for name, panels in (("kd_students", [("(a) loss: λT²KL + (1−λ)CE", ("train_loss", "test_loss")),
                                           ("(b) test accuracy (%)", ("test_acc",))]),
-                         ("kd_fidelity", [("(a) test cross-entropy with the labels", ("test_ce",)),
-                                          ("(b) agreement with the teacher (%)", ("test_agree",))]))[:1 + fidelity]:
-        fig, axes = common.pyplot().subplots(1, 2, figsize=(6.6, 2.45), sharex=True)
+                         ("kd_fidelity", [("(a) cross-entropy with the labels", ("test_ce",)),
+                                          ("(b) agreement with the teacher (%)", ("test_agree",))]
+                          + [("(c) accuracy − λ = 0's (points)", ("test_acc",))] * bool(base)))[:1 + fidelity]:
+        fig, axes = common.pyplot().subplots(1, len(panels), figsize=(6.6, 2.45), sharex=True)
         for ax, (title, keys) in zip(axes, panels):
             for i, (label, hs) in enumerate(runs.items()):
                 for key in keys:
                     if all(key in r for h in hs for r in h):
-                        common.band(ax, [r["epoch"] for r in hs[0]], [[r[key] for r in h] for h in hs],
-                                    SHORT[label] if key == keys[-1] else "_", color=f"C{i}",
+                        ys = [[r[key] for r in h] for h in hs]
+                        if title.startswith("(c)"):  # seed j against λ = 0's seed j: same initial weights, same data
+                            ys = [[v - r[key] for v, r in zip(y, base[j % len(base)])] for j, y in enumerate(ys)]
+                        common.band(ax, [r["epoch"] for r in hs[0]], ys, SHORT[label] if key == keys[-1] else "_", color=f"C{i}",
                                     ls="--" if key == "train_loss" else "-", seeds=False)
             vals = [r[k] for hs in runs.values() for h in hs for r in h for k in keys if r.get(k) is not None]
-            ax.set(title=title, xlabel="epoch", yscale="log" if vals and 0 < min(vals) < max(vals) / 10 else "linear")
+            ax.set(title=title, xlabel="epoch", yscale="log" if vals and 0 < min(vals) < max(vals) / 10 and "(c)" not in title
+                   else "linear")
             common.integer_epochs(ax)
         fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=5, frameon=False)
         common.save(fig, os.path.join(g["out"], "figures", name))
@@ -301,8 +304,7 @@ def sweep_part(g):
         "; in bold the best cell and every cell within noise of it.", ["T \\ λ"] + [f"{lam:g}" for lam in grid["lam"]],
         rows, bold=[(grid["T"].index(T), 1 + grid["lam"].index(lam)) for T, lam in near],
         csv_rows=(["T", "lam", "seed", "test_acc", "diverged"], [[T, lam, r["result"]["seed"], r["result"]["test_acc"],
-                                                                  r["result"].get("diverged", "")]
-                                                                 for (T, lam), v in sweep["cells"].items() for r in v])),
+                  r["result"].get("diverged", "")] for (T, lam), v in sweep["cells"].items() for r in v])),
         "cells": len(ok), "n_T": len(grid["T"]), "n_lam": len(grid["lam"]), "diverged": len(sweep["cells"]) - len(ok),
         "Ts": ", ".join(f"{x:g}" for x in grid["T"]), "lams": ", ".join(f"{x:g}" for x in grid["lam"]),
         "best": best and {"T": f"{best[0]:g}", "lam": f"{best[1]:g}", "acc": mean_sd(ok[best]), "near": len(near) - 1,
@@ -325,20 +327,19 @@ def q2_part(g):
         per_seed += [[label, r["result"]["seed"], *(r["result"][k] for k in RESULT_KEYS)] for r in methods[m]]
     before, ft, sweep, tcfg = ref[0]["result"], methods["ft"] and methods["ft"][0]["config"], g["lwf_sweep"], g[
         "teacher"]["config"]
-    q2_figures(g)
+    alike = q2_figures(g)  # every method measured alike: each head's own loss, both tasks, every epoch
     old_n = g["teacher"]["result"].get("train_images", 50000)
     faces = ref[0]["result"].get("faces_source") or ("DigiFace-1M" if cfg["faces"] == q2.M.DIGIFACE_URL
                                                      or cfg["faces"].endswith(".zip") else "a face image folder")
     return setup_words(cfg, ref, cfg["subjects"] * cfg["train_per_subject"]) | {
-        "old": data_words(g["teacher"]), "pretrained": bool(tcfg.get("pretrained", 1)),
+        "old": data_words(g["teacher"]), "pretrained": bool(tcfg.get("pretrained", 1)), "alike": alike,
         "faces": {"synthetic": "synthetic faces (class patterns plus noise, written by the project)",
                   "DigiFace-1M": "DigiFace-1M (synthetic faces rendered by computer graphics, Bae et al. 2023)"}.get(
                       faces, "the face images given for the run"), "synthetic_faces": faces != "a face image folder",
-        "lr_teacher": tcfg["lr"], "lr_from_teacher": cfg["lr"] == tcfg["lr"],
+        "lr_teacher": tcfg["lr"], "lr_from_teacher": cfg["lr"] == tcfg["lr"], "old_eval_n": f"{min(common.EVAL_IMAGES, old_n):,}",
         "subjects": cfg["subjects"], "test_per": cfg["per_subject"] - cfg["train_per_subject"],
         "train_n": f"{cfg['subjects'] * cfg['train_per_subject']:,}", "old_train_n": f"{old_n:,}",
         "test_n": f"{cfg['subjects'] * (cfg['per_subject'] - cfg['train_per_subject']):,}",
-        "old_eval_n": f"{min(common.EVAL_IMAGES, old_n):,}",
         "runs": {m: bool(r) for m, r in methods.items()}, "lwf": methods["lwf"] and methods["lwf"][0]["config"],
         "ft_all_lr": methods["ft-all"] and methods["ft-all"][0]["config"]["ft_all_lr"], "q": q2_facts(g),
         "cfg_joint_w": methods["joint"] and methods["joint"][0]["config"]["lwf_warmup"],
@@ -448,7 +449,7 @@ def q2_facts(g):
     p_old, p_new = (stats([v for m in runs for v in fn(m)])[0] for fn in (old, new))
     f = {"noise": noise(n, n_test, p_old), "noise_new": noise(n, faces_test, p_new), "before": pct(before),
          "acc": {str(m): {"old": mean_sd(old(m)), "new": mean_sd(new(m))} for m in runs}}
-    rows, cmp = [], {}
+    rows, cmp, drops = [], {}, {}
     for a, b in (("ft", "fe"), ("lwf", "ft"), ("lwf", 0.0), ("lwf", "ft-all"), ("joint", "lwf"), ("ft-all", "ft")):
         if a in runs and b in runs:
             co, cn = compare(old(a), old(b), n_test), compare(new(a), new(b), faces_test)
@@ -456,7 +457,6 @@ def q2_facts(g):
             rows += [row(what, co, "old"), row("", cn, "new")]
             cmp[f"{a}/{b}"] = {"old": co["v"], "new": cn["v"], "old_d": f"{abs(co['d']):.1f}", "new_d": f"{abs(cn['d']):.1f}",
                                 "a": WORDS[a], "b": WORDS[b]}
-    drops = {}
     for m in [k for k in ("ft", "lwf", 0.0, "joint", "ft-all") if k in runs]:
         c = compare(old(m), [before], n_test)
         rows += [row(f"{WORDS[m]} − the teacher before any change", c, "old")]
@@ -464,8 +464,7 @@ def q2_facts(g):
         first = [at(r, w + 1)["old_test_acc"] for r in runs[m] if at(r, w + 1)]
         drop = before - stats(old(m))[0]
         drops[str(m)] = {"v": c["v"], "drop": f"{drop:.1f}", "first": f"{before - stats(first)[0]:.1f}" if first else None,
-                         "mostly_first": bool(first) and drop > 0 and before - stats(first)[0] > drop / 2,
-                         "epoch": w + 1}
+                         "mostly_first": bool(first) and drop > 0 and before - stats(first)[0] > drop / 2, "epoch": w + 1}
     f |= {"cmp": cmp, "forgets": drops, "table": table(
         "continual_compare", f"Continual learning: the comparisons, test accuracy (%) on each task (old: {g['cifar']}, "
         "new: faces); a difference within two standard errors is within noise.", ["Comparison", "Task", "Difference", "Two standard errors", "Verdict"],
@@ -535,6 +534,7 @@ def q2_figures(g):
     common.integer_epochs(a)
     fig.legend(*a.get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
     common.save(fig, os.path.join(g["out"], "figures", "q2_forgetting"))
+    return all("old_test_loss" in e for runs in methods.values() for r in runs for e in r["history"])
 
 
 # ----------------------------------------------------------------------------- listings, provenance
@@ -630,7 +630,7 @@ def main(argv=None):
         print(f"{out}/report.typ was edited since make report wrote it: kept as it is, with the report.json it reads; "
               f"the new report is {typ}")
     write_text(os.path.join(out, data), json.dumps(d, indent=1, ensure_ascii=False))
-    write_text(typ, HEADER.format(hashlib.sha256(body.encode()).hexdigest()) + body)
+    write_text(typ, HEADER.format(file_sha256(os.path.join(HERE, "report.typ"))) + body)
     pdf = typ[:-len(".typ")] + ".pdf"
     why = compile_pdf(typ, pdf, out, data)
     todo = [k for k in ("teacher", "kd", "sweep", "q2") if d[k] is None]

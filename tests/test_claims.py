@@ -16,7 +16,8 @@ from conftest import ROOT
 
 TYP = open(os.path.join(ROOT, "report.typ"), encoding="utf-8").read()
 Q1_BLOCK = TYP[TYP.index("#if k.q != none"):TYP.index("=== (5) Bonus")]
-Q2_BLOCK = TYP[TYP.index("#let f = q.q"):TYP.index("= References")]
+Q2_BLOCK = TYP[TYP.index("#let f = q.q"):TYP.index("\n= References")]
+assert Q1_BLOCK and Q2_BLOCK, "report.typ's discussions not found"
 LABELS = [label for label, _, _ in q1b.TABLE]
 acc = st.floats(min_value=5.0, max_value=99.0, allow_nan=False).map(lambda x: round(x, 2))
 
@@ -155,6 +156,8 @@ def test_every_value_a_fact_takes_is_one_report_typ_words():
         handled = set(re.findall(rf'{key} == "(\w+)"', Q1_BLOCK))
         assert values <= handled, (key, values - handled)
     assert {"up", "none", "down", "mixed"} <= set(re.findall(r'fidelity\.effect == "(\w+)"', Q1_BLOCK))
+    assert {"fe.new > 0", "fe.new < 0", 'cmp("ft/fe").new == 0'} <= set(re.findall(r'(?:fe|cmp\("ft/fe"\))\.new [<>=]=? 0',
+                                                                             Q2_BLOCK))  # fine-tuning on faces
     for key in ("lam1", "vs_teacher"):  # verdicts: each of the three has its sentence
         assert {f"q.{key} < 0", f"q.{key} == 0", f"q.{key} > 0"} <= set(re.findall(rf"q\.{key} [<>=]=? 0", Q1_BLOCK))
 

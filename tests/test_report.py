@@ -201,6 +201,7 @@ def test_the_report_of_a_full_gpu_like_run_says_what_its_numbers_show(tmp_path):
     d = report.report_data(report.gather(str(tmp_path)), "", "")
     assert d["intro"]["task"] == "100-subject" and d["q2"]["subjects"] == 100 and d["q2"]["test_per"] == 10
     assert d["intro"]["source"] == "official" and d["intro"]["pretrained"]  # nothing to warn of
+    assert d["q2"]["alike"]  # every method's history holds each head's loss on its own task
 
 
 def test_the_report_of_the_real_image_run_in_docs(tmp_path):
@@ -219,6 +220,7 @@ def test_the_report_of_the_real_image_run_in_docs(tmp_path):
     assert q1["kd_effect"] == "none" and q1["gap"]["effect"] == "none"
     assert d["intro"]["task"] == "10-subject" and d["q2"]["subjects"] == 10 and "100-subject" not in text
     assert d["q2"]["synthetic_faces"] and not d["q2"]["lr_from_teacher"]  # Q2's rate was set for the run: 0.01
+    assert not d["q2"]["alike"]  # its histories predate the old task's loss per epoch: the captions say what they hold
 
 
 EXPECT = {  # what the report must find in each invented regime (fakes.REGIMES)
