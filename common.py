@@ -221,15 +221,15 @@ def teacher_resnet18(num_classes=10, pretrained=True):
     model = torchvision.models.resnet18()
     if pretrained:
         model.load_state_dict(M.imagenet_weights())
-    model.conv1.stride = (1, 1)  # conv1: stride 2 -> 1 (32x32 out, not 16x16)
-    model.maxpool.stride = 1  # the max-pool: 2 -> 1 (32x32, not 8x8)
-    model.layer4[0].conv1.stride = (1, 1)  # conv5_1's first 3x3 conv: 2 -> 1 (8x8; 4x4 with the two above alone)
+    model.conv1.stride = (1, 1)  # conv1: stride 2 -> 1 (its output 32x32; 16x16 in the original)
+    model.maxpool.stride = 1  # the max-pool: 2 -> 1 (32x32; 8x8 in the original)
+    model.layer4[0].conv1.stride = (1, 1)  # conv5_1's first 3x3 conv: 2 -> 1 (conv5_x's output 8x8, not 4x4)
     model.layer4[0].downsample[0].stride = (1, 1)  # and its 1x1 shortcut with it
     model.fc = Float32Linear(512, num_classes)
     return model
 
 
-def paper_name(module):
+def paper_name(module):  # paper_name, _outputs, stride_changes: the table of what changed (q1a prints it)
     """ResNet-paper name of a torchvision resnet18 module path (conv1, conv2_x, conv5_1, ...)."""
     if module in ("conv1", "bn1"):
         return "conv1"
@@ -315,9 +315,10 @@ def load_teacher(path, device=None):
 
 class StudentCNN(nn.Module):
     """The assignment's student: conv 5x5/32, 3x3/64, 3x3/128 (stride 1, pad 1, ReLU), each followed by
-    a 2x2 max-pool with stride 1, then FC 500 (ReLU) and FC 10. The stride-1 pools keep 27x27x128 =
-    93,312 features, so the first FC holds 46.7M of the 46,756,294 weights. Options carried over from
-    the teacher: BatchNorm after each conv, dropout before the last FC."""
+    a 2x2 max-pool with stride 1, then FC 500 (ReLU) and FC 10 (the softmax is in the loss). Sizes:
+    32 -conv5-> 30 -pool-> 29 -conv3-> 29 -pool-> 28 -conv3-> 28 -pool-> 27, so 27x27x128 = 93,312 features,
+    and the first FC holds 46.7M of the 46,756,294 weights. Options carried over from the teacher: BatchNorm
+    after each conv (on as q1b_kd.py trains it: --bn 1), dropout before the last FC (off: --dropout 0)."""
 
     def __init__(self, bn=False, dropout=0.0):
         super().__init__()
@@ -331,7 +332,7 @@ class StudentCNN(nn.Module):
                                         nn.Dropout(dropout), Float32Linear(500, 10))
 
     def forward(self, x):
-        # flattened in (h, w, c) order: the same 93,312 features, read in the order they lie in memory
+        # flattened in (h, w, c) order, the order they lie in memory: the same 93,312 features (speed only)
         return self.classifier(self.features(x).permute(0, 2, 3, 1).flatten(1))
 
 

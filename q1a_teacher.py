@@ -1,5 +1,7 @@
 """Q1 part A: the teacher. torchvision's ImageNet ResNet18, strides changed for 32x32 CIFAR-10 input
-(last feature map 8x8x512), a new 10-way fc, all layers fine-tuned.
+(last feature map 8x8x512), a new 10-way fc, all layers fine-tuned. What changed (common.teacher_resnet18):
+conv1 stride 2 -> 1, the max-pool 2 -> 1, conv5_1's first 3x3 conv and its 1x1 shortcut 2 -> 1; kernels and
+paddings as they were. Outputs: conv1 32x32, conv2_x 32x32, conv3_x 16x16, conv4_x 8x8, conv5_x 8x8x512.
 
 The assignment's items, and what answers each:
   the 8x8x512 feature map, "detail what you have changed"   common.teacher_resnet18, common.stride_changes

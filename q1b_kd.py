@@ -83,17 +83,19 @@ def group_dir(args, specs):
 
 
 def distill_loss(teacher, specs):
-    """The KD loss of a lock-step group of students, `specs` = [(T, lam) of each]. One training batch x holds each
-    seed's own augmented batch, one after another (SeedBatches); the teacher runs once on all of x, in eval mode
-    without gradients; student k runs on its seed's part only (Students.part) and gets kd_loss at its own T and lam
-    on that part. M.Step then backpropagates the students' summed losses (they share no weight, so each gets its
-    own gradient), clips each student's gradient norm to --clip and takes the SGD step: per student exactly what
-    common.kd_step does for one (tests/test_step.py). In evaluation the batch brings the teacher's logits t cached,
-    every student sees all of it, and the loss also returns each student's fidelity to the teacher."""
+    """The KD loss of a lock-step group of students, `specs` = [(T, lam) of each]. For one training batch:
+      1. x holds each seed's own augmented batch, one after another (SeedBatches);
+      2. t = teacher(x): once for all students, in eval mode, without gradients (below);
+      3. student k runs on its seed's part of x only (Students.part), and loss_k = kd_loss at its own T and lam;
+      4. then (fit -> train_epoch -> M.Step) the summed losses go backward, each student getting its own gradient
+         (they share no weight), each student's gradient norm is clipped to --clip, and SGD takes one step:
+    per student what common.kd_step does plainly for one (tests/test_step.py holds the two equal). In evaluation
+    the batch brings t, the teacher's logits computed once in main on the un-augmented images; every student sees
+    all of it, and the loss also returns each student's fidelity to the teacher."""
     teacher.eval()  # BatchNorm on its running statistics: the teacher of part A as it was trained
 
     def loss(students, x, y, t=None):
-        if t is None:  # not cached: the teacher's pass; none when every lam is 0 (no soft term to feed)
+        if t is None:  # training: the teacher's pass on this very batch; none when every lam is 0 (no soft term)
             with torch.no_grad():
                 t = teacher(x) if any(lam for _, lam in specs) else torch.zeros(len(x), 10, device=x.device)
         s = students(x)  # (students, batch, 10); in training, student k sees only students.part(x, k): its seed's images

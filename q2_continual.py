@@ -74,15 +74,15 @@ def parse(argv=None):
 # ----------------------------------------------------------------------------- the methods
 
 def trained(method, net, args):
-    """What `method` trains, {what: (parameters, lr in % of the original)}; every other weight stays frozen, and its
-    BatchNorm statistics with it (ContinualNet). "warm-up": LwF's and joint training's first stage; "lwf", "joint": their
-    second."""
+    """What `method` trains, {what: (parameters, lr in % of the original)}; all else is frozen, BatchNorm statistics
+    too (ContinualNet). "warm-up": the first stage of LwF and joint training; "lwf", "joint": their second."""
     head = {"new head": (list(net.new.parameters()), 100.0)}
     if method in ("fe", "warm-up"):  # Q2 (1), and the warm-up: the new head alone
         return head
     if method == "ft":  # Q2 (2): the chosen layers, each at its own rate (default: conv5_x at 10%). Why conv5_x: the
         # last stage holds the most task-specific features of the old task (Yosinski et al. 2014), the first to need
-        # changing for faces; a tenth of the rate lets it move slowly while the fresh head learns at 100%
+        # changing for faces, and keeping the earlier stages leaves fewer of the weights the old task uses to move; a
+        # tenth of the rate moves it slowly (less forgetting) while the fresh head learns at 100%
         return head | {layer: (layer_parameters(net.backbone, layer), rate) for layer, rate in args.layers}
     if method == "ft-all":  # reference: every layer of the backbone, on faces only
         return head | {"backbone": (list(net.backbone.parameters()), args.ft_all_lr)}
@@ -113,23 +113,24 @@ def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, g
     if method in ("fe", "ft", "ft-all"):  # one stage: what trained() names, on the new task's loss alone
         opt, sched = optimiser(net, trained(method, net, args), lr, args, args.epochs * steps)
         return fit(net, new_task, opt, sched, train, evals, args.epochs, run)
-    # LwF (Li & Hoiem) and joint training: two stages, each a fresh SGD (no momentum kept) and cosine.
+    # LwF (Li & Hoiem) and joint training: two stages, each a fresh SGD (no momentum kept) and cosine, BatchNorm
+    # statistics frozen; stage 2 starts from stage 1's weights and continues run's history.
     #   stage 1, warm-up, epochs 1..w: new head at 100%; new_task (the faces' CE)
-    #   stage 2, epochs w+1..end: new head at 100%, backbone + old head at --lwf-lr; lwf_loss (joint_loss)
-    # BatchNorm statistics stay frozen; stage 2 starts from stage 1's weights and continues run's history.
+    #   stage 2, epochs w+1..end: new head at 100%, backbone + old head at --lwf-lr; lwf_loss: the faces' CE +
+    #     lambda_o CE_T(y_o, old head), y_o the frozen original's old head on the same augmented batch (online: Li &
+    #     Hoiem record it once, before training, for un-augmented images); joint_loss: + CE on a CIFAR-10 batch
     opt, sched = optimiser(net, trained("warm-up", net, args), lr, args, w * steps)
     fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)  # epochs 0..w, into run's history
     if method == "lwf":
         loss_fn, data = lwf_loss(original, args.lwf_T, lambda_o), train
     else:
-        loss_fn = joint_loss  # CE on faces + CE on a CIFAR-10 batch, each by its head
-        data = JointBatches(train, Batches(*cifar["train"], batch_size=args.batch, shuffle=True, augment=True, gen=gen))
+        loss_fn, data = joint_loss, JointBatches(train, Batches(*cifar["train"], batch_size=args.batch, shuffle=True,
+                                                                augment=True, gen=gen))
     opt, sched = optimiser(net, trained(method, net, args), lr, args, (args.epochs - w) * steps)
     return fit(net, loss_fn, opt, sched, data, evals, range(w + 1, args.epochs + 1), run)  # epochs 0..end
 
 
-def run_dir(args, key, i=0):
-    """out/continual/<key>/ for the first seed, <key>_seed<i>/ for seed i."""
+def run_dir(args, key, i=0):  # out/continual/<key>/ for the first seed, <key>_seed<i>/ for seed i
     return os.path.join(args.out, "continual", key + (f"_seed{i}" if i else ""))
 
 
@@ -147,8 +148,7 @@ def method_config(method, args, lr, i=0, lambda_o=None):
     cfg = {k: getattr(args, k) for k in keys} | {"method": method, "lr": lr, "faces": args.faces or args.faces_url,
                                                  "seed": args.seed + i, "split_seed": args.seed,
                                                  "teacher_sha256": args.teacher_sha256}
-    if method != "fe":
-        cfg["adapt_bn"] = args.adapt_bn
+    cfg |= {"adapt_bn": args.adapt_bn} if method != "fe" else {}
     if method == "ft":
         cfg["ft_layers"] = [list(x) for x in args.layers]
     if method in ("lwf", "joint"):
