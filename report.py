@@ -99,13 +99,12 @@ def two_se(p, n):
 
 def compare(a, b, n=None, bound=None):
     """a against b (per-seed values; a single value is a fixed reference whose spread is not part of the error):
-    {'d': the difference of means, 'e': two standard errors of it: of the seeds, or from one value each `bound`, or
-    the binomial noise of two accuracies near their mean on n test images; 'v': +1 or -1 when |d| is at least e, 0
-    (within noise) when under it or when nothing measures e}."""
+    {'d': the difference of means, 'e': two standard errors of it, one yardstick for all: the seeds' spread and the
+    test set's sampling noise (`bound`, or the binomial noise of two accuracies near their mean on n images) added in
+    quadrature; 'v': +1 or -1 when |d| is at least e, 0 (within noise) when under it or when nothing measures e}."""
     (ma, sa, na), (mb, sb, nb) = stats(a), stats(b)
-    e = 2 * math.sqrt((sa or 0) ** 2 / na + (sb or 0) ** 2 / nb) if sa is not None or sb is not None else None
-    if not e:  # one seed each, or seeds that agree to the digit: the test set's own noise
-        e = bound if bound is not None else two_se((ma + mb) / 2, n) if n else e
+    test = bound if bound is not None else two_se((ma + mb) / 2, n) if n else 0.0
+    e = math.sqrt(4 * ((sa or 0) ** 2 / na + (sb or 0) ** 2 / nb) + test ** 2) or None
     d = ma - mb
     return {"d": d, "e": e, "v": 0 if e is None or abs(d) < e or d == 0 else (1 if d > 0 else -1)}
 
@@ -426,6 +425,7 @@ def q1_facts(g):
         f["fidelity"] = {"effect": effect([c["v"] for c in vs]), "base": mean_sd(agree[base]),
                          "kd": joined(mean_sd(agree[k]) for k in kd), "lam1": lam1 in agree and mean_sd(agree[lam1]),
                          "kl_base": f"{stats(accs(students[base], 'test_kl'))[0]:.3f}",
+                         "lam1_v": compare(agree[lam1], agree[base], n_test)["v"] if agree.get(lam1) else 0,
                          "kl_kd": joined(f"{stats(accs(students[k], 'test_kl'))[0]:.3f}" for k in kd)}
     hs = [r["history"] for k in acc for r in students[k] if "diverged" not in r["result"]]
     f |= {"still_rising": all(len(h) > 2 and h[-1]["test_acc"] > h[-2]["test_acc"] for h in hs),
@@ -450,7 +450,7 @@ def q2_facts(g):
     f = {"noise": noise(n, n_test, p_old), "noise_new": noise(n, faces_test, p_new), "before": pct(before),
          "acc": {str(m): {"old": mean_sd(old(m)), "new": mean_sd(new(m))} for m in runs}}
     rows, cmp, drops = [], {}, {}
-    for a, b in (("ft", "fe"), ("lwf", "ft"), ("lwf", 0.0), ("lwf", "ft-all"), ("joint", "lwf"), ("ft-all", "ft")):
+    for a, b in (("ft", "fe"), ("lwf", "ft"), ("lwf", 0.0), ("lwf", "ft-all"), (0.0, "ft-all"), ("joint", "lwf"), ("ft-all", "ft")):
         if a in runs and b in runs:
             co, cn = compare(old(a), old(b), n_test), compare(new(a), new(b), faces_test)
             what = f"{WORDS[a]} − {WORDS[b]}"
@@ -474,12 +474,12 @@ def q2_facts(g):
     if "lwf" in runs:
         w = runs["lwf"][0]["config"]["lwf_warmup"]
         ends = [at(r, w)["test_acc"] for r in runs["lwf"] if at(r, w)]
-        f["warm"] = {"w": w, "new": mean_sd(ends) if ends else None, "chance": f"{100 / cfg['subjects']:g}"}
+        f["warm"] = {"w": w, "new": mean_sd(ends) if ends else None, "chance": f"{100 / cfg['subjects']:g}",
+                     "at_chance": bool(ends) and compare(ends, [100 / cfg["subjects"]], faces_test)["v"] <= 0}
     if "ft-all" in runs:
         others = [m for m in ("ft", "lwf", "joint", 0.0) if m in runs]
         f["ftall_most"] = bool(others) and all(compare(old("ft-all"), old(m), n_test)["v"] < 0 for m in others)
         f["ftall_gap"] = f"{stats([r['result']['new_train_acc'] - r['result']['new_test_acc'] for r in runs['ft-all']])[0]:.1f}"
-        f["ftall_overfit"] = float(f["ftall_gap"]) > 10
     sweep = g["lwf_sweep"]
     if len(sweep) > 2:
         lo, hi = min(sweep), max(sweep)

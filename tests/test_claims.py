@@ -75,16 +75,13 @@ def rows(table):
 
 
 def independent(a, b, n_test):
-    """The difference of means and its two standard errors, computed here: seeds' variances, or with one seed each
-    the binomial noise of two accuracies near their mean on n_test images."""
+    """The difference of means and its two standard errors, computed here: the variance of each mean over its seeds
+    (none for a single value) plus the binomial variance of the difference of two accuracies near their mean on
+    n_test images."""
     ma, mb = sum(a) / len(a), sum(b) / len(b)
-    if len(a) > 1 or len(b) > 1:  # a single value is a fixed reference: no variance of its own
-        var = lambda v, m: sum((x - m) ** 2 for x in v) / (len(v) - 1) if len(v) > 1 else 0.0  # noqa: E731
-        e = 2 * math.sqrt(var(a, ma) / len(a) + var(b, mb) / len(b))
-    else:
-        p = (ma + mb) / 2 / 100
-        e = 2 * 100 * math.sqrt(2 * p * (1 - p) / n_test)
-    return ma - mb, e
+    var = lambda v, m: sum((x - m) ** 2 for x in v) / (len(v) - 1) if len(v) > 1 else 0.0  # noqa: E731
+    p = (ma + mb) / 2 / 100
+    return ma - mb, 2 * math.sqrt(var(a, ma) / len(a) + var(b, mb) / len(b) + 100 ** 2 * 2 * p * (1 - p) / n_test)
 
 
 def check_verdicts(table):
@@ -134,7 +131,7 @@ def test_q2_verdicts_and_the_summary_never_contradict_each_other(g):
     value = {"higher": 1, "lower": -1, "within noise": 0}
     for key, c in f["cmp"].items():
         a, b = key.split("/")
-        b = 0.0 if b == "0.0" else b
+        a, b = (0.0 if x == "0.0" else x for x in (a, b))
         name = f"{report.WORDS[a]} − {report.WORDS[b]}"
         assert c["old"] == value[table[f"{name} / old"]] and c["new"] == value[table[f"{name} / new"]]
     for m, drop in f["forgets"].items():
