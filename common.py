@@ -407,7 +407,9 @@ def cross_entropy(model, x, y, label_smoothing=0.0):
 
 
 def soft_targets(teacher_logits, T):
-    """The teacher's soft targets at temperature T: softmax(t/T) (Hinton et al. 2015; T = 1: its own output)."""
+    """The teacher's soft targets at temperature T: softmax(t/T) (Hinton et al. 2015; T = 1: its own output). Made
+    in kd_loss from t = teacher(x) of the very augmented batch (q1b_kd.distill_loss), or in evaluation from the
+    teacher's logits on the un-augmented images, computed once (q1b_kd.main)."""
     return F.softmax(teacher_logits.float() / T, dim=-1)
 
 

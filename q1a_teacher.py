@@ -4,7 +4,7 @@ conv1 stride 2 -> 1, the max-pool 2 -> 1, conv5_1's first 3x3 conv and its 1x1 s
 paddings as they were. Outputs: conv1 32x32, conv2_x 32x32, conv3_x 16x16, conv4_x 8x8, conv5_x 8x8x512.
 
 The assignment's items, and what answers each:
-  the 8x8x512 feature map, "detail what you have changed"   common.teacher_resnet18, common.stride_changes
+  the 8x8x512 feature map, "detail what you have changed"   common.teacher_resnet18 (stride_changes: its table)
   "change the softmax layer to 10 neurons"                   common.teacher_resnet18 (model.fc)
   "retrain softmax layer and finetune the rest"             main: every parameter in sgd(), fit()
   (1) the training setup                                     parse (the defaults), main (data, optimiser, schedule)
