@@ -5,6 +5,7 @@ report.typ reads), OUT/report.typ (a copy to edit: once edited, make report leav
 writes report.new.typ, .json and .pdf), OUT/report.pdf (typst, offline), OUT/tables/ and OUT/figures/.
 """
 import ast
+import hashlib
 import inspect
 import itertools
 import json
@@ -203,23 +204,23 @@ def student_figures(g):
     runs = {label: [r["history"] for r in v] for label, v in g["students"].items() if v}
     fidelity = all("test_agree" in r for hs in runs.values() for h in hs for r in h)
     base = accs(g["students"][q1b.TABLE[0][0]]) and runs[q1b.TABLE[0][0]]  # λ = 0, when any of its seeds trained
-    for name, panels in (("kd_students", [("(a) loss: λT²KL + (1−λ)CE", ("train_loss", "test_loss")),
-                                          ("(b) test accuracy (%)", ("test_acc",))]),
-                         ("kd_fidelity", [("(a) cross-entropy with the labels", ("test_ce",)),
-                                          ("(b) agreement with the teacher (%)", ("test_agree",))]
-                          + [("(c) accuracy − λ = 0's (points)", ("test_acc",))] * bool(base)))[:1 + fidelity]:
+    for name, panels in (("kd_students", [("(a) loss: λT²KL + (1−λ)CE", ("train_loss", "test_loss"), False),
+                                          ("(b) test accuracy (%)", ("test_acc",), False)]),
+                         ("kd_fidelity", [("(a) cross-entropy with the labels", ("test_ce",), False),
+                                          ("(b) agreement with the teacher (%)", ("test_agree",), False)]
+                          + [("(c) accuracy − λ = 0's (points)", ("test_acc",), True)] * bool(base)))[:1 + fidelity]:
         fig, axes = common.pyplot().subplots(1, len(panels), figsize=(6.6, 2.45), sharex=True)
-        for ax, (title, keys) in zip(axes, panels):
+        for ax, (title, keys, minus_base) in zip(axes, panels):
             for i, (label, hs) in enumerate(runs.items()):
                 for key in keys:
                     if all(key in r for h in hs for r in h):
                         ys = [[r[key] for r in h] for h in hs]
-                        if title.startswith("(c)"):  # seed j against λ = 0's seed j: same initial weights, same data
+                        if minus_base:  # seed j against λ = 0's seed j: same initial weights, same data
                             ys = [[v - r[key] for v, r in zip(y, base[j % len(base)])] for j, y in enumerate(ys)]
                         common.band(ax, [r["epoch"] for r in hs[0]], ys, SHORT[label] if key == keys[-1] else "_", color=f"C{i}",
                                     ls="--" if key == "train_loss" else "-", seeds=False)
             vals = [r[k] for hs in runs.values() for h in hs for r in h for k in keys if r.get(k) is not None]
-            ax.set(title=title, xlabel="epoch", yscale="log" if vals and 0 < min(vals) < max(vals) / 10 and "(c)" not in title
+            ax.set(title=title, xlabel="epoch", yscale="log" if vals and 0 < min(vals) < max(vals) / 10 and not minus_base
                    else "linear")
             common.integer_epochs(ax)
         fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=5, frameon=False)
@@ -324,14 +325,14 @@ def q2_part(g):
                          *(cells(methods[m], (f"{task}_train_acc", f"{task}_test_acc")) if methods[m]
                            else [f"not run yet (make {m})"] * 2)])
         per_seed += [[label, r["result"]["seed"], *(r["result"][k] for k in RESULT_KEYS)] for r in methods[m]]
-    before, ft, sweep, tcfg = ref[0]["result"], methods["ft"] and methods["ft"][0]["config"], g["lwf_sweep"], g[
-        "teacher"]["config"]
-    alike = q2_figures(g)  # every method measured alike: each head's own loss, both tasks, every epoch
+    before, ft, sweep, tcfg = ref[0]["result"], methods["ft"] and methods["ft"][0]["config"], g["lwf_sweep"], g["teacher"]["config"]
+    q2_figures(g)
     old_n = g["teacher"]["result"].get("train_images", 50000)
     faces = ref[0]["result"].get("faces_source") or ("DigiFace-1M" if cfg["faces"] == q2.M.DIGIFACE_URL
                                                      or cfg["faces"].endswith(".zip") else "a face image folder")
     return setup_words(cfg, ref, cfg["subjects"] * cfg["train_per_subject"]) | {
-        "old": data_words(g["teacher"]), "pretrained": bool(tcfg.get("pretrained", 1)), "alike": alike,
+        "old": data_words(g["teacher"]), "pretrained": bool(tcfg.get("pretrained", 1)),
+        "alike": all("old_test_loss" in e for runs in methods.values() for r in runs for e in r["history"]),  # each head's loss
         "faces": {"synthetic": "synthetic faces (class patterns plus noise, written by the project)",
                   "DigiFace-1M": "DigiFace-1M (synthetic faces rendered by computer graphics, Bae et al. 2023)"}.get(
                       faces, "the face images given for the run"), "synthetic_faces": faces != "a face image folder",
@@ -425,7 +426,7 @@ def q1_facts(g):
         f["fidelity"] = {"effect": effect([c["v"] for c in vs]), "base": mean_sd(agree[base]),
                          "kd": joined(mean_sd(agree[k]) for k in kd), "lam1": lam1 in agree and mean_sd(agree[lam1]),
                          "kl_base": f"{stats(accs(students[base], 'test_kl'))[0]:.3f}",
-                         "lam1_v": compare(agree[lam1], agree[base], n_test)["v"] if agree.get(lam1) else 0,
+                         "lam1_v": compare(agree[lam1], agree[base], n_test)["v"] if lam1 in agree else 0,
                          "kl_kd": joined(f"{stats(accs(students[k], 'test_kl'))[0]:.3f}" for k in kd)}
     hs = [r["history"] for k in acc for r in students[k] if "diverged" not in r["result"]]
     f |= {"still_rising": all(len(h) > 2 and h[-1]["test_acc"] > h[-2]["test_acc"] for h in hs),
@@ -534,7 +535,6 @@ def q2_figures(g):
     common.integer_epochs(a)
     fig.legend(*a.get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
     common.save(fig, os.path.join(g["out"], "figures", "q2_forgetting"))
-    return all("old_test_loss" in e for runs in methods.values() for r in runs for e in r["history"])
 
 
 # ----------------------------------------------------------------------------- listings, provenance
@@ -630,7 +630,7 @@ def main(argv=None):
         print(f"{out}/report.typ was edited since make report wrote it: kept as it is, with the report.json it reads; "
               f"the new report is {typ}")
     write_text(os.path.join(out, data), json.dumps(d, indent=1, ensure_ascii=False))
-    write_text(typ, HEADER.format(file_sha256(os.path.join(HERE, "report.typ"))) + body)
+    write_text(typ, HEADER.format(hashlib.sha256(body.encode()).hexdigest()) + body)
     pdf = typ[:-len(".typ")] + ".pdf"
     why = compile_pdf(typ, pdf, out, data)
     todo = [k for k in ("teacher", "kd", "sweep", "q2") if d[k] is None]

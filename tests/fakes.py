@@ -40,9 +40,8 @@ def history(epochs, acc, train=None, chance=10.0, extra=lambda e: {}):
     accuracy `acc` and training accuracy `train`, each loss falling with its accuracy (ce); the lr's cosine at 0
     after the last."""
     train = acc + 3 if train is None else train
-    ce = lambda a: globals()["ce"](a, chance)  # noqa: E731
-    return [{"epoch": e, "lr": 0.1 * (1 - e / epochs), "train_loss": ce(rise(chance, train, e, epochs)),
-             "test_loss": ce(rise(chance, acc, e, epochs)), "train_acc": rise(chance, train, e, epochs),
+    return [{"epoch": e, "lr": 0.1 * (1 - e / epochs), "train_loss": ce(rise(chance, train, e, epochs), chance),
+             "test_loss": ce(rise(chance, acc, e, epochs), chance), "train_acc": rise(chance, train, e, epochs),
              "test_acc": rise(chance, acc, e, epochs), **extra(e)} for e in range(epochs + 1)]
 
 
