@@ -9,7 +9,7 @@ with two references beyond the assignment: joint training (with the old data) an
 The assignment's items, and what answers each:
   the network: the teacher's backbone, its old head, a new one   common.ContinualNet
   (1) feature extraction: the new 100-way layer alone           trained("fe"), train_method
-  (2) fine-tuning chosen layers at x% of the rate (the table)   trained("ft"): the choice and why (--ft-layers)
+  (2) fine-tuning chosen layers at x% of the rate (the table)   FT_LAYERS: the choice and why; trained("ft")
   (3) LwF: its steps in point form, lr, T, lambda_o, L2          train_method (its two stages), common.lwf_loss
   (a), (b) loss and accuracy against epoch, every method        train_method: fit's history
   (4) the table: old and new task, training and test            run_method: result.json
@@ -31,6 +31,11 @@ from common import (Batches, ContinualNet, JointBatches, evaluate, fit, joint_lo
 
 METHODS = {"fe": "Feature Extraction", "ft": "Fine Tuning", "lwf": "LwF",  # the assignment's three, then references
            "joint": "Joint training (reference)", "ft-all": "Fine-tuning all layers (reference)"}
+# Q2 (2), the layers fine-tuned (ResNet-paper names; conv5_x is torchvision's layer4) at their lr, % of the original.
+# Why conv5_x: the last stage holds the old task's most specific features (Yosinski et al. 2014), the first to need
+# changing for faces; the earlier stages kept, fewer of the old task's weights move, and a tenth of the rate moves
+# them slowly (less forgetting) while the new FC head learns at 100% (the old FC head is the old task's own output)
+FT_LAYERS = "conv5_x:10"
 
 
 def parse(argv=None):
@@ -49,8 +54,8 @@ def parse(argv=None):
     p.add_argument("--per-subject", type=M.positive_int, default=50)
     p.add_argument("--train-per-subject", type=M.positive_int, default=40)
     p.add_argument("--face-size", type=M.positive_int, default=64, help="faces are resized to this square")
-    p.add_argument("--ft-layers", default="conv5_x:10", help="fine-tuned layers (ResNet-paper names: conv5_x is layer4) "
-                   "with their lr in %% of the original, e.g. 'conv5_x:10 conv4_2:1'; why the default: trained()")
+    p.add_argument("--ft-layers", default=FT_LAYERS, help="fine-tuned layers (ResNet-paper names: conv5_x is layer4) "
+                   "with their lr in %% of the original, e.g. 'conv5_x:10 conv4_2:1'; why the default: FT_LAYERS")
     p.add_argument("--ft-all-lr", type=M.positive, default=None,
                    help="ft-all: lr of every layer, %% of the original (default: FT_LAYERS' first rate)")
     p.add_argument("--lwf-lr", type=M.positive, default=10.0,
@@ -79,10 +84,7 @@ def trained(method, net, args):
     head = {"new head": (list(net.new.parameters()), 100.0)}
     if method in ("fe", "warm-up"):  # Q2 (1), and the warm-up: the new head alone
         return head
-    if method == "ft":  # Q2 (2): the chosen layers, each at its own rate (default: conv5_x at 10%). Why conv5_x: the
-        # last stage holds the most task-specific features of the old task (Yosinski et al. 2014), the first to need
-        # changing for faces, and keeping the earlier stages leaves fewer of the weights the old task uses to move; a
-        # tenth of the rate moves it slowly (less forgetting) while the fresh head learns at 100%
+    if method == "ft":  # Q2 (2): the chosen layers (--ft-layers, default FT_LAYERS: conv5_x at 10%), each at its rate
         return head | {layer: (layer_parameters(net.backbone, layer), rate) for layer, rate in args.layers}
     if method == "ft-all":  # reference: every layer of the backbone, on faces only
         return head | {"backbone": (list(net.backbone.parameters()), args.ft_all_lr)}
@@ -113,21 +115,20 @@ def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, g
     if method in ("fe", "ft", "ft-all"):  # one stage: what trained() names, on the new task's loss alone
         opt, sched = optimiser(net, trained(method, net, args), lr, args, args.epochs * steps)
         return fit(net, new_task, opt, sched, train, evals, args.epochs, run)
-    # LwF (Li & Hoiem) and joint training: two stages, each a fresh SGD (no momentum kept) and cosine, BatchNorm
-    # statistics frozen; stage 2 starts from stage 1's weights and continues run's history.
-    #   stage 1, warm-up, epochs 1..w: new head at 100%; new_task (the faces' CE)
-    #   stage 2, epochs w+1..end: new head at 100%, backbone + old head at --lwf-lr; lwf_loss: the faces' CE +
-    #     lambda_o CE_T(y_o, old head), y_o the frozen original's old head on the same augmented batch (online: Li &
-    #     Hoiem record it once, before training, for un-augmented images); joint_loss: + CE on a CIFAR-10 batch
+    # LwF (Li & Hoiem) and joint training: two stages, each a fresh SGD (no momentum kept) and cosine.
+    # Stage 1, the warm-up, epochs 1..w: the new head alone at 100%, on the faces' cross-entropy (new_task).
     opt, sched = optimiser(net, trained("warm-up", net, args), lr, args, w * steps)
-    fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)  # epochs 0..w, into run's history
+    fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)  # run's history: epochs 0..w
+    # Stage 2, epochs w+1..end, from stage 1's weights, continuing run's history: the new head at 100%, backbone and
+    # old head at --lwf-lr. LwF: the faces' CE + lambda_o CE_T(y_o, old head), y_o the frozen original's old head on
+    # the same augmented batch (Li & Hoiem record it once, before training); joint: the faces' CE + CIFAR-10's CE.
     if method == "lwf":
         loss_fn, data = lwf_loss(original, args.lwf_T, lambda_o), train
     else:
         loss_fn, data = joint_loss, JointBatches(train, Batches(*cifar["train"], batch_size=args.batch, shuffle=True,
                                                                 augment=True, gen=gen))
     opt, sched = optimiser(net, trained(method, net, args), lr, args, (args.epochs - w) * steps)
-    return fit(net, loss_fn, opt, sched, data, evals, range(w + 1, args.epochs + 1), run)  # epochs 0..end
+    return fit(net, loss_fn, opt, sched, data, evals, range(w + 1, args.epochs + 1), run)  # run's history: 0..end
 
 
 def run_dir(args, key, i=0):  # out/continual/<key>/ for the first seed, <key>_seed<i>/ for seed i
@@ -149,14 +150,12 @@ def method_config(method, args, lr, i=0, lambda_o=None):
                                                  "seed": args.seed + i, "split_seed": args.seed,
                                                  "teacher_sha256": args.teacher_sha256}
     cfg |= {"adapt_bn": args.adapt_bn} if method != "fe" else {}
-    if method == "ft":
-        cfg["ft_layers"] = [list(x) for x in args.layers]
+    cfg |= {"ft_layers": [list(x) for x in args.layers]} if method == "ft" else {}
     if method in ("lwf", "joint"):
         cfg |= {k: getattr(args, k) for k in ("lwf_lr", "lwf_warmup")}
     if method == "lwf":
         cfg |= {"lwf_T": args.lwf_T, "lwf_lambda": args.lwf_lambda if lambda_o is None else lambda_o}
-    if method == "ft-all":
-        cfg["ft_all_lr"] = args.ft_all_lr
+    cfg |= {"ft_all_lr": args.ft_all_lr} if method == "ft-all" else {}
     return cfg
 
 
@@ -177,8 +176,7 @@ def run_method(key, method, lambda_o, i, teacher, cifar, faces, before, args, lr
     M.finish(folder, net, {"old_train_acc": last["old_train_acc"], "old_test_acc": last["old_test_acc"],
                            "new_train_acc": last["train_acc"], "new_test_acc": last["test_acc"],
                            "old_train_acc_before": before[0], "old_test_acc_before": before[1],
-                           "faces_source": faces["source"],
-                           "seed": args.seed + i, "epochs": args.epochs, "device": str(device)})
+                           "faces_source": faces["source"], "seed": args.seed + i, "epochs": args.epochs, "device": str(device)})
 
 
 def main(argv=None):
@@ -187,8 +185,10 @@ def main(argv=None):
     args.seeds = args.seeds or (3 if device.type == "cuda" else 1)
     teacher_cfg = os.path.join(os.path.dirname(args.teacher), "config.json")
     lr = args.lr or (M.read_json(teacher_cfg)["lr"] if os.path.exists(teacher_cfg) else 0.1)
+    source = "--lr" if args.lr else "the teacher's" if os.path.exists(teacher_cfg) else "no config.json by the teacher"
     args.teacher_sha256 = M.file_sha256(args.teacher)  # a run belongs to the teacher it started from
-    print(f"== Q2: continual learning -> {os.path.join(args.out, 'continual')} on {device}, {args.precision}")
+    print(f"== Q2: continual learning -> {os.path.join(args.out, 'continual')} on {device}, {args.precision}, "
+          f"original lr {lr:g} ({source})")
     todo = [(key, m, v, i) for key, m, v in runs_asked(args) for i in range(args.seeds)
             if not M.finished(run_dir(args, key, i), method_config(m, args, lr, i, v))]
     if todo:

@@ -204,6 +204,8 @@ def student_figures(g):
     runs = {label: [r["history"] for r in v] for label, v in g["students"].items() if v}
     fidelity = all("test_agree" in r for hs in runs.values() for h in hs for r in h)
     base = accs(g["students"][q1b.TABLE[0][0]]) and runs[q1b.TABLE[0][0]]  # λ = 0, when any of its seeds trained
+    base_se = two_se(stats([v for r in g["students"].values() for v in accs(r)] or [50])[0],
+                     g["teacher"]["result"].get("test_images", 10000))
     for name, panels in (("kd_students", [("(a) loss: λT²KL + (1−λ)CE", ("train_loss", "test_loss"), False),
                                           ("(b) test accuracy (%)", ("test_acc",), False)]),
                          ("kd_fidelity", [("(a) cross-entropy with the labels", ("test_ce",), False),
@@ -223,6 +225,8 @@ def student_figures(g):
             ax.set(title=title, xlabel="epoch", yscale="log" if vals and 0 < min(vals) < max(vals) / 10 and not minus_base
                    else "linear")
             common.integer_epochs(ax)
+            if minus_base:  # the grey band: two standard errors of the test set's noise alone (the caption's yardstick)
+                ax.axhspan(-base_se, base_se, color="0.9", lw=0, zorder=0)
         fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=5, frameon=False)
         common.save(fig, os.path.join(g["out"], "figures", name))
     return fidelity
@@ -281,14 +285,10 @@ def soft_targets(g):
             "flatter": all(a >= b for a, b in zip(top, top[1:])) and all(a <= b for a, b in zip(ent, ent[1:]))}
 
 
-def best_cell(sweep):
-    ok = {k: accs(v) for k, v in sweep["cells"].items() if v and len(accs(v)) == len(v)}
-    return max(ok, key=lambda k: stats(ok[k])[0], default=None), ok
-
-
 def sweep_part(g):
     sweep, t = g["sweep"], g["teacher"]["result"]
-    grid, (best, ok) = sweep["grid"], best_cell(sweep)
+    grid, ok = sweep["grid"], {k: accs(v) for k, v in sweep["cells"].items() if v and len(accs(v)) == len(v)}
+    best = max(ok, key=lambda k: stats(ok[k])[0], default=None)
     n_test, epochs = t.get("test_images", 10000), next(r for v in sweep["cells"].values() for r in v)["result"]["epochs"]
     near = [k for k in ok if best and compare(ok[best], ok[k], n_test)["v"] == 0]
     rows = [[f"{T:g}"] + [(mean_sd(ok[T, lam]) if (T, lam) in ok else cells(sweep["cells"][T, lam], ["test_acc"])[0])
@@ -390,8 +390,8 @@ def q1_facts(g):
     rows.append(row(f"{SHORT[best]} (the best student) − teacher", c))
     f |= {"best": SHORT[best], "best_acc": mean_sd(acc[best]), "vs_teacher": c["v"], "below_teacher": f"{-c['d']:.1f}",
           "ratio": f"{STUDENT_PARAMS / TEACHER_PARAMS:.1f}", "fc1_share": f"{100 * 93312 * 500 / STUDENT_PARAMS:.1f}",
-          "epochs": students[best][0]["result"]["epochs"], "train_n": f"{n_train:,}",
-          "pretrained": bool(t["config"].get("pretrained", 1)), "teacher_epochs": t["config"]["epochs"]}
+          "sizes": [f"{n / 1e6:.1f}" for n in (STUDENT_PARAMS, TEACHER_PARAMS)], "train_n": f"{n_train:,}",
+          "epochs": students[best][0]["result"]["epochs"], "pretrained": bool(t["config"].get("pretrained", 1)), "teacher_epochs": t["config"]["epochs"]}
     if base in acc:
         f["base_acc"] = mean_sd(acc[base])
         vs = [compare(acc[k], acc[base], n_test) for k in kd]
@@ -431,7 +431,7 @@ def q1_facts(g):
     hs = [r["history"] for k in acc for r in students[k] if "diverged" not in r["result"]]
     f |= {"still_rising": all(len(h) > 2 and h[-1]["test_acc"] > h[-2]["test_acc"] for h in hs),
           "lr_zero": all(h[-1]["lr"] < 1e-9 for h in hs), "clip": students[best][0]["config"].get("clip", 0),
-          "lr": students[best][0]["config"]["lr"]}
+          "lr": students[best][0]["config"]["lr"], "ce_best": min(sum((accs(students[k], "test_ce") for k in acc), []) or [None])}
     f["table"] = table("kd_compare", "Knowledge distillation: the comparisons, test accuracy (%) unless named; "
                        "a difference within two standard errors is within noise.",
                        ["Comparison", "Difference", "Two standard errors", "Verdict"], rows, [2.6, 0, 0, 0])
