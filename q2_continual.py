@@ -115,7 +115,7 @@ def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, g
     if method in ("fe", "ft", "ft-all"):  # one stage: what trained() names, on the new task's loss alone
         opt, sched = optimiser(net, trained(method, net, args), lr, args, args.epochs * steps)
         return fit(net, new_task, opt, sched, train, evals, args.epochs, run)
-    # LwF (Li & Hoiem) and joint training: two stages, each a fresh SGD (no momentum kept) and cosine.
+    # LwF (Li & Hoiem) and joint training: two stages, each a fresh SGD and cosine; BatchNorm statistics frozen.
     # Stage 1, the warm-up, epochs 1..w: the new head alone at 100%, on the faces' cross-entropy (new_task).
     opt, sched = optimiser(net, trained("warm-up", net, args), lr, args, w * steps)
     fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)  # run's history: epochs 0..w

@@ -234,8 +234,7 @@ def student_figures(g):
 
 def kd_part(g):
     t, students = g["teacher"], g["students"]
-    first = next(runs for runs in students.values() if runs)
-    cfg = first[0]["config"]
+    cfg = (first := next(runs for runs in students.values() if runs))[0]["config"]
     layers, n_params, fc1_in, fc1_params = student_layers(bool(cfg["bn"]))
     rows = [["Teacher Network (Part A)", "-", "-", pct(t["result"]["train_acc"]), pct(t["result"]["test_acc"])]]
     per_seed = [["Teacher Network (Part A)", "", "", "", t["result"]["train_acc"], t["result"]["test_acc"], ""]]
@@ -315,8 +314,7 @@ def sweep_part(g):
 
 
 def q2_part(g):
-    methods = g["methods"]
-    ref = next(runs for runs in methods.values() if runs)
+    ref = next(filter(None, (methods := g["methods"]).values()))  # the first method that ran
     cfg, rows, per_seed = ref[0]["config"], [], []
     for m, label in q2.METHODS.items():
         rows += [["References beyond the assignment", "", "", ""]] if m == "joint" else []
@@ -470,8 +468,10 @@ def q2_facts(g):
         "continual_compare", f"Continual learning: the comparisons, test accuracy (%) on each task (old: {g['cifar']}, "
         "new: faces); a difference within two standard errors is within noise.", ["Comparison", "Task", "Difference", "Two standard errors", "Verdict"],
         rows, [2.4, 1.1, 0, 0, 0])}
-    if "fe" in runs:
-        f["fe_exact"] = all(r["result"]["old_test_acc"] == r["result"]["old_test_acc_before"] for r in runs["fe"])
+    same = lambda m, keys=("old_test_acc",): all(r["result"].get(k, 0) == r["result"].get(k + "_before", -1)  # noqa: E731
+                                                 for r in runs[m] for k in keys)
+    f |= {"still": joined(WORDS[m] for m in runs if m != "fe" and same(m, ("old_test_acc", "old_train_acc")))} | (
+        {"fe_exact": same("fe")} if "fe" in runs else {})  # still: it trains the backbone, yet the old task did not move
     if "lwf" in runs:
         w = runs["lwf"][0]["config"]["lwf_warmup"]
         ends = [at(r, w)["test_acc"] for r in runs["lwf"] if at(r, w)]

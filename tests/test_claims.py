@@ -48,16 +48,18 @@ def result_sets(draw):
             seeds.append(run(result, {"clip": 5.0, "lr": 0.02}, history))
         students[label] = seeds
     cfg = {"subjects": 100, "per_subject": 50, "train_per_subject": 40, "lwf_warmup": 2, "lr": 0.1}
-    before = draw(acc)
+    before, before_train = draw(acc), draw(acc)
     methods = {}
     for m in ["fe", "ft", "lwf", "joint", "ft-all", 0.0]:
         seeds = []
         for i in range(n):
-            old = before if m == "fe" else draw(acc)
+            still = m == "fe" or draw(st.integers(0, 8)) == 0  # the old task unchanged to the last digit
+            old, old_train = (before, before_train) if still else (draw(acc), draw(acc))
             hist = [{"epoch": e, "old_test_acc": before if e == 0 else draw(acc) if e < 4 else old,
                      "test_acc": draw(acc)} for e in range(5)]
             seeds.append(run({"old_test_acc": old, "new_test_acc": draw(acc), "new_train_acc": draw(acc),
-                              "old_test_acc_before": before}, cfg, hist))
+                              "old_test_acc_before": before, "old_train_acc": old_train,
+                              "old_train_acc_before": before_train}, cfg, hist))
         methods[m] = seeds
     sweep = {0.0: methods.pop(0.0), 1.0: methods["lwf"]}
     return {"teacher": t, "students": students, "methods": methods, "lwf_sweep": sweep, "sweep": None, "out": "",
@@ -144,6 +146,11 @@ def test_q2_verdicts_and_the_summary_never_contradict_each_other(g):
     for claim, holds in claims.items():
         assert (claim in shown) == holds and (claim in unshown) == (not holds), claim
     assert f["fe_exact"]  # feature extraction's old task as before, in every generated set
+    unmoved = [m for m, runs in [*g["methods"].items(), (0.0, g["lwf_sweep"][0.0])] if m != "fe" and all(
+        r["result"]["old_test_acc"] == before and r["result"]["old_train_acc"] == r["result"]["old_train_acc_before"]
+        for r in runs for before in [r["result"]["old_test_acc_before"]])]  # a method that trains the backbone
+    assert sorted(f["still"].replace(" and ", ", ").split(", ")) == sorted(report.WORDS[m] for m in unmoved) or (
+        not unmoved and f["still"] == "")
     if f["ftall_most"]:  # fine-tuning every layer below every other method that moves the backbone, beyond noise
         assert f["cmp"]["lwf/ft-all"]["old"] > 0 and f["cmp"]["ft-all/ft"]["old"] < 0
 
