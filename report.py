@@ -28,8 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 APPENDIX = ["q1a_teacher.py", "q1b_kd.py", "q2_continual.py", "common.py", "machinery.py", "files.py", "Makefile"]
 PRECISION = {"fp32": "32-bit floating point", "bf16": "bfloat16 mixed precision (autocast), 32-bit weights",
              "fp16": "float16 mixed precision (autocast) with loss scaling, 32-bit weights"}
-RESULT_KEYS = ("old_train_acc", "old_test_acc", "new_train_acc", "new_test_acc", "old_train_acc_before",
-               "old_test_acc_before")
+RESULT_KEYS = (*(f"{t}_{s}_acc" for t in ("old", "new") for s in ("train", "test")), "old_train_acc_before", "old_test_acc_before")
 WORDS = {"fe": "feature extraction", "ft": "fine-tuning", "lwf": "LwF", "joint": "joint training",
          "ft-all": "fine-tuning every layer", 0.0: "LwF at λo = 0"}
 VERDICT = {1: "higher", 0: "within noise", -1: "lower"}
@@ -54,8 +53,7 @@ def gather(out):
     g = {"out": out, "teacher": load(os.path.join(out, "teacher")), "sweep": None, "lwf_sweep": {},
          "students": {label: seeds(os.path.join(kd, q1b.name(T, lam))) for label, T, lam in q1b.TABLE},
          "methods": {m: seeds(os.path.join(cl, m)) for m in q2.METHODS}}
-    synthetic = g["teacher"] and g["teacher"]["result"].get("cifar10_source") == "synthetic"
-    g["cifar"] = "synthetic CIFAR-10" if synthetic else "CIFAR-10"  # the old task's name in tables and figures
+    g["cifar"] = "synthetic CIFAR-10" if (g["teacher"] or {}).get("result", {}).get("cifar10_source") == "synthetic" else "CIFAR-10"
     if os.path.exists(os.path.join(kd, "sweep.json")):
         grid = read_json(os.path.join(kd, "sweep.json"))
         g["sweep"] = {"grid": grid, "cells": {(T, lam): seeds(os.path.join(kd, q1b.name(T if lam else 1.0, lam)))
@@ -204,8 +202,7 @@ def student_figures(g):
     runs = {label: [r["history"] for r in v] for label, v in g["students"].items() if v}
     fidelity = all("test_agree" in r for hs in runs.values() for h in hs for r in h)
     base = accs(g["students"][q1b.TABLE[0][0]]) and runs[q1b.TABLE[0][0]]  # λ = 0, when any of its seeds trained
-    base_se = two_se(stats([v for r in g["students"].values() for v in accs(r)] or [50])[0],
-                     g["teacher"]["result"].get("test_images", 10000))
+    base_se = two_se(stats(sum(map(accs, g["students"].values()), []) or [50])[0], g["teacher"]["result"].get("test_images", 10000))
     for name, panels in (("kd_students", [("(a) loss: λT²KL + (1−λ)CE", ("train_loss", "test_loss"), False),
                                           ("(b) test accuracy (%)", ("test_acc",), False)]),
                          ("kd_fidelity", [("(a) cross-entropy with the labels", ("test_ce",), False),
@@ -261,8 +258,7 @@ def kd_part(g):
 
 def soft_targets(g):
     """Q1B (1): the teacher's soft targets at the table's temperatures (recorded by q1b_kd.py on the test set)."""
-    path = os.path.join(g["out"], "kd", "soft_targets.json")
-    if not os.path.exists(path):
+    if not os.path.exists(path := os.path.join(g["out"], "kd", "soft_targets.json")):
         return None
     st = read_json(path)
     temps = [k for k in st if k != "label"]
@@ -309,7 +305,7 @@ def sweep_part(g):
         "best": best and {"T": f"{best[0]:g}", "lam": f"{best[1]:g}", "acc": mean_sd(ok[best]), "near": len(near) - 1,
                           "d": f"{reach['d']:+.2f}", "e": f"{reach['e']:.2f}" if reach["e"] else "-", "v": reach["v"]},
         "teacher": pct(t["test_acc"]), "epochs": epochs, "same_epochs": table_epochs in (None, epochs), "seeds": grid["seeds"],
-        "table_epochs": table_epochs, "vs_base": {"v": vs_base["v"], "d": f"{abs(vs_base['d']):.2f}",
+        "table_epochs": table_epochs, "vs_base": {"v": vs_base["v"], "d": f"{abs(vs_base['d']):.2f}", "e": f"{vs_base['e']:.2f}",
                                                      "acc": mean_sd(base), "who": SHORT.get(top)} if vs_base else None}
 
 
@@ -331,9 +327,7 @@ def q2_part(g):
     return setup_words(cfg, ref, cfg["subjects"] * cfg["train_per_subject"]) | {
         "old": data_words(g["teacher"]), "pretrained": bool(tcfg.get("pretrained", 1)),
         "alike": all("old_test_loss" in e for runs in methods.values() for r in runs for e in r["history"]),  # each head's loss
-        "faces": {"synthetic": "synthetic faces (class patterns plus noise, written by the project)",
-                  "DigiFace-1M": "DigiFace-1M (synthetic faces rendered by computer graphics, Bae et al. 2023)"}.get(
-                      faces, "the face images given for the run"), "synthetic_faces": faces != "a face image folder",
+        "faces": faces, "synthetic_faces": faces != "a face image folder",  # report.typ words each source
         "lr_teacher": tcfg["lr"], "lr_from_teacher": cfg["lr"] == tcfg["lr"], "old_eval_n": f"{min(common.EVAL_IMAGES, old_n):,}",
         "subjects": cfg["subjects"], "test_per": cfg["per_subject"] - cfg["train_per_subject"],
         "train_n": f"{cfg['subjects'] * cfg['train_per_subject']:,}", "old_train_n": f"{old_n:,}",
@@ -363,7 +357,8 @@ def q2_part(g):
                                                            for v, runs in sweep.items() for r in runs])) or None,
         "listings": {"net": listing("The two-headed network", common.ContinualNet),
                      "methods": listing("What each method trains", q2.trained),
-                     "lwf": listing("LwF's two stages and its loss", q2.train_method, common.lwf_loss)}}
+                     "lwf": listing("LwF's and joint training's two stages, their losses", q2.train_method,
+                                    common.lwf_loss, common.joint_loss)}}
 
 
 # ----------------------------------------------------------------------------- the facts the discussions' conditions test
@@ -385,7 +380,7 @@ def q1_facts(g):
                    "diverged": [SHORT[k] for k, r in students.items() if r and len(accs(r)) < len(r)]}
     best = max(acc, key=lambda k: stats(acc[k])[0])
     c = compare(acc[best], teacher, n_test)
-    rows.append(row(f"{SHORT[best]} (the best student) − teacher", c))
+    rows.append(row(f"{SHORT[best]} (the highest mean) − teacher", c))
     f |= {"best": SHORT[best], "best_acc": mean_sd(acc[best]), "vs_teacher": c["v"], "below_teacher": f"{-c['d']:.1f}",
           "ratio": f"{STUDENT_PARAMS / TEACHER_PARAMS:.1f}", "fc1_share": f"{100 * 93312 * 500 / STUDENT_PARAMS:.1f}",
           "sizes": [f"{n / 1e6:.1f}" for n in (STUDENT_PARAMS, TEACHER_PARAMS)], "train_n": f"{n_train:,}",
@@ -402,7 +397,8 @@ def q1_facts(g):
             c = compare(acc[lam1], acc[base], n_test)
             rows.append(row("λ = 1, T = 20 − λ = 0", c))
             f |= {"lam1": c["v"], "lam1_acc": mean_sd(acc[lam1]), "lam1_d": f"{abs(c['d']):.1f}",
-                  "lam1_errors": -c["d"] <= 100 - t["result"]["train_acc"],  # the teacher's errors could explain it
+                  "lam1_errors": -c["d"] <= 100 - t["result"]["train_acc"],  # the teacher's errors could explain it,
+                  "lam1_few": -c["d"] > 2 * (100 - t["result"]["train_acc"]),  # or are too few to (or of its size)
                   "lam1_above": compare(acc[lam1], teacher, n_test)["v"] > 0}
     steps = [(a, b, compare(acc[b], acc[a], n_test)) for a, b in zip(kd, kd[1:])]
     rows += [row(f"{SHORT[b]} − {SHORT[a]}", c) for a, b, c in steps]
@@ -422,6 +418,7 @@ def q1_facts(g):
         vs = [compare(agree[k], agree[base], n_test) for k in kd]
         rows += [row(f"agreement with the teacher, {SHORT[k]} − λ = 0", c) for k, c in zip(kd, vs)]
         f["fidelity"] = {"effect": effect([c["v"] for c in vs]), "base": mean_sd(agree[base]),
+                         **{w: joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] == v) for w, v in (("more", 1), ("less", -1))},
                          "kd": joined(mean_sd(agree[k]) for k in kd), "lam1": lam1 in agree and mean_sd(agree[lam1]),
                          "kl_base": f"{stats(accs(students[base], 'test_kl'))[0]:.3f}",
                          "lam1_v": compare(agree[lam1], agree[base], n_test)["v"] if lam1 in agree else 0,
@@ -464,6 +461,8 @@ def q2_facts(g):
         drop = before - stats(old(m))[0]
         drops[str(m)] = {"v": c["v"], "drop": f"{drop:.1f}", "first": f"{before - stats(first)[0]:.1f}" if first else None,
                          "mostly_first": bool(first) and drop > 0 and before - stats(first)[0] > drop / 2, "epoch": w + 1}
+    f["beats"] = [f"{WORDS[a]} beats {WORDS[b]}" for a in runs for b in runs if a != b and (a, b) not in (("lwf", "joint"), (0.0, "lwf"))
+                  and compare(old(a), old(b), n_test)["v"] > 0 < compare(new(a), new(b), faces_test)["v"]]  # on both tasks
     f |= {"cmp": cmp, "forgets": drops, "table": table(
         "continual_compare", f"Continual learning: the comparisons, test accuracy (%) on each task (old: {g['cifar']}, "
         "new: faces); a difference within two standard errors is within noise.", ["Comparison", "Task", "Difference", "Two standard errors", "Verdict"],
@@ -473,14 +472,16 @@ def q2_facts(g):
     f |= {"still": joined(WORDS[m] for m in runs if m != "fe" and same(m, ("old_test_acc", "old_train_acc")))} | (
         {"fe_exact": same("fe")} if "fe" in runs else {})  # still: it trains the backbone, yet the old task did not move
     if "lwf" in runs:
-        w = runs["lwf"][0]["config"]["lwf_warmup"]
-        ends = [at(r, w)["test_acc"] for r in runs["lwf"] if at(r, w)]
-        f["warm"] = {"w": w, "new": mean_sd(ends) if ends else None, "chance": f"{100 / cfg['subjects']:g}",
-                     "at_chance": bool(ends) and compare(ends, [100 / cfg["subjects"]], faces_test)["v"] <= 0}
+        w, chance = runs["lwf"][0]["config"]["lwf_warmup"], 1 / cfg["subjects"]
+        ends = [at(r, w)["test_acc"] for r in runs["lwf"] if at(r, w)]  # against chance, a fixed value: one sample's noise
+        f["warm"] = {"w": w, "new": mean_sd(ends) if ends else None, "chance": f"{100 * chance:g}", "at_chance": bool(ends)
+                     and compare(ends, [100 * chance], bound=two_se(chance, faces_test) / math.sqrt(2))["v"] <= 0}
     if "ft-all" in runs:
         others = [m for m in ("ft", "lwf", "joint", 0.0) if m in runs]
         f["ftall_most"] = bool(others) and all(compare(old("ft-all"), old(m), n_test)["v"] < 0 for m in others)
-        f["ftall_gap"] = f"{stats([r['result']['new_train_acc'] - r['result']['new_test_acc'] for r in runs['ft-all']])[0]:.1f}"
+        gaps, p = [r["result"]["new_train_acc"] - r["result"]["new_test_acc"] for r in runs["ft-all"]], stats(new("ft-all"))[0]
+        f["ftall_gap"] = {"d": f"{stats(gaps)[0]:.1f}", "v": compare(gaps, [0], bound=math.hypot(  # training against test
+            two_se(p, cfg["subjects"] * cfg["train_per_subject"]), two_se(p, faces_test)) / math.sqrt(2))["v"]}
     sweep = g["lwf_sweep"]
     if len(sweep) > 2:
         lo, hi = min(sweep), max(sweep)
@@ -518,16 +519,16 @@ def q2_figures(g):
             (mo, so, _), (mn, sn, _) = stats(accs(runs, "old_test_acc")), stats(accs(runs, "new_test_acc"))
             b.errorbar(mn, mo, xerr=sn or 0, yerr=so or 0, fmt="o", capsize=3)
             b.annotate(label, (mn, mo), textcoords="offset points", xytext=(7, 0), va="center", fontsize=7.5)
+    if len(g["lwf_sweep"]) > 1:
+        pts = [(stats(accs(r, "new_test_acc"))[0], stats(accs(r, "old_test_acc"))[0]) for r in g["lwf_sweep"].values()]
+        b.plot(*zip(*pts), "k--", lw=1, marker="o", ms=3, mfc="white")
+        for v, pt in zip(g["lwf_sweep"], pts):
+            b.annotate(f"λo={v:g}", pt, textcoords="offset points", xytext=(-7, 0), ha="right", va="center", fontsize=7.5)
     b.margins(0.2)
     b.autoscale_view()  # the limits as drawn (in pixels below): each label goes under the earlier ones near its point
     for i, t in enumerate(b.texts):
-        t.xyann = (7, -9 * sum(bool((abs(b.transData.transform(t.xy) - b.transData.transform(u.xy)) < (80, 12)).all())
-                               for u in b.texts[:i]))
-    if len(g["lwf_sweep"]) > 1:
-        pts = [(stats(accs(r, "new_test_acc"))[0], stats(accs(r, "old_test_acc"))[0]) for r in g["lwf_sweep"].values()]
-        b.plot(*zip(*pts), "k--", lw=1)
-        for v, pt in zip(g["lwf_sweep"], pts):
-            b.annotate(f"λo={v:g}", pt, textcoords="offset points", xytext=(-7, 0), ha="right", va="center", fontsize=7.5)
+        t.xyann = (t.xyann[0], -9 * sum(bool((abs(b.transData.transform(t.xy) - b.transData.transform(u.xy)) < (80, 12))
+                                             .all()) and (t.xyann[0] > 0) == (u.xyann[0] > 0) for u in b.texts[:i]))
     zero = any(r["history"][0]["epoch"] == 0 for runs in methods.values() for r in runs)
     a.set(title="(a) old task while learning faces", xlabel="epoch" + " (0: before any change)" * zero,
           ylabel=f"{g['cifar']} test accuracy (%)")
@@ -556,10 +557,9 @@ def listing(caption, *objects):
     return {"caption": f"{caption} ({where})", "parts": parts}
 
 
-def reproducibility(g):
+def reproducibility(g, every):
     t, git = g["teacher"], lambda *a: subprocess.run(["git", "-C", HERE, *a], capture_output=True, text=True).stdout.strip()
-    devices = sorted({r["result"]["device"] for runs in [[t] if t else [], *g["students"].values(),
-                                                           *g["methods"].values()] for r in runs})
+    devices = sorted({r["result"]["device"] for r in every})  # every run: the teacher, the students, the methods
     commit = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
     rows = [["Teacher weights (sha256)", file_sha256(os.path.join(g["out"], "teacher", "model.pt")) if t else "none"],
             ["Code", commit + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")],
@@ -576,7 +576,7 @@ def report_data(g, author, student_id):
     every = [r for runs in [[t] if t else [], *g["students"].values(), *g["methods"].values()] for r in runs]
     return {"title": "Assignment 2: Knowledge Distillation and Continual Learning", "author": author,
             "course": "EEE7331-01 Special Topics in Deep Learning, 2022 Autumn", "student_id": student_id,
-            "appendix": APPENDIX, "repro": reproducibility(g),
+            "appendix": APPENDIX, "repro": reproducibility(g, every),
             "from0": all(r["history"][0]["epoch"] == 0 for r in every if r.get("history")),
             "intro": {"synthetic_faces": any(r["result"].get("faces_source") == "synthetic" for r in every),
                       "task": f"{ref[0]['config']['subjects']}-subject" if ref else "100-subject",

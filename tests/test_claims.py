@@ -119,7 +119,7 @@ def test_q1_verdicts_are_within_noise_exactly_under_two_standard_errors_and_the_
         assert q["kd_effect"] == "mixed" or all(table[f"{report.SHORT[k]}, λ = 0.1 − λ = 0"][2] == words[q["kd_effect"]]
                                                 for k in kd)
     first = rows(q["table"])[0]
-    assert first[0].endswith("(the best student) − teacher") and q["vs_teacher"] == {"higher": 1, "lower": -1,
+    assert first[0].endswith("(the highest mean) − teacher") and q["vs_teacher"] == {"higher": 1, "lower": -1,
                                                                                      "within noise": 0}[first[3]]
     assert q["noise"]["n"] == max(len(r) for r in g["students"].values())
 
