@@ -203,8 +203,8 @@ def student_figures(g):
     fidelity = all("test_agree" in r for hs in runs.values() for h in hs for r in h)
     base = accs(g["students"][q1b.TABLE[0][0]]) and runs[q1b.TABLE[0][0]]  # λ = 0, when any of its seeds trained
     base_se = two_se(stats(sum(map(accs, g["students"].values()), []) or [50])[0], g["teacher"]["result"].get("test_images", 10000))
-    for name, panels in (("kd_students", [("(a) loss: λT²KL + (1−λ)CE", ("train_loss", "test_loss"), False),
-                                          ("(b) test accuracy (%)", ("test_acc",), False)]),
+    for name, panels in (("kd_students", [("(a) training loss", ("train_loss",), False), ("(b) test loss", ("test_loss",),
+                                           False), ("(c) test accuracy (%)", ("test_acc",), False)]),
                          ("kd_fidelity", [("(a) cross-entropy with the labels", ("test_ce",), False),
                                           ("(b) agreement with the teacher (%)", ("test_agree",), False)]
                           + [("(c) accuracy − λ = 0's (points)", ("test_acc",), True)] * bool(base)))[:1 + fidelity]:
@@ -217,7 +217,7 @@ def student_figures(g):
                         if minus_base:  # seed j against λ = 0's seed j: same initial weights, same data
                             ys = [[v - r[key] for v, r in zip(y, base[j % len(base)])] for j, y in enumerate(ys)]
                         common.band(ax, [r["epoch"] for r in hs[0]], ys, SHORT[label] if key == keys[-1] else "_", color=f"C{i}",
-                                    ls="--" if key == "train_loss" else "-", seeds=False)
+                                    seeds=False)
             vals = [r[k] for hs in runs.values() for h in hs for r in h for k in keys if r.get(k) is not None]
             ax.set(title=title, xlabel="epoch", yscale="log" if vals and 0 < min(vals) < max(vals) / 10 and not minus_base
                    else "linear")
