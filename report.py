@@ -150,8 +150,8 @@ def setup_words(cfg, runs, images):
 def data_words(teacher):
     r = teacher["result"]
     sizes = f"{r.get('train_images', 50000):,} training and {r.get('test_images', 10000):,} test images"
-    return {"official": f"CIFAR-10: {sizes}", "other": f"CIFAR-10 images, not the official files: {sizes}",
-            "synthetic": f"a synthetic substitute for CIFAR-10 (not the real images): {sizes}"}[r.get("cifar10_source", "official")]
+    return {"official": f"CIFAR-10, the official files: {sizes}", None: f"CIFAR-10: {sizes}", "other": f"CIFAR-10 images, not the official files: {sizes}",
+            "synthetic": f"a synthetic substitute for CIFAR-10 (not the real images): {sizes}"}[r.get("cifar10_source")]
 
 
 def teacher_part(g):
@@ -350,7 +350,7 @@ def q2_part(g):
             f"{pct(before['old_train_acc_before'])}% (training) and {pct(before['old_test_acc_before'])}% (test).",
             ["Method", "Task", "Training Accuracy (%)", "Testing Accuracy (%)"], rows, bold=[(6, 0)],
             csv_rows=(["method", "seed", *RESULT_KEYS], per_seed)), "lwf_sweep": len(sweep) > 1 and table(
-            "lwf_sweep", "LwF's trade-off over λo (λo = 0: every layer fine-tuned at LwF's rates, after its warm-up), "
+            "lwf_sweep", "LwF over λo (λo = 0: every layer fine-tuned at LwF's rates, after its warm-up), "
             "test accuracy (%).", ["λo", "Old task", "New task"],
             [[f"{v:g}", *cells(r, ("old_test_acc", "new_test_acc"))] for v, r in sweep.items()],
             csv_rows=(["lambda_o", "seed", *RESULT_KEYS], [[v, r["result"]["seed"], *(r["result"][k] for k in RESULT_KEYS)]
@@ -380,7 +380,7 @@ def q1_facts(g):
                    "diverged": [SHORT[k] for k, r in students.items() if r and len(accs(r)) < len(r)]}
     best = max(acc, key=lambda k: stats(acc[k])[0])
     c = compare(acc[best], teacher, n_test)
-    rows.append(row(f"{SHORT[best]} (the highest mean) − teacher", c))
+    rows.append(row(f"{SHORT[best]} (the highest{' mean' * (n > 1)}) − teacher", c))
     f |= {"best": SHORT[best], "best_acc": mean_sd(acc[best]), "vs_teacher": c["v"], "below_teacher": f"{-c['d']:.1f}",
           "ratio": f"{STUDENT_PARAMS / TEACHER_PARAMS:.1f}", "fc1_share": f"{100 * 93312 * 500 / STUDENT_PARAMS:.1f}",
           "sizes": [f"{n / 1e6:.1f}" for n in (STUDENT_PARAMS, TEACHER_PARAMS)], "train_n": f"{n_train:,}",
@@ -437,8 +437,7 @@ def q2_facts(g):
     """Q2's comparisons on both tasks (rows of the comparison table) and the facts its discussion depends on."""
     runs = {m: r for m, r in g["methods"].items() if r} | ({0.0: g["lwf_sweep"][0.0]} if 0.0 in g["lwf_sweep"] else {})
     at = lambda run, e: next((h for h in run["history"] if h["epoch"] == e), None)  # noqa: E731  (its epoch's row)
-    ref = next(iter(runs.values()))
-    cfg, before = ref[0]["config"], ref[0]["result"]["old_test_acc_before"]
+    cfg, before = (ref := next(iter(runs.values())))[0]["config"], ref[0]["result"]["old_test_acc_before"]
     n, n_test = max(len(r) for r in runs.values()), g["teacher"]["result"].get("test_images", 10000)
     faces_test = cfg["subjects"] * (cfg["per_subject"] - cfg["train_per_subject"])
     old, new = (lambda m: accs(runs[m], "old_test_acc")), (lambda m: accs(runs[m], "new_test_acc"))
@@ -449,8 +448,7 @@ def q2_facts(g):
     for a, b in (("ft", "fe"), ("lwf", "ft"), ("lwf", 0.0), ("lwf", "ft-all"), (0.0, "ft-all"), ("joint", "lwf"), ("ft-all", "ft")):
         if a in runs and b in runs:
             co, cn = compare(old(a), old(b), n_test), compare(new(a), new(b), faces_test)
-            what = f"{WORDS[a]} − {WORDS[b]}"
-            rows += [row(what, co, "old"), row("", cn, "new")]
+            rows += [row(f"{WORDS[a]} − {WORDS[b]}", co, "old"), row("", cn, "new")]
             cmp[f"{a}/{b}"] = {"old": co["v"], "new": cn["v"], "old_d": f"{abs(co['d']):.1f}", "new_d": f"{abs(cn['d']):.1f}",
                                 "a": WORDS[a], "b": WORDS[b]}
     for m in [k for k in ("ft", "lwf", 0.0, "joint", "ft-all") if k in runs]:
@@ -461,8 +459,8 @@ def q2_facts(g):
         drop = before - stats(old(m))[0]
         drops[str(m)] = {"v": c["v"], "drop": f"{drop:.1f}", "first": f"{before - stats(first)[0]:.1f}" if first else None,
                          "mostly_first": bool(first) and drop > 0 and before - stats(first)[0] > drop / 2, "epoch": w + 1}
-    f["beats"] = [f"{WORDS[a]} beats {WORDS[b]}" for a in runs for b in runs if a != b and (a, b) not in (("lwf", "joint"), (0.0, "lwf"))
-                  and compare(old(a), old(b), n_test)["v"] > 0 < compare(new(a), new(b), faces_test)["v"]]  # on both tasks
+    f["pairs"] = [{"a": WORDS[a], "b": WORDS[b], "old": co, "new": cn} for a, b in itertools.combinations(runs, 2) for co, cn in
+                  [(compare(old(a), old(b), n_test)["v"], compare(new(a), new(b), faces_test)["v"])] if co and cn]  # every pair
     f |= {"cmp": cmp, "forgets": drops, "table": table(
         "continual_compare", f"Continual learning: the comparisons, test accuracy (%) on each task (old: {g['cifar']}, "
         "new: faces); a difference within two standard errors is within noise.", ["Comparison", "Task", "Difference", "Two standard errors", "Verdict"],
@@ -479,9 +477,10 @@ def q2_facts(g):
     if "ft-all" in runs:
         others = [m for m in ("ft", "lwf", "joint", 0.0) if m in runs]
         f["ftall_most"] = bool(others) and all(compare(old("ft-all"), old(m), n_test)["v"] < 0 for m in others)
-        gaps, p = [r["result"]["new_train_acc"] - r["result"]["new_test_acc"] for r in runs["ft-all"]], stats(new("ft-all"))[0]
-        f["ftall_gap"] = {"d": f"{stats(gaps)[0]:.1f}", "v": compare(gaps, [0], bound=math.hypot(  # training against test
-            two_se(p, cfg["subjects"] * cfg["train_per_subject"]), two_se(p, faces_test)) / math.sqrt(2))["v"]}
+        gap = lambda m: [r["result"]["new_train_acc"] - r["result"]["new_test_acc"] for r in runs[m]]  # noqa: E731
+        f["ftall_gap"] = {"d": f"{stats(gap('ft-all'))[0]:.1f}", "fe": "fe" in runs and f"{stats(gap('fe'))[0]:.1f}", "v": compare(
+            gap("ft-all"), gap("fe") if "fe" in runs else [0], bound=math.hypot(two_se(p_new, cfg["subjects"] * cfg[
+                "train_per_subject"]), two_se(p_new, faces_test)))["v"]}  # against feature extraction's: two gaps' noise
     sweep = g["lwf_sweep"]
     if len(sweep) > 2:
         lo, hi = min(sweep), max(sweep)
@@ -527,7 +526,7 @@ def q2_figures(g):
     b.margins(0.2)
     b.autoscale_view()  # the limits as drawn (in pixels below): each label goes under the earlier ones near its point
     for i, t in enumerate(b.texts):
-        t.xyann = (t.xyann[0], -9 * sum(bool((abs(b.transData.transform(t.xy) - b.transData.transform(u.xy)) < (80, 12))
+        t.xyann = (t.xyann[0], 5 - 10 * sum(bool((abs(b.transData.transform(t.xy) - b.transData.transform(u.xy)) < (80, 12))
                                              .all()) and (t.xyann[0] > 0) == (u.xyann[0] > 0) for u in b.texts[:i]))
     zero = any(r["history"][0]["epoch"] == 0 for runs in methods.values() for r in runs)
     a.set(title="(a) old task while learning faces", xlabel="epoch" + " (0: before any change)" * zero,
@@ -559,12 +558,12 @@ def listing(caption, *objects):
 
 def reproducibility(g, every):
     t, git = g["teacher"], lambda *a: subprocess.run(["git", "-C", HERE, *a], capture_output=True, text=True).stdout.strip()
-    devices = sorted({r["result"]["device"] for r in every})  # every run: the teacher, the students, the methods
-    commit = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
+    commit, cmds = git("rev-parse", "HEAD") or "unknown (not a git checkout)", os.path.join(g["out"], "commands.txt")
     rows = [["Teacher weights (sha256)", file_sha256(os.path.join(g["out"], "teacher", "model.pt")) if t else "none"],
             ["Code", commit + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")],
-            ["PyTorch", torch.__version__], ["Device", ", ".join(devices) or "none"]]
-    return {"table": table("reproducibility", "Provenance of the results.", ["", ""], rows, [0, 1])}
+            ["PyTorch", torch.__version__], ["Device", ", ".join(sorted({r["result"]["device"] for r in every})) or "none"]]
+    return {"table": table("reproducibility", "Provenance of the results.", ["", ""], rows, [0, 1]),  # and make demo's commands
+            "commands": open(cmds, encoding="utf-8").read().strip() if os.path.exists(cmds) else None}
 
 
 # ----------------------------------------------------------------------------- make report

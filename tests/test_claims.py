@@ -3,6 +3,7 @@ methods, one to three seeds, test sets of any size. What is checked is report.js
 report.typ reads from them (no PDF is compiled): the verdicts say "within noise" exactly when a difference is
 under two standard errors, recomputed here; the summaries never contradict the verdicts; every condition report.typ
 tests is one the facts can answer, and every value they take is one report.typ words."""
+import itertools
 import math
 import os
 import re
@@ -119,7 +120,7 @@ def test_q1_verdicts_are_within_noise_exactly_under_two_standard_errors_and_the_
         assert q["kd_effect"] == "mixed" or all(table[f"{report.SHORT[k]}, λ = 0.1 − λ = 0"][2] == words[q["kd_effect"]]
                                                 for k in kd)
     first = rows(q["table"])[0]
-    assert first[0].endswith("(the highest mean) − teacher") and q["vs_teacher"] == {"higher": 1, "lower": -1,
+    assert first[0].endswith(f"(the highest{' mean' * (q['noise']['n'] > 1)}) − teacher") and q["vs_teacher"] == {"higher": 1, "lower": -1,
                                                                                      "within noise": 0}[first[3]]
     assert q["noise"]["n"] == max(len(r) for r in g["students"].values())
 
@@ -151,6 +152,15 @@ def test_q2_verdicts_and_the_summary_never_contradict_each_other(g):
         for r in runs for before in [r["result"]["old_test_acc_before"]])]  # a method that trains the backbone
     assert sorted(f["still"].replace(" and ", ", ").split(", ")) == sorted(report.WORDS[m] for m in unmoved) or (
         not unmoved and f["still"] == "")
+    methods, n_test = g["methods"] | {0.0: g["lwf_sweep"][0.0]}, g["teacher"]["result"]["test_images"]
+    pairs = {(c["a"], c["b"]): (c["old"], c["new"]) for c in f["pairs"]}
+    for a, b in itertools.combinations(methods, 2):  # every pair beyond the noise on both tasks, and only those
+        verdicts = []
+        for task, n in (("old", n_test), ("new", 1000)):
+            d, e = independent(*(report.accs(methods[m], f"{task}_test_acc") for m in (a, b)), n)
+            verdicts.append(None if abs(abs(d) - e) < 0.011 else 0 if abs(d) < e else 1 if d > 0 else -1)
+        if None not in verdicts:
+            assert pairs.get((report.WORDS[a], report.WORDS[b])) == (tuple(verdicts) if all(verdicts) else None), (a, b)
     if f["ftall_most"]:  # fine-tuning every layer below every other method that moves the backbone, beyond noise
         assert f["cmp"]["lwf/ft-all"]["old"] > 0 and f["cmp"]["ft-all/ft"]["old"] < 0
 
