@@ -71,7 +71,7 @@ def test_soft_targets_come_from_the_teacher_in_eval_mode_without_grad_on_the_stu
 
 def test_the_group_loss_is_each_students_kd_loss():
     teacher = teacher_resnet18(pretrained=False).eval()
-    students = Students([StudentCNN(), StudentCNN()]).train()  # no BatchNorm, no dropout: deterministic
+    students = Students([StudentCNN(bn=False), StudentCNN(bn=False)]).train()  # no BatchNorm, no dropout: deterministic
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
     pairs = [(2.0, 0.3), (8.0, 1.0)]
     with torch.no_grad():
