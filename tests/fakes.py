@@ -84,10 +84,13 @@ def fake_out(out, seeds=2, epochs=3, teacher=94.0, student=lambda k, i: 60.0 + 2
             acc = student(k, i)
             accs.setdefault(label, []).append(acc)
             fid = {"test_ce": ce(acc), "test_agree": agree(k, acc), "test_kl": (100 - agree(k, acc)) / 40}
-            write_run(f"{out}/kd/{q1b.name(T, lam, i)}", shared | {"T": T, "lam": lam, "seed": i},
-                      history(epochs, acc, acc + gap(k), extra=lambda e: {
-                          "test_ce": ce(rise(10, acc, e, epochs)), "test_agree": rise(10, fid["test_agree"], e, epochs),
-                          "test_kl": rise(2.0, fid["test_kl"], e, epochs)}),
+            h = history(epochs, acc, acc + gap(k), extra=lambda e: {
+                "test_ce": ce(rise(10, acc, e, epochs)), "test_agree": rise(10, fid["test_agree"], e, epochs),
+                "test_kl": rise(2.0, fid["test_kl"], e, epochs)})
+            for r in h:  # the KL form q1b_kd.py records: (1 - lam) CE + lam T^2 KL, the soft term falling to 0.3
+                r |= {key: (1 - lam) * r[key] + lam * (0.3 + 1.7 * (1 - r["epoch"] / epochs) ** 2)
+                      for key in ("train_loss", "test_loss")}
+            write_run(f"{out}/kd/{q1b.name(T, lam, i)}", shared | {"T": T, "lam": lam, "seed": i}, h,
                       {"train_acc": acc + gap(k), "test_acc": acc, "train_loss": 0.5, "test_loss": 0.6, "T": T, "lam": lam,
                        "seed": i, "epochs": epochs, "device": device} | fid)
     with open(f"{out}/kd/soft_targets.json", "w") as f:  # as q1b_kd.py records them (common.soft_target_summary)
