@@ -33,8 +33,8 @@ METHODS = {"fe": "Feature Extraction", "ft": "Fine Tuning", "lwf": "LwF",  # the
            "joint": "Joint training (reference)", "ft-all": "Fine-tuning all layers (reference)"}
 # Q2 (2), the layers fine-tuned (ResNet-paper names; conv5_x is torchvision's layer4) at their lr, % of the original.
 # Why conv5_x: the last stage holds the old task's most specific features (Yosinski et al. 2014), the first to need
-# changing for faces; the earlier stages kept, fewer of the old task's weights move, and a tenth of the rate moves
-# them slowly (less forgetting) while the new FC head learns at 100% (the old FC head is the old task's own output)
+# changing for faces; the earlier, more generic stages are kept (though conv5_x holds 3/4 of the weights), and a tenth
+# of the rate moves it slowly (less forgetting) while the new FC head learns at 100% (the old FC head is the old task's)
 FT_LAYERS = "conv5_x:10"
 
 
