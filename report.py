@@ -198,33 +198,31 @@ SHORT = {"Student Network (λ = 0)": "λ = 0", "Student Network (λ = 1)": "λ =
          "KD 2": "KD 2, T = 10", "KD 3": "KD 3, T = 20"}
 
 
-def student_figures(g):
-    """Every student on shared axes: (a) loss, (b) test accuracy; then test (a) CE, (b) agreement, (c) accuracy − λ = 0's."""
+def student_figures(g, yardstick):
+    """Every student on shared axes: (a) training loss, (b) test loss, (c) test accuracy; then on the test set (a) CE,
+    (b) agreement, (c) accuracy − λ = 0's, against `yardstick` (Q1's two standard errors of the test set, a grey band)."""
     runs = {label: [r["history"] for r in v] for label, v in g["students"].items() if v}
     fidelity = all("test_agree" in r for hs in runs.values() for h in hs for r in h)
     base = accs(g["students"][q1b.TABLE[0][0]]) and runs[q1b.TABLE[0][0]]  # λ = 0, when any of its seeds trained
-    base_se = two_se(stats(sum(map(accs, g["students"].values()), []) or [50])[0], g["teacher"]["result"].get("test_images", 10000))
-    for name, panels in (("kd_students", [("(a) training loss", ("train_loss",), False), ("(b) test loss", ("test_loss",),
-                                           False), ("(c) test accuracy (%)", ("test_acc",), False)]),
-                         ("kd_fidelity", [("(a) cross-entropy with the labels", ("test_ce",), False),
-                                          ("(b) agreement with the teacher (%)", ("test_agree",), False)]
-                          + [("(c) accuracy − λ = 0's (points)", ("test_acc",), True)] * bool(base)))[:1 + fidelity]:
+    for name, panels in (("kd_students", [("(a) training loss", "train_loss", False), ("(b) test loss", "test_loss", False),
+                                          ("(c) test accuracy (%)", "test_acc", False)]),
+                         ("kd_fidelity", [("(a) cross-entropy with the labels", "test_ce", False),
+                                          ("(b) agreement with the teacher (%)", "test_agree", False)]
+                          + [("(c) accuracy − λ = 0's (points)", "test_acc", True)] * bool(base)))[:1 + fidelity]:
         fig, axes = common.pyplot().subplots(1, len(panels), figsize=(6.6, 2.3), sharex=True)
-        for ax, (title, keys, minus_base) in zip(axes, panels):
+        for ax, (title, key, minus_base) in zip(axes, panels):
             for i, (label, hs) in enumerate(runs.items()):
-                for key in keys:
-                    if all(key in r for h in hs for r in h):
-                        ys = [[r[key] for r in h] for h in hs]
-                        if minus_base:  # seed j against λ = 0's seed j: same initial weights, same data
-                            ys = [[v - r[key] for v, r in zip(y, base[j % len(base)])] for j, y in enumerate(ys)]
-                        common.band(ax, [r["epoch"] for r in hs[0]], ys, SHORT[label] if key == keys[-1] else "_", color=f"C{i}",
-                                    seeds=False)
-            vals = [r[k] for hs in runs.values() for h in hs for r in h for k in keys if r.get(k) is not None]
+                if all(key in r for h in hs for r in h):
+                    ys = [[r[key] for r in h] for h in hs]
+                    if minus_base:  # seed j against λ = 0's seed j: same initial weights, same data
+                        ys = [[v - r[key] for v, r in zip(y, base[j % len(base)])] for j, y in enumerate(ys)]
+                    common.band(ax, [r["epoch"] for r in hs[0]], ys, SHORT[label], color=f"C{i}", seeds=False)
+            vals = [r[key] for hs in runs.values() for h in hs for r in h if r.get(key) is not None]
             ax.set(title=title, xlabel="epoch", yscale="log" if vals and 0 < min(vals) < max(vals) / 10 and not minus_base
                    else "linear")
             common.integer_epochs(ax)
-            if minus_base:  # the grey band: two standard errors of the test set's noise alone (the caption's yardstick)
-                ax.axhspan(-base_se, base_se, color="0.9", lw=0, zorder=0)
+            if minus_base and yardstick:  # the grey band: the caption's yardstick, the test set's noise alone
+                ax.axhspan(-yardstick, yardstick, color="0.9", lw=0, zorder=0)
         fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=5, frameon=False)
         common.save(fig, os.path.join(g["out"], "figures", name))
     return fidelity
@@ -242,10 +240,11 @@ def kd_part(g):
                                                                    else ["not run yet (make kd-table)"] * 2)])
         per_seed += [[label, T, lam, r["result"]["seed"], r["result"]["train_acc"], r["result"]["test_acc"],
                       r["result"].get("diverged", "")] for r in runs]
-    fidelity_curves = student_figures(g)
+    q = q1_facts(g)
+    fidelity_curves = student_figures(g, q and float(q["noise"]["two_se"]))
     return setup_words(cfg, first, t["result"].get("train_images", 50000)) | {"fidelity_curves": fidelity_curves,
         "lr_default": q1b.parse([]).lr, "params": f"{n_params:,}", "fc1_in": f"{fc1_in:,}", "soft": soft_targets(g),
-        "fc1_m": f"{fc1_params / 1e6:.1f}", "params_m": f"{n_params / 1e6:.1f}", "q": q1_facts(g),
+        "fc1_m": f"{fc1_params / 1e6:.1f}", "params_m": f"{n_params / 1e6:.1f}", "q": q,
         "student": table("kd_student", "Student network (output sizes measured by running it).",
                          ["Stage", "Layer", "Output", "Parameters"], layers),
         "table": table("kd_table", "Knowledge distillation: final accuracy (last epoch; test at T = 1)" + (
