@@ -430,10 +430,12 @@ def kd_loss(student_logits, teacher_logits, labels, T, lam):
     """Lecture 7's KD loss (Hinton et al. 2015): lam * T^2 * soft + (1 - lam) * hard. hard: cross-entropy with
     the labels; soft: how far the student's softmax(s/T) is from the teacher's soft targets softmax(t/T),
     summed over classes and averaged over the batch. lam weights the soft term (0: labels only, 1: soft
-    targets only); T^2 keeps its gradients comparable across T. soft is KL(teacher || student), the soft
-    cross-entropy minus the teacher's entropy (a constant): the same gradients, and 0 when the student
-    matches the teacher, so its loss curve moves (the cross-entropy sits near T^2 times that entropy). T is for
-    training only: a student is tested on its raw logits (T = 1), as the assignment's table measures it."""
+    targets only); T^2 keeps its gradients comparable across T (they shrink as 1/T^2), so at T = 20, lam = 0.1
+    the KL is weighed 0.1 * 400 = 40 against 0.9 for the CE. soft is KL(teacher || student): the soft
+    cross-entropy minus the teacher's entropy (a constant), so the same gradients, and 0 when the student
+    matches the teacher (a soft cross-entropy would sit near T^2 times that entropy, its curve flat). T is for
+    training only: a student's accuracy is that of its raw logits (T = 1), as the assignment's table measures it;
+    its recorded loss is this one, at its own T and lam, so losses compare across students only at equal T, lam."""
     if not T > 0 or not 0 <= lam <= 1:
         raise ValueError(f"need T > 0 and 0 <= lam <= 1, got T={T}, lam={lam}")
     p = soft_targets(teacher_logits, T)

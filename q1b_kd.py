@@ -8,18 +8,17 @@ The assignment's items, and what answers each:
   the student network (its table)                  common.StudentCNN (its options: --bn, --dropout in parse)
   (1) soft targets from the teacher at T           distill_loss (the teacher's pass), common.soft_targets;
                                                    what they hold: common.soft_target_summary (main)
-  (2) the training setup, the teacher's tricks     parse (the defaults: --bn, --augment, --dropout; beyond the
-                                                   teacher's: --fc1-lr 10% for the 93,312-input FC, --clip 5), train_group
-  (3) the loss, a mix of soft and hard CE          common.kd_loss; for one batch, distill_loss: the teacher's pass, then
-                                                   each student's kd_loss at its T and lam on its seed's images;
-                                                   one step of one student, plainly: common.kd_step (what a group takes)
-      (a), (b) loss and test accuracy per epoch    fit's history, written per student in train_group
+  (2) the training setup, the teacher's tricks     parse: the teacher's SGD (momentum 0.9, L2 5e-4), crop + flip and
+                                                   BatchNorm; added, argued at its option: --fc1-lr 10%, --clip 5
+  (3) the loss, a mix of soft and hard CE          common.kd_loss; for one training batch, distill_loss: the teacher's
+                                                   pass, then each student's kd_loss at its T and lam on its seed's
+                                                   images; one step of one student, plainly: common.kd_step
+      (a), (b) loss and test accuracy per epoch    scored_loss, each epoch in fit's history; written in train_group
   (4) the table                                    TABLE, main with --table
   (5) bonus: more T and lambda                     main with --sweep
 
-Every student is trained --seeds times (seed i: its initial weights, data order and augmentation). Students
-train in lock-step groups: one teacher forward pass per step for all of a group's students and seeds. Every
-`M.` call is machinery (command line, group sizing, run folders): a grader may skip it.
+Each student trains --seeds times (seed i: its initial weights, data order, augmentation), in lock-step groups: one
+teacher pass per step for all. Every `M.` call is machinery (command line, group sizing, run folders): skip it.
 """
 import argparse
 import contextlib
@@ -83,25 +82,28 @@ def group_dir(args, specs):
 
 
 def distill_loss(teacher, specs):
-    """The KD loss of a lock-step group of students, `specs` = [(T, lam) of each]. For one training batch:
+    """The training loss of a lock-step group of students, `specs` = [(T, lam) of each]. For one training batch:
       1. x holds each seed's own augmented batch, one after another (SeedBatches);
-      2. t = teacher(x): once for all students, in eval mode, without gradients (below);
+      2. t = teacher(x): once for all students, in eval mode, without gradients;
       3. student k runs on its seed's part of x only (Students.part), and loss_k = kd_loss at its own T and lam;
-      4. then (fit -> train_epoch -> M.Step) the summed losses go backward, each student getting its own gradient
-         (they share no weight), each student's gradient norm is clipped to --clip, and SGD takes one step:
-    per student what common.kd_step does plainly for one (tests/test_step.py holds the two equal). In evaluation
-    the batch brings t, the teacher's logits computed once in main on the un-augmented images; every student sees
-    all of it, and the loss also returns each student's fidelity to the teacher."""
+      4. fit -> train_epoch -> M.Step: the losses' sum goes backward (the students share no weight), each student's
+         gradient is clipped to norm --clip, SGD steps: per student, common.kd_step (tests/test_step.py: equal)."""
     teacher.eval()  # BatchNorm on its running statistics: the teacher of part A as it was trained
 
-    def loss(students, x, y, t=None):
-        if t is None:  # training: the teacher's pass on this very batch; none when every lam is 0 (no soft term)
-            with torch.no_grad():
-                t = teacher(x) if any(lam for _, lam in specs) else torch.zeros(len(x), 10, device=x.device)
-        s = students(x)  # (students, batch, 10); in training, student k sees only students.part(x, k): its seed's images
-        losses = torch.stack([kd_loss(s[k], students.part(t, k), students.part(y, k), T, lam)
-                              for k, (T, lam) in enumerate(specs)])
-        return (losses, s) if students.training else (losses, s, fidelity(s, t, y))
+    def loss(students, x, y):
+        with torch.no_grad():  # none when every lam is 0 (no soft term)
+            t = teacher(x) if any(lam for _, lam in specs) else torch.zeros(len(x), 10, device=x.device)
+        s = students(x)  # (students, batch, 10): student k sees only students.part(x, k), its seed's images
+        return torch.stack([kd_loss(s[k], students.part(t, k), students.part(y, k), T, lam)
+                            for k, (T, lam) in enumerate(specs)]), s
+    return loss
+
+
+def scored_loss(specs):
+    """The evaluation loss: each student's kd_loss on the whole batch, with t computed once in main; and fidelity."""
+    def loss(students, x, y, t):
+        s = students(x)
+        return torch.stack([kd_loss(s[k], t, y, T, lam) for k, (T, lam) in enumerate(specs)]), s, fidelity(s, t, y)
     return loss
 
 
@@ -119,21 +121,22 @@ def train_group(specs, teacher, data, t_logits, args, shared, device):
     gens = [torch.Generator(device=device).manual_seed(args.seed + i) for i in seeds]  # a seed's data, in any group
     train = SeedBatches([Batches(x_train, y_train, batch_size=args.batch, shuffle=True, augment=bool(args.augment), gen=g)
                          for g in gens])
-    evals = {"train": Batches(x_train, y_train, t_logits[0], batch_size=1024),
-             "test": Batches(x_test, y_test, t_logits[1], batch_size=1024)}
+    pairs = [(T, lam) for T, lam, _ in specs]
+    evals = {"train": (scored_loss(pairs), Batches(x_train, y_train, t_logits[0], batch_size=1024)),
+             "test": (scored_loss(pairs), Batches(x_test, y_test, t_logits[1], batch_size=1024))}
     opt = sgd(student_groups(students, args.lr, args.fc1_lr / 100), args.lr, args.momentum, args.wd)
     sched = warmup_cosine(opt, args.epochs * len(train), args.warmup * len(train))
     print(f"-- lock-step group of {len(specs)} student(s): " + ", ".join(name(*p) for p in specs))
-    loss_fn = distill_loss(teacher, [(T, lam) for T, lam, _ in specs])
     run = M.Run(group_dir(args, specs), shared | {"students": [list(p) for p in specs]}, gens, args.ckpt_every)
-    history = fit(students, loss_fn, opt, sched, train, evals, args.epochs, run)  # the config's clip: each student's own
+    # the KD training: distill_loss on each batch of `train`, the config's clip on each student's own gradient
+    history = fit(students, distill_loss(teacher, pairs), opt, sched, train, evals, args.epochs, run)
     dead = M.diverged(history)
     for k, (T, lam, i) in enumerate(specs):  # each student's own folder, as if it had trained alone
         folder = os.path.join(args.out, "kd", name(T, lam, i))
         h = [{key: v[k] if isinstance(v, list) else v for key, v in row.items()} for row in history]
-        result = {key: h[-1][key] for key in ("train_acc", "test_acc", "train_loss", "test_loss", "test_ce", "test_agree",
-                                              "test_kl")} \
-            | {"T": T, "lam": lam, "seed": args.seed + i, "epochs": args.epochs, "device": str(device)}
+        keys = ("train_acc", "test_acc", "train_loss", "test_loss", "test_ce", "test_agree", "test_kl")
+        result = {key: h[-1][key] for key in keys} | {"T": T, "lam": lam, "seed": args.seed + i, "epochs": args.epochs,
+                                                      "device": str(device)}
         if k in dead:
             result["diverged"] = "diverged at epoch {}, step {}".format(*dead[k])
         os.makedirs(folder, exist_ok=True)

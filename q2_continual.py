@@ -4,7 +4,7 @@ with two references beyond the assignment: joint training (with the old data) an
 
   python q2_continual.py                           the five methods -> out/continual/{fe,ft,lwf,joint,ft-all}/
   python q2_continual.py --methods ft --ft-layers "conv5_x:10 conv4_x:1"
-  python q2_continual.py --methods --lwf-sweep 0.1 0.3 1 3   LwF at several lambda_o, and 0 -> lwf_lam*/
+  python q2_continual.py --methods --lwf-sweep 0.1 0.3 3   LwF at these lambda_o and 0 -> lwf_lam<v>/ (1: lwf/)
 
 The assignment's items, and what answers each:
   the network: the teacher's backbone, its old head, a new one   common.ContinualNet
@@ -41,7 +41,7 @@ FT_LAYERS = "conv5_x:10"
 def parse(argv=None):
     p = M.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.run_options(epochs=20, lr=None, batch=128, momentum=0.9, wd=5e-4, teacher=True,  # the assignment's L2 0.0005
-                  lr_help="the original learning rate, 100%% (default: the teacher's); other rates are %% of it")
+                  lr_help="the original lr, 100%% (default: the teacher's peak, at its batch 512); rates are %% of it")
     p.add_argument("--methods", nargs="*", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--lwf-sweep", type=M.nonneg, nargs="*", default=[],
                    help="LwF at these lambda_o too, and at 0 (fine-tuning at LwF's rates): the trade-off curve")
@@ -103,9 +103,8 @@ def optimiser(net, groups, lr, args, steps):
 
 
 def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, gen):
-    """Train `method` on the face split into `run` (machinery.Run), rates in % of `lr` (the original: --lr, default the
-    teacher's); returns its history. Every method is measured alike after each epoch: each head's cross-entropy and
-    accuracy on its own task."""
+    """Train `method` on the face split into `run` (machinery.Run), rates in % of `lr` (the original); returns its
+    history. Every method is measured alike, each epoch: each head's cross-entropy and accuracy on its own task."""
     train = Batches(*faces["train"], batch_size=args.batch, shuffle=True, augment=True, pad=args.face_size // 8, gen=gen)
     evals = {"train": (new_task, Batches(*faces["train"], batch_size=1024)),
              "test": (new_task, Batches(*faces["test"], batch_size=1024)),
@@ -116,19 +115,20 @@ def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, g
         opt, sched = optimiser(net, trained(method, net, args), lr, args, args.epochs * steps)
         return fit(net, new_task, opt, sched, train, evals, args.epochs, run)
     # LwF (Li & Hoiem) and joint training: two stages, each a fresh SGD and cosine; BatchNorm statistics frozen.
-    # Stage 1, the warm-up, epochs 1..w: the new head alone at 100%, on the faces' cross-entropy (new_task).
+    # Stage 1, the warm-up, epochs 1..w: the new head alone at 100%, on the faces' cross-entropy (new_task). Its
+    # history (epochs 0..w) and weights are saved in `run`'s folder at epoch w; stage 2's fit continues from them.
     opt, sched = optimiser(net, trained("warm-up", net, args), lr, args, w * steps)
-    fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)  # run's history: epochs 0..w
-    # Stage 2, epochs w+1..end, from stage 1's weights, continuing run's history: the new head at 100%, backbone and
-    # old head at --lwf-lr. LwF: the faces' CE + lambda_o CE_T(y_o, old head), y_o the frozen original's old head on
-    # the same augmented batch (Li & Hoiem record it once, before training); joint: the faces' CE + CIFAR-10's CE.
+    fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)
+    # Stage 2, epochs w+1..end, from stage 1's weights: the new head at 100%, backbone and old head at --lwf-lr.
+    # LwF: the faces' CE + lambda_o CE_T(y_o, old head), y_o the frozen original's old head on the same augmented
+    # batch (Li & Hoiem record it once, before training); joint: the faces' CE + CIFAR-10's CE on a CIFAR-10 batch.
     if method == "lwf":
         loss_fn, data = lwf_loss(original, args.lwf_T, lambda_o), train
     else:
         loss_fn, data = joint_loss, JointBatches(train, Batches(*cifar["train"], batch_size=args.batch, shuffle=True,
                                                                 augment=True, gen=gen))
     opt, sched = optimiser(net, trained(method, net, args), lr, args, (args.epochs - w) * steps)
-    return fit(net, loss_fn, opt, sched, data, evals, range(w + 1, args.epochs + 1), run)  # run's history: 0..end
+    return fit(net, loss_fn, opt, sched, data, evals, range(w + 1, args.epochs + 1), run)  # the history: epochs 0..end
 
 
 def run_dir(args, key, i=0):  # out/continual/<key>/ for the first seed, <key>_seed<i>/ for seed i
