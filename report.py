@@ -93,8 +93,7 @@ def accs(runs, key="test_acc"):
 
 def two_se(p, n):
     """Two binomial standard errors of a difference of two accuracies near p (a fraction, or %) on n images each."""
-    p = p / 100 if p > 1 else p
-    return 2 * 100 * math.sqrt(2 * p * (1 - p) / n)
+    return 2 * 100 * math.sqrt(2 * (p := p / 100 if p > 1 else p) * (1 - p) / n)
 
 
 def compare(a, b, n=None, bound=None):
@@ -460,13 +459,15 @@ def q2_facts(g):
         drops[str(m)] = {"v": c["v"], "drop": f"{drop:.1f}", "first": f"{before - stats(first)[0]:.1f}" if first else None,
                          "mostly_first": bool(first) and drop > 0 and before - stats(first)[0] > drop / 2, "epoch": w + 1}
     f["pairs"] = [{"a": WORDS[a], "b": WORDS[b], "old": co, "new": cn} for a, b in itertools.combinations(runs, 2) for co, cn in
-                  [(compare(old(a), old(b), n_test)["v"], compare(new(a), new(b), faces_test)["v"])] if co and cn]  # every pair
+                  [(compare(old(a), old(b), n_test)["v"], compare(new(a), new(b), faces_test)["v"])]]  # every pair, both verdicts
     f |= {"cmp": cmp, "forgets": drops, "table": table(
         "continual_compare", f"Continual learning: the comparisons, test accuracy (%) on each task (old: {g['cifar']}, "
         "new: faces); a difference within two standard errors is within noise.", ["Comparison", "Task", "Difference", "Two standard errors", "Verdict"],
         rows, [2.4, 1.1, 0, 0, 0])}
     same = lambda m, keys=("old_test_acc",): all(r["result"].get(k, 0) == r["result"].get(k + "_before", -1)  # noqa: E731
                                                  for r in runs[m] for k in keys)
+    f["ft_inert"] = "ft" in drops and drops["ft"]["v"] == 0 and stats(old("ft"))[0] >= before and cmp.get(  # moved
+        "ft/fe", {}).get("new") == 0  # neither task: the old one at or above the teacher, the new within noise of fe
     f |= {"still": joined(WORDS[m] for m in runs if m != "fe" and same(m, ("old_test_acc", "old_train_acc")))} | (
         {"fe_exact": same("fe")} if "fe" in runs else {})  # still: it trains the backbone, yet the old task did not move
     if "lwf" in runs:
