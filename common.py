@@ -5,7 +5,6 @@ What makes runs safe, resumable and fast (downloads, checkpoints, locks, precisi
 """
 import math
 import os
-import re
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -229,20 +228,6 @@ def teacher_resnet18(num_classes=10, pretrained=True):
     return model
 
 
-def paper_name(module):  # paper_name, _outputs, stride_changes: the table of what changed (q1a prints it)
-    """ResNet-paper name of a torchvision resnet18 module path (conv1, conv2_x, conv5_1, ...)."""
-    if module in ("conv1", "bn1"):
-        return "conv1"
-    if module == "maxpool":
-        return "conv2_x max-pool"
-    m = re.match(r"layer(\d)(?:\.(\d))?(?:\.(conv\d|downsample))?", module)
-    stage = int(m[1]) + 1
-    if m[2] is None:
-        return f"conv{stage}_x"
-    name = f"conv{stage}_{int(m[2]) + 1}"
-    return name + {None: "", "conv1": " (1st 3x3)", "conv2": " (2nd 3x3)", "downsample": " shortcut 1x1"}[m[3]]
-
-
 def resnet_layers():
     """ResNet-paper names of the teacher's layers -> torchvision modules (a stage conv2_x..conv5_x, or
     one block conv2_1..conv5_2; conv1 includes its BatchNorm)."""
@@ -256,41 +241,6 @@ def resnet_layers():
 def layer_parameters(backbone, layer):
     """The parameters of a layer named as in the ResNet paper (resnet_layers) in the teacher's backbone."""
     return [q for m in resnet_layers()[layer] for q in backbone.get_submodule(m).parameters()]
-
-
-def _outputs(model, names, size):
-    shapes = {}
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda mod, inp, out, n=n: shapes.__setitem__(n, "x".join(map(str, (*out.shape[2:], out.shape[1])))))
-        for n in names]
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(1, 3, size, size))
-    for h in hooks:
-        h.remove()
-    return shapes
-
-
-def stride_changes(size=32):
-    """Table rows of what changed from torchvision's resnet18 for a size x size input: every conv or
-    pool whose stride/padding differs, then each stage's output (HxWxC), both measured by running them."""
-    orig, new = torchvision.models.resnet18(), teacher_resnet18(pretrained=False)
-    changed = [n for n, m in new.named_modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d))
-               and (m.stride, m.padding) != (orig.get_submodule(n).stride, orig.get_submodule(n).padding)]
-    stages = ["conv1", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-    before, after = _outputs(orig, changed + stages, size), _outputs(new, changed + stages, size)
-
-    def sp(m):
-        k, s, p = (getattr(m, a) for a in ("kernel_size", "stride", "padding"))
-        k, s, p = (v if isinstance(v, tuple) else (v, v) for v in (k, s, p))
-        return f"{k[0]}x{k[1]}", f"stride {s[0]}, pad {p[0]}"
-    rows = []
-    for n in changed:
-        kernel, s_old = sp(orig.get_submodule(n))
-        rows.append([paper_name(n), n, kernel, s_old, sp(new.get_submodule(n))[1], before[n], after[n]])
-    for n in stages:
-        rows.append([paper_name(n) + " output", n, "", "", "", before[n], after[n]])
-    return rows
 
 
 def features(model, x):

@@ -12,10 +12,12 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import time
 
 import torch
+import torch.nn as nn
 import torchvision
 
 from files import (CIFAR10, CIFAR_CLASSES, DIGIFACE_URL, atomic, die, download_cifar10, fetch_digiface,  # noqa: F401
@@ -270,7 +272,7 @@ class Step:
 
 
 # =============================================================================
-# ImageNet weights, FT_LAYERS
+# The teacher: ImageNet weights, the table of what changed, FT_LAYERS
 # =============================================================================
 
 RESNET18_FILE = os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)
@@ -287,6 +289,55 @@ def imagenet_weights():
             f"put {RESNET18_FILE} there, or set PRETRAINED=0")
     except Exception as e:
         die(f"cannot read ImageNet weights {path} ({type(e).__name__}); delete it to download again")
+
+
+def paper_name(module):
+    """ResNet-paper name of a torchvision resnet18 module path (conv1, conv2_x, conv5_1, ...)."""
+    if module in ("conv1", "bn1"):
+        return "conv1"
+    if module == "maxpool":
+        return "conv2_x max-pool"
+    m = re.match(r"layer(\d)(?:\.(\d))?(?:\.(conv\d|downsample))?", module)
+    stage = int(m[1]) + 1
+    if m[2] is None:
+        return f"conv{stage}_x"
+    name = f"conv{stage}_{int(m[2]) + 1}"
+    return name + {None: "", "conv1": " (1st 3x3)", "conv2": " (2nd 3x3)", "downsample": " shortcut 1x1"}[m[3]]
+
+
+def _outputs(model, names, size):
+    shapes = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda mod, inp, out, n=n: shapes.__setitem__(n, "x".join(map(str, (*out.shape[2:], out.shape[1])))))
+        for n in names]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def stride_changes(new, size=32):
+    """Table rows of what changed from torchvision's resnet18 in `new` (the teacher) for a size x size input: every
+    conv or pool whose stride/padding differs, then each stage's output (HxWxC), both measured by running them."""
+    orig = torchvision.models.resnet18()
+    changed = [n for n, m in new.named_modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d))
+               and (m.stride, m.padding) != (orig.get_submodule(n).stride, orig.get_submodule(n).padding)]
+    stages = ["conv1", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    before, after = _outputs(orig, changed + stages, size), _outputs(new, changed + stages, size)
+
+    def sp(m):
+        k, s, p = (getattr(m, a) for a in ("kernel_size", "stride", "padding"))
+        k, s, p = (v if isinstance(v, tuple) else (v, v) for v in (k, s, p))
+        return f"{k[0]}x{k[1]}", f"stride {s[0]}, pad {p[0]}"
+    rows = []
+    for n in changed:
+        kernel, s_old = sp(orig.get_submodule(n))
+        rows.append([paper_name(n), n, kernel, s_old, sp(new.get_submodule(n))[1], before[n], after[n]])
+    for n in stages:
+        rows.append([paper_name(n) + " output", n, "", "", "", before[n], after[n]])
+    return rows
 
 
 def parse_layers(text, valid):

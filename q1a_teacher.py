@@ -4,7 +4,7 @@ conv1 stride 2 -> 1, the max-pool 2 -> 1, conv5_1's first 3x3 conv and its 1x1 s
 paddings as they were. Outputs: conv1 32x32, conv2_x 32x32, conv3_x 16x16, conv4_x 8x8, conv5_x 8x8x512.
 
 The assignment's items, and what answers each:
-  the 8x8x512 feature map, "detail what you have changed"   common.teacher_resnet18 (stride_changes: its table)
+  the 8x8x512 feature map, "detail what you have changed"   common.teacher_resnet18 (M.stride_changes: its table)
   "change the softmax layer to 10 neurons"                   common.teacher_resnet18 (model.fc)
   "retrain softmax layer and finetune the rest"             main: every parameter in sgd(), fit()
   (1) the training setup                                     parse (the defaults), main (data, optimiser, schedule)
@@ -21,8 +21,7 @@ import os
 import torch
 
 import machinery as M
-from common import (Batches, cross_entropy, features, fit, load_cifar10, plot_curves, sgd, stride_changes,
-                    teacher_resnet18, warmup_cosine)
+from common import Batches, cross_entropy, features, fit, load_cifar10, plot_curves, sgd, teacher_resnet18, warmup_cosine
 
 
 def parse(argv=None):
@@ -46,8 +45,8 @@ def main(argv=None):
     device = M.setup(args)
     cfg = {k: v for k, v in vars(args).items() if k not in ("data", "out", "device")}
     print(f"== Q1 part A: teacher ResNet18 -> {folder} on {device}, {args.precision}")
-    print("changed for 32x32 input: " + "; ".join(f"{module} {old} -> {new}"  # the changed layers (not the stage outputs)
-                                                   for _, module, kernel, old, new, *_ in stride_changes(32) if kernel))
+    changes = M.stride_changes(teacher_resnet18(pretrained=False), 32)  # the changed layers, then the stage outputs
+    print("changed for 32x32 input: " + "; ".join(f"{module} {old} -> {new}" for _, module, _, old, new, *_ in changes if old))
 
     if not M.finished(folder, cfg):
         torch.manual_seed(args.seed)

@@ -23,7 +23,7 @@ import q1a_teacher as q1a
 import q1b_kd as q1b
 import q2_continual as q2
 from files import CIFAR_CLASSES, HEADER, die, file_sha256, md_table, pct, read_json, write_tables, write_text, written
-from machinery import Parser, run
+from machinery import Parser, run, stride_changes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 APPENDIX = ["q1a_teacher.py", "q1b_kd.py", "q2_continual.py", "common.py", "machinery.py", "files.py", "Makefile"]
@@ -155,7 +155,7 @@ def data_words(teacher):
 
 
 def teacher_part(g):
-    t, changes = g["teacher"], common.stride_changes(32)
+    t, changes = g["teacher"], stride_changes(common.teacher_resnet18(pretrained=False), 32)
     r, times = t["result"], lambda c: re.sub(r"(?<=\d)x(?=\d)", "×", c or "")
     rows = [[times(c) for i, c in enumerate(row) if i != 1] for row in changes if row[2]] + [["---"]]
     rows += [[times(row[0]), "", "", "", times(row[5]), times(row[6])] for row in changes
@@ -452,7 +452,7 @@ def q2_facts(g):
                                 "a": WORDS[a], "b": WORDS[b]}
     for m in [k for k in ("ft", "lwf", 0.0, "joint", "ft-all") if k in runs]:
         c = compare(old(m), [before], n_test)
-        rows += [row(f"{WORDS[m]} − the teacher before any change", c, "old")]
+        rows += [row(f"{WORDS[m]} − before any change", c, "old")]
         w = runs[m][0]["config"].get("lwf_warmup", 0) if m in ("lwf", 0.0, "joint") else 0
         first = [at(r, w + 1)["old_test_acc"] for r in runs[m] if at(r, w + 1)]
         drop = before - stats(old(m))[0]

@@ -139,7 +139,7 @@ def test_q2_verdicts_and_the_summary_never_contradict_each_other(g):
         assert c["old"] == value[table[f"{name} / old"]] and c["new"] == value[table[f"{name} / new"]]
     for m, drop in f["forgets"].items():
         m = 0.0 if m == "0.0" else m
-        assert drop["v"] == value[table[f"{report.WORDS[m]} − the teacher before any change / old"]]
+        assert drop["v"] == value[table[f"{report.WORDS[m]} − before any change / old"]]
     shown, unshown = f["shown"], f["unshown"]
     claims = {"fine-tuning loses old-task accuracy": f["forgets"]["ft"]["v"] < 0,
               "LwF keeps more of it than fine-tuning": f["cmp"]["lwf/ft"]["old"] > 0,
@@ -148,7 +148,7 @@ def test_q2_verdicts_and_the_summary_never_contradict_each_other(g):
         assert (claim in shown) == holds and (claim in unshown) == (not holds), claim
     assert f["fe_exact"]  # feature extraction's old task as before, in every generated set
     ft_old, before = report.accs(g["methods"]["ft"], "old_test_acc"), g["methods"]["ft"][0]["result"]["old_test_acc_before"]
-    assert f["ft_inert"] == (table["fine-tuning − the teacher before any change / old"] == "within noise" and  # to check
+    assert f["ft_inert"] == (table["fine-tuning − before any change / old"] == "within noise" and  # to check
                              sum(ft_old) / len(ft_old) >= before and table["fine-tuning − feature extraction / new"] == "within noise")
     unmoved = [m for m, runs in [*g["methods"].items(), (0.0, g["lwf_sweep"][0.0])] if m != "fe" and all(
         r["result"]["old_test_acc"] == before and r["result"]["old_train_acc"] == r["result"]["old_train_acc_before"]

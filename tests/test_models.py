@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from common import ContinualNet, StudentCNN, Students, features, stride_changes, teacher_resnet18
+from common import ContinualNet, StudentCNN, Students, features, teacher_resnet18
 from conftest import one_line_error
-from machinery import RESNET18_FILE
+from machinery import RESNET18_FILE, stride_changes
 
 
 def convs(model):
@@ -29,7 +29,7 @@ def test_teacher_keeps_resnet18s_layers_and_ends_at_8x8x512():
 
 
 def test_stride_table_measures_both_networks():
-    rows = stride_changes(32)
+    rows = stride_changes(teacher_resnet18(pretrained=False), 32)
     assert [r[1] for r in rows if r[2]] == ["conv1", "maxpool", "layer4.0.conv1", "layer4.0.downsample.0"]
     stages = {r[1]: (r[5], r[6]) for r in rows if not r[2]}
     # original: 32 -> conv1 /2 -> pool /2 -> 8, 8, 4, 2, 1; changed: 32, 32, 32, 16, 8, 8
