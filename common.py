@@ -298,24 +298,23 @@ def student_groups(students, lr, fc1_rate):
 
 
 class Students(nn.ModuleList):
-    """Students trained in lock-step on the same batches, one teacher pass for all: forward returns their
-    logits stacked (K, B, 10). In training, a batch holds one part per seed (SeedBatches) and student k
-    learns from part seeds[k], its own seed's images; in evaluation every student sees the whole batch.
-    A student in `stopped` (it diverged) is not run: its logits are NaN."""
+    """Students trained in lock-step on the same batches, one teacher pass for all. seeds[k]: the seed whose part of
+    a training batch (SeedBatches: one part per seed) student k learns from. each(xs): student k on xs[k], the logits
+    stacked (K, B, 10); forward(x): every student on the whole batch (evaluation). A student in `stopped` (it
+    diverged) is not run: its logits are NaN."""
     stopped = frozenset()
 
     def __init__(self, students, seeds=None):
         super().__init__(students)
         self.seeds = list(seeds) if seeds is not None else [0] * len(self)
 
-    def part(self, t, k):
-        """Student k's part of a batch tensor (images, labels, teacher logits): its seed's in training, all in evaluation."""
-        return t.chunk(max(self.seeds) + 1)[self.seeds[k]] if self.training else t
-
-    def forward(self, x):
-        logits = {k: m(self.part(x, k)).float() for k, m in enumerate(self) if k not in self.stopped}
+    def each(self, xs):
+        logits = {k: m(xs[k]).float() for k, m in enumerate(self) if k not in self.stopped}
         nan = torch.full_like(next(iter(logits.values())), math.nan)
         return torch.stack([logits.get(k, nan) for k in range(len(self))])
+
+    def forward(self, x):
+        return self.each([x] * len(self))
 
 
 class ContinualNet(nn.Module):

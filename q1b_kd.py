@@ -85,17 +85,17 @@ def distill_loss(teacher, specs):
     """The training loss of a lock-step group of students, `specs` = [(T, lam) of each]. For one training batch:
       1. x holds each seed's own augmented batch, one after another (SeedBatches);
       2. t = teacher(x): once for all students, in eval mode, without gradients;
-      3. student k runs on its seed's part of x only (Students.part), and loss_k = kd_loss at its own T and lam;
+      3. student k runs on its seed's part of x only (Students.each), and loss_k = kd_loss at its own T and lam;
       4. fit -> train_epoch -> M.Step: the losses' sum goes backward (the students share no weight), each student's
          gradient is clipped to norm --clip, SGD steps: per student, common.kd_step (tests/test_step.py: equal)."""
     teacher.eval()  # BatchNorm on its running statistics: the teacher of part A as it was trained
 
     def loss(students, x, y):
-        with torch.no_grad():  # none when every lam is 0 (no soft term)
+        with torch.no_grad():  # the teacher's logits t (zeros when every lam is 0: no soft term to make)
             t = teacher(x) if any(lam for _, lam in specs) else torch.zeros(len(x), 10, device=x.device)
-        s = students(x)  # (students, batch, 10): student k sees only students.part(x, k), its seed's images
-        return torch.stack([kd_loss(s[k], students.part(t, k), students.part(y, k), T, lam)
-                            for k, (T, lam) in enumerate(specs)]), s
+        xs, ts, ys = ([v.chunk(max(students.seeds) + 1)[i] for i in students.seeds] for v in (x, t, y))  # k's: its seed's
+        s = students.each(xs)  # (students, part, 10): student k on its seed's images only
+        return torch.stack([kd_loss(s[k], ts[k], ys[k], T, lam) for k, (T, lam) in enumerate(specs)]), s
     return loss
 
 

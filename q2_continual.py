@@ -115,8 +115,8 @@ def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, g
         opt, sched = optimiser(net, trained(method, net, args), lr, args, args.epochs * steps)
         return fit(net, new_task, opt, sched, train, evals, args.epochs, run)
     # LwF (Li & Hoiem) and joint training: two stages, each a fresh SGD and cosine; BatchNorm statistics frozen.
-    # Stage 1, the warm-up, epochs 1..w: the new head alone at 100%, on the faces' cross-entropy (new_task). Its
-    # history (epochs 0..w) and weights are saved in `run`'s folder at epoch w; stage 2's fit continues from them.
+    # Stage 1, Li & Hoiem's warm-up (not a rate warm-up), epochs 1..w: the new head alone at 100% on the faces' CE.
+    # Its rows (epochs 0..w) and weights are saved in `run` at epoch w, where stage 2's fit (run.resume) takes them up.
     opt, sched = optimiser(net, trained("warm-up", net, args), lr, args, w * steps)
     fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)
     # Stage 2, epochs w+1..end, from stage 1's weights: the new head at 100%, backbone and old head at --lwf-lr.

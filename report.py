@@ -149,7 +149,8 @@ def setup_words(cfg, runs, images):
 
 def data_words(teacher):
     r = teacher["result"]
-    sizes = f"{r.get('train_images', 50000):,} training and {r.get('test_images', 10000):,} test images"
+    of = "" if r.get("train_images", 50000) == 50000 or r.get("cifar10_source") == "synthetic" else "of its "  # a subset
+    sizes = f"{r.get('train_images', 50000):,} {of}training and {r.get('test_images', 10000):,} {of}test images"
     return {"official": f"CIFAR-10, the official files: {sizes}", None: f"CIFAR-10: {sizes}", "other": f"CIFAR-10 images, not the official files: {sizes}",
             "synthetic": f"a synthetic substitute for CIFAR-10 (not the real images): {sizes}"}[r.get("cifar10_source")]
 
@@ -482,8 +483,7 @@ def q2_facts(g):
         f["ftall_gap"] = {"d": f"{stats(gap('ft-all'))[0]:.1f}", "fe": "fe" in runs and f"{stats(gap('fe'))[0]:.1f}", "v": compare(
             gap("ft-all"), gap("fe") if "fe" in runs else [0], bound=math.hypot(two_se(p_new, cfg["subjects"] * cfg[
                 "train_per_subject"]), two_se(p_new, faces_test)))["v"]}  # against feature extraction's: two gaps' noise
-    sweep = g["lwf_sweep"]
-    if len(sweep) > 2:
+    if len(sweep := g["lwf_sweep"]) > 2:
         lo, hi = min(sweep), max(sweep)
         co = compare(accs(sweep[hi], "old_test_acc"), accs(sweep[lo], "old_test_acc"), n_test)
         cn = compare(accs(sweep[hi], "new_test_acc"), accs(sweep[lo], "new_test_acc"), faces_test)

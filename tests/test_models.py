@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from common import ContinualNet, StudentCNN, Students, features, teacher_resnet18
+import q1b_kd
+from common import ContinualNet, StudentCNN, Students, features, kd_loss, teacher_resnet18
 from conftest import one_line_error
 from machinery import RESNET18_FILE, stride_changes
 
@@ -100,21 +101,35 @@ def test_students_stack_their_logits():
     assert out.shape == (2, 3, 10) and torch.allclose(out[1], group[1](x))
 
 
-def test_in_training_each_student_sees_its_own_seeds_part_and_a_stopped_student_is_not_run():
+def test_each_student_runs_on_its_own_part_and_a_stopped_student_is_not_run():
     calls = []
     small = [nn.Sequential(nn.Flatten(), nn.Linear(12, 10)) for _ in range(3)]
     for k, m in enumerate(small):
         m.register_forward_pre_hook(lambda mod, a, k=k: calls.append(k))
-    group = Students(small, seeds=[1, 0, 1])  # a batch of two seeds' parts: students 0 and 2 learn from the second
-    x, y = torch.randn(8, 3, 2, 2), torch.arange(8)
-    out = group.train()(x)
-    assert out.shape == (3, 4, 10) and [group.part(y, k).tolist() for k in range(3)] == [[4, 5, 6, 7], [0, 1, 2, 3], [4, 5, 6, 7]]
-    assert torch.equal(out[0], small[0](x[4:]).float()) and torch.equal(out[1], small[1](x[:4]).float())
+    group = Students(small, seeds=[1, 0, 1])
+    x = torch.randn(8, 3, 2, 2)
+    out = group.each([x[4:], x[:4], x[4:]])
+    assert out.shape == (3, 4, 10) and torch.equal(out[0], small[0](x[4:]).float()) and torch.equal(out[1], small[1](x[:4]).float())
     calls.clear()
     group.stopped = frozenset({2})  # it diverged: NaN logits, never run
-    out = group(x)
-    assert calls == [0, 1] and out[2].isnan().all() and out[:2].isfinite().all()
-    assert group.eval()(x).shape == (3, 8, 10) and all(group.part(y, k) is y for k in range(3))  # evaluation: the whole batch
+    out = group(x)  # every student on the whole batch
+    assert calls == [0, 1] and out.shape == (3, 8, 10) and out[2].isnan().all() and out[:2].isfinite().all()
+
+
+def test_in_a_training_batch_each_student_learns_from_its_own_seeds_part():
+    """distill_loss: the batch holds two seeds' parts; students 0 and 2 (seed 1) see the second, student 1 the first."""
+    seen = []
+    small = [nn.Sequential(nn.Flatten(), nn.Linear(12, 10)) for _ in range(3)]
+    for m in small:
+        m.register_forward_pre_hook(lambda mod, a: seen.append(a[0].clone()))
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
+    x, y = torch.randn(8, 3, 2, 2), torch.arange(8) % 10
+    losses, _ = q1b_kd.distill_loss(teacher, [(2.0, 0.5)] * 3)(Students(small, seeds=[1, 0, 1]).train(), x, y)
+    assert [s.tolist() for s in seen] == [x[4:].tolist(), x[:4].tolist(), x[4:].tolist()]
+    with torch.no_grad():
+        t = teacher(x)
+        for k, b in enumerate([slice(4, 8), slice(0, 4), slice(4, 8)]):
+            assert torch.allclose(losses[k], kd_loss(small[k](x[b]), t[b], y[b], 2.0, 0.5), rtol=1e-5, atol=1e-6)
 
 
 def test_continual_net_has_two_heads_and_freezes_batchnorm_of_frozen_layers():

@@ -218,7 +218,7 @@ def test_the_report_of_the_real_image_run_in_docs(tmp_path):
     text = json.dumps(d, ensure_ascii=False)
     assert "CIFAR-10 images, not the official files" in text and "synthetic substitute for CIFAR-10" not in text
     assert d["intro"]["source"] == "other" and not d["intro"]["pretrained"] and not d["intro"]["full"]
-    assert "5,000 training and 2,000 test images" in text
+    assert "5,000 of its training and 2,000 of its test images" in text  # a subset of the 50,000 and 10,000
     q1 = d["kd"]["q"]
     assert q1["best"] == "KD 3, T = 20" and q1["vs_teacher"] == 0 and q1["weak_teacher"]
     assert q1["kd_effect"] == "none" and q1["gap"]["effect"] == "none"
