@@ -4,7 +4,7 @@ with two references beyond the assignment: joint training (with the old data) an
 
   python q2_continual.py                           the five methods -> out/continual/{fe,ft,lwf,joint,ft-all}/
   python q2_continual.py --methods ft --ft-layers "conv5_x:10 conv4_x:1"
-  python q2_continual.py --methods --lwf-sweep 0.1 0.3 3   LwF at these lambda_o and 0 -> lwf_lam<v>/ (1: lwf/)
+  python q2_continual.py --methods --lwf-sweep 0.1 0.3 3   LwF alone at these lambda_o and 0 -> lwf_lam<v>/
 
 The assignment's items, and what answers each:
   the network: the teacher's backbone, its old head, a new one   common.ContinualNet
@@ -116,7 +116,7 @@ def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, g
         return fit(net, new_task, opt, sched, train, evals, args.epochs, run)
     # LwF (Li & Hoiem) and joint training: two stages, each a fresh SGD and cosine; BatchNorm statistics frozen.
     # Stage 1, Li & Hoiem's warm-up (not a rate warm-up), epochs 1..w: the new head alone at 100% on the faces' CE.
-    # Its rows (epochs 0..w) and weights are saved in `run` at epoch w, where stage 2's fit (run.resume) takes them up.
+    # Stage 2 goes on from its weights, in `net`; its fit's history starts with these rows (epochs 0..w), kept by `run`.
     opt, sched = optimiser(net, trained("warm-up", net, args), lr, args, w * steps)
     fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)
     # Stage 2, epochs w+1..end, from stage 1's weights: the new head at 100%, backbone and old head at --lwf-lr.
