@@ -522,7 +522,8 @@ def q2_figures(g):
     if len(g["lwf_sweep"]) > 1:
         pts = [(stats(accs(r, "new_test_acc"))[0], stats(accs(r, "old_test_acc"))[0]) for r in g["lwf_sweep"].values()]
         b.plot(*zip(*pts), "k--", lw=1, marker="o", ms=3, mfc="white")
-        for v, pt in zip(g["lwf_sweep"], pts):
+        lwf = methods["lwf"][0]["config"].get("lwf_lambda") if methods.get("lwf") else None  # its point is labelled LwF
+        for v, pt in [(v, pt) for v, pt in zip(g["lwf_sweep"], pts) if v != lwf]:
             b.annotate(f"λo={v:g}", pt, textcoords="offset points", xytext=(-7, 0), ha="right", va="center", fontsize=7.5)
     b.margins(0.2)
     b.autoscale_view()  # the limits as drawn (in pixels below): each label goes under the earlier ones near its point
@@ -552,9 +553,7 @@ def listing(caption, *objects):
         starts = [n for n in keep if n - 1 not in keep]
         parts.append({"file": os.path.basename(inspect.getsourcefile(obj)),
                       "spans": [[a, next(n for n in keep[keep.index(a):] if n + 1 not in keep)] for a in starts]})
-    where = "; ".join(f"{p['file']}, lines " + ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in p["spans"])
-                      for p in parts)
-    return {"caption": f"{caption} ({where})", "parts": parts}
+    return {"caption": f"{caption} ({', '.join(dict.fromkeys(p['file'] for p in parts))})", "parts": parts}
 
 
 def reproducibility(g, every):
