@@ -615,6 +615,8 @@ def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test"), hei
                     band(ax, epochs, [[r[key] for r in h] for h in hs], names[split], color=f"C{i}")
         losses = [r[f"{s}_loss"] for h in hs for r in h for s in acc_splits if f"{s}_loss" in r]
         a.set(ylabel=loss_label, title=f"{title}(a) loss", yscale="log" if 0 < min(losses) < max(losses) / 10 else "linear")
+        for axis in (a.yaxis.set_major_formatter, a.yaxis.set_minor_formatter) if a.get_yscale() == "log" else ():
+            axis(pyplot().FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "125" else ""))  # 0.5, not 5×10⁻¹
         b.set(ylabel="accuracy (%)", title=f"{title}(b) accuracy")
         for ax in (a, b) if stage else ():
             ax.axvline(stage, color="0.4", ls=":", lw=1)

@@ -112,7 +112,7 @@ def train_group(specs, teacher, data, t_logits, args, shared, device):
     history in group_dir) into out/kd/<student>/: each student's curves, weights and result.
     `t_logits`: the teacher's logits on the un-augmented train and test sets, for the evaluations."""
     (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
-    seeds = sorted({i for *_, i in specs})
+    seeds = sorted({i for *_, i in specs})  # one part of each batch a seed (SeedBatches); student k's: its seed's index
     models = []
     for _, _, i in specs:
         torch.manual_seed(args.seed + i)  # students of one seed start from the same weights, in any group
