@@ -93,7 +93,7 @@ def distill_loss(teacher, specs):
     def loss(students, x, y):
         with torch.no_grad():  # the teacher's logits t (zeros when every lam is 0: no soft term to make)
             t = teacher(x) if any(lam for _, lam in specs) else torch.zeros(len(x), 10, device=x.device)
-        xs, ts, ys = ([v.chunk(max(students.seeds) + 1)[i] for i in students.seeds] for v in (x, t, y))  # k's: its seed's
+        xs, ts, ys = ([p[i] for i in students.seeds] for p in (v.chunk(max(students.seeds) + 1) for v in (x, t, y)))
         s = students.each(xs)  # (students, part, 10): student k on its seed's images only
         return torch.stack([kd_loss(s[k], ts[k], ys[k], T, lam) for k, (T, lam) in enumerate(specs)]), s
     return loss
