@@ -237,7 +237,7 @@ def plan(args, device):
     sec = t.epochs * (n * rates["teacher_train"] + (n + n_test) * rates["teacher_eval"])
     steps.append(("teacher", "1", t.epochs * (n // t.batch), "", sec, weights["teacher"]))
     sec = (n + n_test) * rates["teacher_eval"] + k.epochs * sum(
-        len({i for *_, i in g}) * n * rates["teacher_eval"] + len(g) * n * rates["student_train"]
+        n * rates["teacher_eval"] + len(g) * n * rates["student_train"]
         + len(g) * (n + 2 * n_test) * rates["student_eval"] for g in table)
     steps.append(("kd-table", f"5 students x {seeds} seed(s)", len(table) * k.epochs * (n // k.batch),
                   "+".join(str(len(g)) for g in table), sec, 5 * seeds * weights["student"]))

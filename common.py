@@ -108,21 +108,6 @@ class Batches:
         return Batches(self.x[idx], *(t[idx] for t in self.targets), batch_size=self.batch_size)
 
 
-class SeedBatches:
-    """Lock-step training batches for several seeds: each seed's own Batches (order and augmentation),
-    yielded concatenated so that the teacher sees them all in one forward pass."""
-
-    def __init__(self, parts):
-        self.parts = parts
-
-    def __len__(self):
-        return len(self.parts[0])
-
-    def __iter__(self):
-        for batch in zip(*self.parts):
-            yield tuple(torch.cat(t) for t in zip(*batch))
-
-
 class JointBatches:
     """Each face batch with a CIFAR-10 batch of the same size (a fixed 1:1 ratio), a fresh CIFAR-10 order each epoch."""
 
@@ -298,23 +283,14 @@ def student_groups(students, lr, fc1_rate):
 
 
 class Students(nn.ModuleList):
-    """Students trained in lock-step on the same batches, one teacher pass for all. seeds[k]: the seed whose part of
-    a training batch (SeedBatches: one part per seed) student k learns from. each(xs): student k on xs[k], the logits
-    stacked (K, B, 10); forward(x): every student on the whole batch (evaluation). A student in `stopped` (it
-    diverged) is not run: its logits are NaN."""
+    """Students trained in lock-step on the same batches, one teacher pass for all: forward(x) is every student's
+    logits, stacked (K, B, 10). A student in `stopped` (it diverged) is not run: its logits are NaN."""
     stopped = frozenset()
 
-    def __init__(self, students, seeds=None):
-        super().__init__(students)
-        self.seeds = list(seeds) if seeds is not None else [0] * len(self)
-
-    def each(self, xs):
-        logits = {k: m(xs[k]).float() for k, m in enumerate(self) if k not in self.stopped}
+    def forward(self, x):
+        logits = {k: m(x).float() for k, m in enumerate(self) if k not in self.stopped}
         nan = torch.full_like(next(iter(logits.values())), math.nan)
         return torch.stack([logits.get(k, nan) for k in range(len(self))])
-
-    def forward(self, x):
-        return self.each([x] * len(self))
 
 
 class ContinualNet(nn.Module):
@@ -526,8 +502,9 @@ def fit(model, loss_fn, opt, sched, train, evals, epochs, run):
     loss_fn, or (another loss function, data)}; eval mode, un-augmented; a training set on a fixed EVAL_IMAGES of
     its images, on all after the last epoch). `epochs`: the run's number, or a range of them (a stage with its own
     optimiser and schedule, which continues the run's history). `run` (machinery.Run): the folder, its checkpoints
-    and resume, and the config, whose precision and gradient clip apply. Returns the history: a row per epoch,
-    the first (epoch 0) before any training. A non-finite loss stops the run; in a lock-step group, that student."""
+    and resume, and the config, whose precision and gradient clip apply. Returns the history of `epochs`: a row per
+    epoch, and first, when they start the run, epoch 0 (before any training). A non-finite loss stops the run; in a
+    lock-step group, that student."""
     stage, group = epochs if isinstance(epochs, range) else range(1, epochs + 1), isinstance(model, Students)
     step = M.Step(model, opt, run.precision, run.clip)
     history = run.resume(model, opt, sched, step, stage)
@@ -549,7 +526,7 @@ def fit(model, loss_fn, opt, sched, train, evals, epochs, run):
         row["seconds"] = round(time.time() - t0, 2)
         history.append(row)
         run.record(history, stage.stop - 1)
-    return history
+    return [row for row in history if (stage.start if stage.start > 1 else 0) <= row["epoch"] < stage.stop]
 
 
 # =============================================================================

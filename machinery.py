@@ -436,19 +436,12 @@ def plan_group(free, measured, floor, margin=0.8):
 
 
 def lockstep_groups(specs, size):
-    """`specs` ([(T, lam, seed index)], each student's seeds next to each other) in groups of at most
-    `size`, each student's seeds in one group where they fit, so that its seeds share teacher passes."""
-    students = {}
+    """`specs` ([(T, lam, seed index)]) in lock-step groups of one seed each (its students see the same batches, so
+    one teacher pass serves them all; seeds share no image), split into groups of at most `size`."""
+    seeds = {}
     for spec in specs:
-        students.setdefault(spec[:2], []).append(spec)
-    groups = [[]]
-    for seeds in students.values():
-        for i in range(0, len(seeds), size):
-            part = seeds[i:i + size]
-            if len(groups[-1]) + len(part) > size:
-                groups.append([])
-            groups[-1] += part
-    return [g for g in groups if g]
+        seeds.setdefault(spec[2], []).append(spec)
+    return [part[i:i + size] for part in seeds.values() for i in range(0, len(part), size)]
 
 
 def train_lockstep(todo, train, folder, args, device, make):

@@ -11,14 +11,14 @@ The assignment's items, and what answers each:
   (2) the training setup, the teacher's tricks     parse: the teacher's SGD (momentum 0.9, L2 5e-4), crop + flip and
                                                    BatchNorm; added, argued at its option: --fc1-lr 10%, --clip 5
   (3) the loss, a mix of soft and hard CE          common.kd_loss; for one training batch, distill_loss: the teacher's
-                                                   pass, then each student's kd_loss at its T and lam on its seed's
-                                                   images; one step of one student, plainly: common.kd_step
+                                                   pass, then each student's kd_loss at its T and lam; the batches,
+                                                   the optimiser and fit: train_group; one student's step: common.kd_step
       (a), (b) loss and test accuracy per epoch    scored_loss, each epoch in fit's history; written in train_group
   (4) the table                                    TABLE, main with --table
   (5) bonus: more T and lambda                     main with --sweep
 
-Each student trains --seeds times (seed i: its initial weights, data order, augmentation), in lock-step groups: one
-teacher pass per step for all. Every `M.` call is machinery (command line, group sizing, run folders): skip it.
+Each student trains --seeds times (seed i: its initial weights, data order, augmentation). A seed's students train
+in lock-step: the same batches, one teacher pass per step for all. Every `M.` call is machinery (command line, group sizing, run folders): skip it.
 """
 import argparse
 import contextlib
@@ -29,7 +29,7 @@ import os
 import torch
 
 import machinery as M
-from common import (Batches, SeedBatches, StudentCNN, Students, fidelity, fit, kd_loss, load_cifar10, load_teacher,
+from common import (Batches, StudentCNN, Students, fidelity, fit, kd_loss, load_cifar10, load_teacher,
                     plot_curves, predict, sgd, soft_target_summary, student_groups, warmup_cosine)
 
 # The assignment's table (Q1B (4)): label, T, lam. lam = 0 is plain cross-entropy, so its T is moot.
@@ -82,20 +82,19 @@ def group_dir(args, specs):
 
 
 def distill_loss(teacher, specs):
-    """The training loss of a lock-step group of students, `specs` = [(T, lam) of each]. For one training batch:
-      1. x holds each seed's own augmented batch, one after another (SeedBatches);
-      2. t = teacher(x): once for all students, in eval mode, without gradients;
-      3. student k runs on its seed's part of x only (Students.each), and loss_k = kd_loss at its own T and lam;
-      4. fit -> train_epoch -> M.Step: the losses' sum goes backward (the students share no weight), each student's
-         gradient is clipped to norm --clip, SGD steps: per student, common.kd_step (tests/test_step.py: equal)."""
+    """The training loss of a lock-step group of students, `specs` = [(T, lam) of each]. For one training batch (x, y):
+      1. t = teacher(x): once for all the group's students, in eval mode, without gradients;
+      2. s = students(x): every student's logits on the same images;
+      3. loss_k = kd_loss(s[k], t, y) at student k's own T and lam.
+    fit then steps (M.Step): the losses' sum goes backward (the students share no weight), each student's gradient
+    is clipped to norm --clip, SGD steps. One student's step, plainly: common.kd_step (tests/test_step.py: equal)."""
     teacher.eval()  # BatchNorm on its running statistics: the teacher of part A as it was trained
 
     def loss(students, x, y):
         with torch.no_grad():  # the teacher's logits t (zeros when every lam is 0: no soft term to make)
             t = teacher(x) if any(lam for _, lam in specs) else torch.zeros(len(x), 10, device=x.device)
-        xs, ts, ys = ([p[i] for i in students.seeds] for p in (v.chunk(max(students.seeds) + 1) for v in (x, t, y)))
-        s = students.each(xs)  # (students, part, 10): student k on its seed's images only
-        return torch.stack([kd_loss(s[k], ts[k], ys[k], T, lam) for k, (T, lam) in enumerate(specs)]), s
+        s = students(x)
+        return torch.stack([kd_loss(s[k], t, y, T, lam) for k, (T, lam) in enumerate(specs)]), s
     return loss
 
 
@@ -112,22 +111,21 @@ def train_group(specs, teacher, data, t_logits, args, shared, device):
     history in group_dir) into out/kd/<student>/: each student's curves, weights and result.
     `t_logits`: the teacher's logits on the un-augmented train and test sets, for the evaluations."""
     (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
-    seeds = sorted({i for *_, i in specs})  # one part of each batch a seed (SeedBatches); student k's: its seed's index
+    seed = args.seed + specs[0][2]  # a group is one seed's students (M.lockstep_groups): they see the same batches
     models = []
-    for _, _, i in specs:
-        torch.manual_seed(args.seed + i)  # students of one seed start from the same weights, in any group
+    for _ in specs:
+        torch.manual_seed(seed)  # students of one seed start from the same weights, in any group
         models.append(StudentCNN(bn=bool(args.bn), dropout=args.dropout))
-    students = M.prepare(Students(models, seeds=[seeds.index(i) for *_, i in specs]), device, args.compile)
-    gens = [torch.Generator(device=device).manual_seed(args.seed + i) for i in seeds]  # a seed's data, in any group
-    train = SeedBatches([Batches(x_train, y_train, batch_size=args.batch, shuffle=True, augment=bool(args.augment), gen=g)
-                         for g in gens])
+    students = M.prepare(Students(models), device, args.compile)
+    gen = torch.Generator(device=device).manual_seed(seed)  # the seed's data order and augmentation, in any group
+    train = Batches(x_train, y_train, batch_size=args.batch, shuffle=True, augment=bool(args.augment), gen=gen)
     pairs = [(T, lam) for T, lam, _ in specs]
     evals = {"train": (scored_loss(pairs), Batches(x_train, y_train, t_logits[0], batch_size=1024)),
              "test": (scored_loss(pairs), Batches(x_test, y_test, t_logits[1], batch_size=1024))}
     opt = sgd(student_groups(students, args.lr, args.fc1_lr / 100), args.lr, args.momentum, args.wd)
     sched = warmup_cosine(opt, args.epochs * len(train), args.warmup * len(train))
     print(f"-- lock-step group of {len(specs)} student(s): " + ", ".join(name(*p) for p in specs))
-    run = M.Run(group_dir(args, specs), shared | {"students": [list(p) for p in specs]}, gens, args.ckpt_every)
+    run = M.Run(group_dir(args, specs), shared | {"students": [list(p) for p in specs]}, gen, args.ckpt_every)
     # the KD training: distill_loss on each batch of `train`, the config's clip on each student's own gradient
     history = fit(students, distill_loss(teacher, pairs), opt, sched, train, evals, args.epochs, run)
     dead = M.diverged(history)

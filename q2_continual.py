@@ -116,10 +116,9 @@ def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, g
         return fit(net, new_task, opt, sched, train, evals, args.epochs, run)
     # LwF (Li & Hoiem) and joint training: two stages, each a fresh SGD and cosine; BatchNorm statistics frozen.
     # Stage 1, Li & Hoiem's warm-up (not a rate warm-up), epochs 1..w: the new head alone at 100% on the faces' CE.
-    # Stage 2 goes on from its weights, in `net`; its fit's history starts with these rows (epochs 0..w), kept by `run`.
     opt, sched = optimiser(net, trained("warm-up", net, args), lr, args, w * steps)
-    fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)
-    # Stage 2, epochs w+1..end, from stage 1's weights: the new head at 100%, backbone and old head at --lwf-lr.
+    warmup = fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)  # the history of epochs 0..w
+    # Stage 2, epochs w+1..end, from stage 1's weights (in net): the new head at 100%, backbone and old head at --lwf-lr.
     # LwF: the faces' CE + lambda_o CE_T(y_o, old head), y_o the frozen original's old head on the same augmented
     # batch (Li & Hoiem record it once, before training); joint: the faces' CE + CIFAR-10's CE on a CIFAR-10 batch.
     if method == "lwf":
@@ -128,7 +127,7 @@ def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, g
         loss_fn, data = joint_loss, JointBatches(train, Batches(*cifar["train"], batch_size=args.batch, shuffle=True,
                                                                 augment=True, gen=gen))
     opt, sched = optimiser(net, trained(method, net, args), lr, args, (args.epochs - w) * steps)
-    return fit(net, loss_fn, opt, sched, data, evals, range(w + 1, args.epochs + 1), run)  # the history: epochs 0..end
+    return warmup + fit(net, loss_fn, opt, sched, data, evals, range(w + 1, args.epochs + 1), run)  # epochs 0..end
 
 
 def run_dir(args, key, i=0):  # out/continual/<key>/ for the first seed, <key>_seed<i>/ for seed i

@@ -24,13 +24,13 @@ def test_make_plan_arithmetic(tmp_path, monkeypatch, capsys):
     s = {name: (runs, sgd, group, sec, disk) for name, runs, sgd, group, sec, disk in steps}
     assert s["teacher"][1] == 30 * (50000 // 512) == 2910
     assert s["teacher"][3] == pytest.approx(30 * (50000 + 60000) * 1e-4)  # training + evaluation passes
-    # GROUP=10 caps the table's group too: 3 students with their 3 seeds (9), then 2 (6), seeds kept together
-    assert s["kd-table"][0] == "5 students x 3 seed(s)" and s["kd-table"][2] == "9+6" and s["kd-table"][4] == 15 * 94e6
-    assert s["kd-table"][1] == 2 * 30 * 97  # each group steps through the epochs
+    # one group per seed (5 students each, under GROUP=10)
+    assert s["kd-table"][0] == "5 students x 3 seed(s)" and s["kd-table"][2] == "5+5+5" and s["kd-table"][4] == 15 * 94e6
+    assert s["kd-table"][1] == 3 * 30 * 97  # each group steps through the epochs
     assert 46_756_294 * 2 < 94e6 < 46_756_294 * 2 * 1.01  # a student's float16 weights (StudentCNN's docstring)
-    # per epoch and group: the teacher on its 3 seeds' batches; the 15 students' steps, their evaluations (train,
+    # per epoch: the teacher on each group's (seed's) batches; the 15 students' steps, their evaluations (train,
     # test, test CE)
-    assert s["kd-table"][3] == pytest.approx(60000e-4 + 30 * (2 * 3 * 50000 + 15 * 50000 + 15 * 70000) * 1e-4)
+    assert s["kd-table"][3] == pytest.approx(60000e-4 + 30 * (3 * 50000 + 15 * 50000 + 15 * 70000) * 1e-4)
     assert s["kd-sweep"][0] == "30 students in 3 group(s)" and s["kd-sweep"][1] == 3 * 30 * 97
     assert s["continual"][0] == "5 methods x 3 seed(s)" and s["continual"][1] == 5 * 3 * 20 * (4000 // 128)
     out = capsys.readouterr().out

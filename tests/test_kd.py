@@ -142,12 +142,13 @@ def test_the_table_in_one_group_and_split_after_running_out_of_memory_gives_the_
     assert "every student asked for is finished" in capsys.readouterr().out
 
 
-def test_lock_step_groups_keep_each_students_seeds_together_where_they_fit():
+def test_a_lock_step_group_is_one_seeds_students_at_most_size_of_them():
     specs = [(T, 0.1, i) for T in (5.0, 10.0, 20.0) for i in range(3)]
-    groups = machinery.lockstep_groups(specs, 7)
-    assert [[s[:2] for s in g] for g in groups] == [[(5.0, 0.1)] * 3 + [(10.0, 0.1)] * 3, [(20.0, 0.1)] * 3]
-    assert [len(g) for g in machinery.lockstep_groups(specs, 2)] == [2, 1, 2, 1, 2, 1]  # a student's seeds split
-    assert sorted(s for g in machinery.lockstep_groups(specs, 4) for s in g) == sorted(specs)
+    assert machinery.lockstep_groups(specs, 7) == [[(T, 0.1, i) for T in (5.0, 10.0, 20.0)] for i in range(3)]
+    assert [len(g) for g in machinery.lockstep_groups(specs, 2)] == [2, 1, 2, 1, 2, 1]
+    for size in (1, 2, 4):
+        groups = machinery.lockstep_groups(specs, size)
+        assert sorted(s for g in groups for s in g) == sorted(specs) and all(len({s[2] for s in g}) == 1 for g in groups)
 
 
 def test_a_student_of_another_teacher_is_refused(tmp_path, cifar_root, teacher_out, small_students):
@@ -166,9 +167,8 @@ def test_a_student_of_another_teacher_is_refused(tmp_path, cifar_root, teacher_o
     assert (out / "kd" / "T4_lam0.5" / "result.json").read_bytes() == before
 
 
-def test_seeds_train_in_lock_step_with_one_teacher_pass_per_step_and_seed_0_as_if_alone(tmp_path, cifar_root,
-                                                                                        teacher_out, monkeypatch,
-                                                                                        small_students):
+def test_each_seed_trains_in_its_own_group_and_seed_0_as_if_alone(tmp_path, cifar_root, teacher_out, monkeypatch,
+                                                                  small_students):
     alone, seeds = tmp_path / "alone", tmp_path / "seeds"
     shutil.copytree(teacher_out, alone)
     shutil.copytree(teacher_out, seeds)
@@ -179,8 +179,8 @@ def test_seeds_train_in_lock_step_with_one_teacher_pass_per_step_and_seed_0_as_i
     monkeypatch.setattr(Spy, "forward", lambda self, x: calls.append(len(x)) or self.teacher(x))
     q1b_kd.main(args(cifar_root, seeds, "--T", "4", "--lam", "0.5", "--seeds", "3", "--epochs", "1"))
     assert not list((seeds / "kd").glob("*/checkpoint.pt"))  # the group, finished, keeps none
-    # the cached logits of the train (60) and test (30) sets, then one forward of 3 seeds x batch 20 per step
-    assert calls == [60, 30] + [60] * 3  # 3 steps in the epoch
+    # the cached logits of the train (60) and test (30) sets, then a group per seed: one forward of batch 20 per step
+    assert calls == [60, 30] + [20] * 3 * 3  # 3 steps in the epoch
     a = json.load(open(alone / "kd" / "T4_lam0.5" / "history.json"))
     b = [json.load(open(seeds / "kd" / f"T4_lam0.5{s}" / "history.json")) for s in ("", "_seed1", "_seed2")]
     assert [r["test_loss"] for r in a] == pytest.approx([r["test_loss"] for r in b[0]], rel=1e-5)

@@ -107,12 +107,14 @@ def run_in_stages(run_dir, stop=None):
     model.requires_grad_(False)
     model.fc.requires_grad_(True)
     opt = sgd(model.fc.parameters(), 0.05)
-    fit(model, cross_entropy, opt, warmup_cosine(opt, 2 * len(train), 0), train, evals, range(1, 3), folder)
+    warmup = fit(model, cross_entropy, opt, warmup_cosine(opt, 2 * len(train), 0), train, evals, range(1, 3), folder)
+    assert [r["epoch"] for r in warmup] == [0, 1, 2]  # epoch 0 opens the run's first stage
     frozen = {k: v.clone() for k, v in model.body.state_dict().items()}
     model.requires_grad_(True)
     opt = sgd([{"params": model.fc.parameters(), "lr": 0.05}, {"params": model.body.parameters(), "lr": 0.005}], 0.05)
     history = fit(model, cross_entropy, opt, warmup_cosine(opt, 3 * len(train), 0), train, evals, range(3, 6), folder)
-    return history, frozen
+    assert [r["epoch"] for r in history] == [3, 4, 5]
+    return warmup + history, frozen
 
 
 @pytest.mark.parametrize("stop", [2, 3, 4])  # in stage 1; in stage 2's first epoch; later in stage 2
