@@ -465,6 +465,19 @@ def pct(x):
 
 # ----------------------------------------------------------------------------- the report's files
 
+def table(name, caption, header, rows, widths=None, csv_rows=None, bold=()):
+    """A table of report.json, written to out/tables/<name>.{md,tex,csv} too. A row ["---"] is a rule."""
+    return {"name": name, "caption": caption, "header": header, "rows": rows, "widths": widths, "csv": csv_rows,
+            "bold": [list(b) for b in bold]}
+
+
+def tables_in(d):
+    """Every table of report.json, in document order."""
+    if isinstance(d, dict):
+        return [d] if "header" in d and "rows" in d else [t for v in d.values() for t in tables_in(v)]
+    return [t for v in d for t in tables_in(v)] if isinstance(d, list) else []
+
+
 def write_tables(out, tables):
     """The report's tables ({name, caption, header, rows: a row ["---"] is a rule, bold: [[row, column]], csv}) as
     out/tables/<name>.md, .tex and, with the per-seed numbers, .csv."""

@@ -22,7 +22,8 @@ import common
 import q1a_teacher as q1a
 import q1b_kd as q1b
 import q2_continual as q2
-from files import CIFAR_CLASSES, HEADER, die, file_sha256, md_table, pct, read_json, write_tables, write_text, written
+from files import (CIFAR_CLASSES, HEADER, die, file_sha256, md_table, pct, read_json, table, tables_in, write_tables,
+                   write_text, written)
 from machinery import Parser, run, stride_changes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,8 +111,11 @@ def compare(a, b, n=None, bound=None):
 
 def row(what, c, task=None):
     """A row of a comparison table: what, (task,) difference, two standard errors, verdict."""
-    return [what, *([task] if task else []), f"{c['d']:+.2f}", "-" if c["e"] is None else f"{c['e']:.2f}",
-            VERDICT[c["v"]]]
+    return [what, *([task] if task else []), f"{c['d']:+.2f}", said(c)["e"], VERDICT[c["v"]]]
+
+
+def said(c, **more):  # a comparison as the prose gives it: verdict, the difference's size, two standard errors
+    return {"v": c["v"], "d": f"{abs(c['d']):.2f}", "e": "-" if c["e"] is None else f"{c['e']:.2f}"} | more
 
 
 def effect(vs):
@@ -130,12 +134,6 @@ def noise(n, n_test, p):
 
 
 # ----------------------------------------------------------------------------- tables and the words of the setup
-def table(name, caption, header, rows, widths=None, csv_rows=None, bold=()):
-    """A table of report.json, written to out/tables/<name>.{md,tex,csv} too. A row ["---"] is a rule."""
-    return {"name": name, "caption": caption, "header": header, "rows": rows, "widths": widths, "csv": csv_rows,
-            "bold": [list(b) for b in bold]}
-
-
 def setup_words(cfg, runs, images):
     """The words of a setup table that depend on a run's config: schedule, steps per epoch, precision, seeds."""
     w, first = cfg.get("warmup", 0), runs[0]["config"]["seed"]
@@ -293,6 +291,8 @@ def sweep_part(g):
     top = max((k for k, r in g["students"].items() if accs(r)), key=lambda k: stats(accs(g["students"][k]))[0], default="")
     base = accs(g["students"].get(top) or [])  # the table's best student
     vs_base = best and base and table_epochs == epochs and compare(ok[best], base, n_test)
+    tenth = max((k for k in ok if k[1] == 0.1), key=lambda k: stats(ok[k])[0], default=None)  # the table's lambda
+    vs_tenth = best and tenth and best[1] != 0.1 and compare(ok[best], ok[tenth], n_test)
     return {"table": table(
         "kd_sweep", f"Bonus: student test accuracy (%) over T and λ, {epochs} epoch{'s' * (epochs != 1)} per student"
         + (f", mean ± standard deviation over {grid['seeds']} seeds" if grid["seeds"] > 1 else "") +
@@ -302,11 +302,10 @@ def sweep_part(g):
                   r["result"].get("diverged", "")] for (T, lam), v in sweep["cells"].items() for r in v])),
         "cells": len(ok), "n_T": len(grid["T"]), "n_lam": len(grid["lam"]), "diverged": len(sweep["cells"]) - len(ok),
         "Ts": ", ".join(f"{x:g}" for x in grid["T"]), "lams": ", ".join(f"{x:g}" for x in grid["lam"]),
-        "best": best and {"T": f"{best[0]:g}", "lam": f"{best[1]:g}", "acc": mean_sd(ok[best]), "near": len(near) - 1,
-                          "d": f"{reach['d']:+.2f}", "e": f"{reach['e']:.2f}" if reach["e"] else "-", "v": reach["v"]},
+        "best": best and said(reach, d=f"{reach['d']:+.2f}", T=f"{best[0]:g}", lam=f"{best[1]:g}", acc=mean_sd(ok[best]), near=len(near) - 1),
         "teacher": pct(t["test_acc"]), "epochs": epochs, "same_epochs": table_epochs in (None, epochs), "seeds": grid["seeds"],
-        "table_epochs": table_epochs, "vs_base": {"v": vs_base["v"], "d": f"{abs(vs_base['d']):.2f}", "e": f"{vs_base['e']:.2f}",
-                                                     "acc": mean_sd(base), "who": SHORT.get(top)} if vs_base else None}
+        "table_epochs": table_epochs, "vs_base": said(vs_base, acc=mean_sd(base), who=SHORT.get(top)) if vs_base else None,
+        "vs_tenth": said(vs_tenth, T=f"{tenth[0]:g}", acc=mean_sd(ok[tenth])) if vs_tenth else None}
 
 
 def q2_part(g):
@@ -357,7 +356,7 @@ def q2_part(g):
                                                            for v, runs in sweep.items() for r in runs])) or None,
         "listings": {"net": listing("The two-headed network", common.ContinualNet),
                      "methods": listing("What each method trains", q2.trained),
-                     "lwf": listing("LwF's and joint training's two stages, their losses", q2.train_method,
+                     "lwf": listing("LwF's and joint training's two stages, their losses", (q2.train_method, "steps, w ="),
                                     common.lwf_loss, common.joint_loss)}}
 
 
@@ -368,8 +367,7 @@ def q1_facts(g):
     acc = {label: accs(runs) for label, runs in students.items() if runs and accs(runs)}
     if not acc:
         return None
-    n, n_test, n_train = max(map(len, students.values())), t["result"].get("test_images", 10000), t["result"].get(
-        "train_images", 50000)
+    n, n_test, n_train = max(map(len, students.values())), t["result"].get("test_images", 10000), t["result"].get("train_images", 50000)
     p, fits = stats([v for a in acc.values() for v in a])[0], max(stats(accs(students[k], "train_acc"))[0] for k in acc)
     base, lam1, teacher = q1b.TABLE[0][0], q1b.TABLE[1][0], [t["result"]["test_acc"]]
     kd = [label for label, T, lam in q1b.TABLE if lam == 0.1 and label in acc]
@@ -404,15 +402,18 @@ def q1_facts(g):
     rows += [row(f"{SHORT[b]} − {SHORT[a]}", c) for a, b, c in steps]
     f["temps"] = [{"a": SHORT[a][6:], "b": SHORT[b][6:], "v": c["v"], "d": f"{abs(c['d']):.1f}"} for a, b, c in steps]
     f["rankable"] = any(c["v"] for *_, c in steps)
-    gaps = {k: [r["result"]["train_acc"] - r["result"]["test_acc"] for r in students[k] if "diverged" not in r["result"]]
-            for k in acc}
+    gaps = {k: [r["result"]["train_acc"] - r["result"]["test_acc"] for r in students[k] if "diverged" not in r["result"]] for k in acc}
     if base in gaps and kd:  # from one seed each: the binomial noise of the test and the training accuracy
-        vs = [compare(gaps[base], gaps[k], bound=math.hypot(two_se(p, n_test), two_se(p, n_train))) for k in kd]
+        vs = [compare(gaps[base], gaps[k], bound=(bound := math.hypot(two_se(p, n_test), two_se(p, n_train)))) for k in kd]
         rows += [row(f"gap (training − test) of λ = 0 − that of {SHORT[k]}", c) for k, c in zip(kd, vs)]
+        fit = {k: accs(students[k], "train_acc") for k in acc}  # fits less: training accuracy below λ = 0's
         f["gap"] = {"base": f"{stats(gaps[base])[0]:+.1f}", "kd": joined(f"{stats(gaps[k])[0]:+.1f}" for k in kd),
                     "lam1": f"{stats(gaps[lam1])[0]:+.1f}" if lam1 in gaps else None,
-                    "effect": {"up": "narrower", "down": "wider"}.get(effect([c["v"] for c in vs]),
-                                                                     effect([c["v"] for c in vs]))}
+                    "effect": {"up": "narrower", "down": "wider"}.get(effect([c["v"] for c in vs]), effect([c["v"] for c in vs])),
+                    "lam1_v": compare(gaps[base], gaps[lam1], bound=bound)["v"] if lam1 in gaps else 0,
+                    "base_train": mean_sd(fit[base]), "kd_train": joined(mean_sd(fit[k]) for k in kd),
+                    "lam1_train": lam1 in fit and mean_sd(fit[lam1]),
+                    "lam1_fits_less": lam1 in fit and compare(fit[lam1], fit[base], n_train)["v"] < 0}
     agree = {k: accs(students[k], "test_agree") for k in acc}
     if base in acc and all(agree.values()):
         vs = [compare(agree[k], agree[base], n_test) for k in kd]
@@ -422,7 +423,8 @@ def q1_facts(g):
                          "kd": joined(mean_sd(agree[k]) for k in kd), "lam1": lam1 in agree and mean_sd(agree[lam1]),
                          "kl_base": f"{stats(accs(students[base], 'test_kl'))[0]:.3f}",
                          "lam1_v": compare(agree[lam1], agree[base], n_test)["v"] if lam1 in agree else 0,
-                         "kl_kd": joined(f"{stats(accs(students[k], 'test_kl'))[0]:.3f}" for k in kd)}
+                         "kl_kd": joined(f"{stats(accs(students[k], 'test_kl'))[0]:.3f}" for k in kd),
+                         "same": joined(SHORT[k] for k in agree if len(agree[k]) > 1 and stats(agree[k])[1] == 0)}
     hs = [r["history"] for k in acc for r in students[k] if "diverged" not in r["result"]]
     f |= {"still_rising": all(len(h) > 2 and h[-1]["test_acc"] > h[-2]["test_acc"] for h in hs),
           "lr_zero": all(h[-1]["lr"] < 1e-9 for h in hs), "clip": students[best][0]["config"].get("clip", 0),
@@ -542,13 +544,15 @@ def q2_figures(g):
 # ----------------------------------------------------------------------------- listings, provenance
 def listing(caption, *objects):
     """Where the source of functions or classes lies, for report.typ to read(): {caption, parts: [{file, spans}]},
-    docstrings left out (the text around the listing says what they would)."""
+    docstrings left out (the text around the listing says what they would); (obj, text): its def line, then from
+    the first line holding `text` on."""
     parts = []
-    for obj in objects:
+    for obj, start in (o if isinstance(o, tuple) else (o, "") for o in objects):
         lines, first = inspect.getsourcelines(obj)
         doc = {first + n - 1 for node in ast.walk(ast.parse(textwrap.dedent("".join(lines))))
                if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node)
                for n in range(node.body[0].lineno, node.body[0].end_lineno + 1)}
+        doc |= set(range(first + 1, first + next(i for i, line in enumerate(lines) if start in line))) if start else set()
         keep = [n for n in range(first, first + len(lines)) if n not in doc]
         starts = [n for n in keep if n - 1 not in keep]
         parts.append({"file": os.path.basename(inspect.getsourcefile(obj)),
@@ -587,13 +591,6 @@ def report_data(g, author, student_id):
             "q2": have("methods") and q2_part(g) or None}
 
 
-def tables_in(d):
-    """Every table of report.json, in document order."""
-    if isinstance(d, dict):
-        return [d] if "header" in d and "rows" in d else [t for v in d.values() for t in tables_in(v)]
-    return [t for v in d for t in tables_in(v)] if isinstance(d, list) else []
-
-
 def compile_pdf(typ, pdf, root, data):
     """typ -> pdf with the typst package (atomic), or the reason why not."""
     try:
@@ -621,8 +618,7 @@ def main(argv=None):
     os.makedirs(os.path.join(out, "code"), exist_ok=True)
     for name in APPENDIX:
         shutil.copyfile(os.path.join(HERE, name), os.path.join(out, "code", name))
-    with open(os.path.join(HERE, "report.typ"), encoding="utf-8") as f:
-        body = f.read()
+    body = open(os.path.join(HERE, "report.typ"), encoding="utf-8").read()
     typ, data = os.path.join(out, "report.typ"), "report.json"
     if not written(typ):
         typ, data = os.path.join(out, "report.new.typ"), "report.new.json"

@@ -55,6 +55,16 @@ def test_the_appendix_holds_every_line_of_the_code(made):
         assert not missing, (name, missing[:3])
 
 
+def test_a_listing_leaves_out_docstrings_and_can_start_at_a_line():
+    import q2_continual
+    lines, first = report.inspect.getsourcelines(q2_continual.train_method)
+    start = first + next(i for i, line in enumerate(lines) if "steps, w =" in line)
+    whole = report.listing("x", q2_continual.train_method)["parts"][0]["spans"]
+    assert whole[0] == [first, first] and whole[1][0] > first + 2 and whole[-1][1] == first + len(lines) - 1  # no docstring
+    assert report.listing("x", (q2_continual.train_method, "steps, w ="))["parts"][0]["spans"] == [
+        [first, first], [start, first + len(lines) - 1]]
+
+
 def test_no_make_variable_path_or_python_repr_before_the_appendix(made):
     out, pages = made
     body = "\n".join(pages[:appendix_page(out) - 1])
