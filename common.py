@@ -526,7 +526,8 @@ def fit(model, loss_fn, opt, sched, train, evals, epochs, run):
         row["seconds"] = round(time.time() - t0, 2)
         history.append(row)
         run.record(history, stage.stop - 1)
-    return [row for row in history if (stage.start if stage.start > 1 else 0) <= row["epoch"] < stage.stop]
+    first = 0 if stage.start == 1 else stage.start  # epoch 0, before any training, opens the run's first stage
+    return [row for row in history if first <= row["epoch"] < stage.stop]
 
 
 # =============================================================================
@@ -577,19 +578,20 @@ SPLITS = {"train": "training", "test": "test", "old_train": "old task (CIFAR-10)
 
 
 def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test"), height=2.0, svg=False, stage=None,
-                names=SPLITS):
+                names=SPLITS, width=6.6, seeds=True):
     """Loss and accuracy of each split of `acc_splits` (those the histories hold) against epoch from epoch 0 (before
     training), side by side, a row per (title, [the history of each seed]): the mean of the seeds with a band of +- one
     standard deviation; a loss spanning more than 10x on a log scale; one legend under the figure; `stage`: the last
-    epoch of a first stage, marked by a dotted line, one per row (None: no line). Writes path.png (and with `svg`,
-    path.svg)."""
-    fig, axes = pyplot().subplots(len(rows), 2, figsize=(6.6, height * len(rows) + 0.45), squeeze=False, sharex=True)
+    epoch of a first stage, marked by a dotted line, one per row (None: no line); `width` in inches, as printed;
+    `seeds`: the legend says how many (else the caption does).
+    Writes path.png (and with `svg`, path.svg)."""
+    fig, axes = pyplot().subplots(len(rows), 2, figsize=(width, height * len(rows) + 0.45), squeeze=False, sharex=True)
     for (title, hs), (a, b), stage in zip(rows, axes, stage or [None] * len(rows)):
         epochs = [r["epoch"] for r in hs[0]]
         for i, split in enumerate(acc_splits):
             for ax, key in ((a, f"{split}_loss"), (b, f"{split}_acc")):
                 if all(key in r for h in hs for r in h):
-                    band(ax, epochs, [[r[key] for r in h] for h in hs], names[split], color=f"C{i}")
+                    band(ax, epochs, [[r[key] for r in h] for h in hs], names[split], seeds, color=f"C{i}")
         losses = [r[f"{s}_loss"] for h in hs for r in h for s in acc_splits if f"{s}_loss" in r]
         a.set(ylabel=loss_label, title=f"{title}(a) loss", yscale="log" if 0 < min(losses) < max(losses) / 10 else "linear")
         for axis in (a.yaxis.set_major_formatter, a.yaxis.set_minor_formatter) if a.get_yscale() == "log" else ():

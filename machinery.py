@@ -213,23 +213,34 @@ class Step:
         self.log, self.step, self.bad = None, 0, torch.zeros(k, dtype=torch.long, device=self.device)
 
     def __call__(self, loss):
-        loss = loss.float().view(-1)
+        """One step; for one model at fp32 it is opt.zero_grad(); loss.backward(); clip_grad_norm_(clip); opt.step()."""
+        loss = loss.float().view(-1)  # one loss a student
         if self.log is not None:
             self.log.append(loss.detach())
         self.opt.zero_grad(set_to_none=True)
         (loss * self.scale if self.fp16 else loss).sum().backward()  # a group: each student's own gradient
         grads = [[q.grad for q in part.parameters() if q.grad is not None] for part in self.parts]
+        norm = self.norms(grads)  # each student's gradient norm, unscaled
+        found = ~(torch.isfinite(norm) & torch.isfinite(loss))  # a student with a non-finite loss or gradient
+        self.clip_(grads, norm)  # fp16: unscaled; each student's gradients clipped to norm `clip`
+        self.count(found)  # fp16: the loss scales; under fp32 and bf16 a non-finite student has diverged for good
+        self.sgd(found | self.dead)  # SGD, skipping those students' parameter groups
+
+    def norms(self, grads):
         key = tuple(map(len, grads))
         if key not in self.index:
             self.index[key] = torch.tensor([k for k, g in enumerate(grads) for _ in g], device=self.device)
         flat = [g for gs in grads for g in gs]
         sq = torch.stack(torch._foreach_norm(flat)).square() if flat else torch.zeros(0, device=self.device)
-        norm = torch.zeros(len(self.parts), device=self.device).index_add_(0, self.index[key], sq).sqrt() / self.scale
-        found = ~(torch.isfinite(norm) & torch.isfinite(loss))
+        return torch.zeros(len(self.parts), device=self.device).index_add_(0, self.index[key], sq).sqrt() / self.scale
+
+    def clip_(self, grads, norm):
         mult = (1 / self.scale) * ((self.clip / (norm + 1e-6)).clamp(max=1) if self.clip else 1)
         for k, gs in enumerate(grads):
             if gs and (self.fp16 or self.clip):
                 torch._foreach_mul_(gs, mult[k])
+
+    def count(self, found):
         self.step += 1
         if self.fp16:
             self.good = torch.where(found, 0, self.good + 1)
@@ -240,7 +251,9 @@ class Step:
         else:
             self.dead |= found
         self.bad = torch.where((self.bad == 0) & self.dead, self.step, self.bad)
-        skip = (found | self.dead).float()
+
+    def sgd(self, skip):
+        skip = skip.float()
         for g, k in zip(self.opt.param_groups, self.owner):
             params = [q for q in g["params"] if q.grad is not None]
             if not params:
@@ -437,7 +450,7 @@ def plan_group(free, measured, floor, margin=0.8):
 
 def lockstep_groups(specs, size):
     """`specs` ([(T, lam, seed index)]) in lock-step groups of one seed each (its students see the same batches, so
-    one teacher pass serves them all; seeds share no image), split into groups of at most `size`."""
+    one teacher pass serves them all; two seeds' batches differ in order and crops), of at most `size` students."""
     seeds = {}
     for spec in specs:
         seeds.setdefault(spec[2], []).append(spec)

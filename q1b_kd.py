@@ -12,13 +12,14 @@ The assignment's items, and what answers each:
                                                    BatchNorm; added, argued at its option: --fc1-lr 10%, --clip 5
   (3) the loss, a mix of soft and hard CE          common.kd_loss; for one training batch, distill_loss: the teacher's
                                                    pass, then each student's kd_loss at its T and lam; the batches,
-                                                   the optimiser and fit: train_group; one student's step: common.kd_step
+                                                   optimiser and fit: train_group; backward, clip (--clip), SGD step:
+                                                   machinery.Step, in fit (one student's, plainly: common.kd_step)
       (a), (b) loss and test accuracy per epoch    scored_loss, each epoch in fit's history; written in train_group
   (4) the table                                    TABLE, main with --table
   (5) bonus: more T and lambda                     main with --sweep
 
-Each student trains --seeds times (seed i: its initial weights, data order, augmentation). A seed's students train
-in lock-step: the same batches, one teacher pass per step for all. Every `M.` call is machinery (command line, group sizing, run folders): skip it.
+Each student trains --seeds times (seed i: its initial weights, data order, augmentation), a seed's students in
+lock-step (the same batches, one teacher pass per step). Every `M.` call is machinery (command line, folders): skip it.
 """
 import argparse
 import contextlib
@@ -111,7 +112,8 @@ def train_group(specs, teacher, data, t_logits, args, shared, device):
     history in group_dir) into out/kd/<student>/: each student's curves, weights and result.
     `t_logits`: the teacher's logits on the un-augmented train and test sets, for the evaluations."""
     (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
-    seed = args.seed + specs[0][2]  # a group is one seed's students (M.lockstep_groups): they see the same batches
+    assert len({i for *_, i in specs}) == 1, "a lock-step group is one seed's students (M.lockstep_groups)"
+    seed = args.seed + specs[0][2]  # the group's students see the same batches: its seed's
     models = []
     for _ in specs:
         torch.manual_seed(seed)  # students of one seed start from the same weights, in any group
@@ -126,7 +128,7 @@ def train_group(specs, teacher, data, t_logits, args, shared, device):
     sched = warmup_cosine(opt, args.epochs * len(train), args.warmup * len(train))
     print(f"-- lock-step group of {len(specs)} student(s): " + ", ".join(name(*p) for p in specs))
     run = M.Run(group_dir(args, specs), shared | {"students": [list(p) for p in specs]}, gen, args.ckpt_every)
-    # the KD training: distill_loss on each batch of `train`, the config's clip on each student's own gradient
+    # the KD training: distill_loss on each batch of `train`; each student's gradient clipped to --clip (run.clip)
     history = fit(students, distill_loss(teacher, pairs), opt, sched, train, evals, args.epochs, run)
     dead = M.diverged(history)
     for k, (T, lam, i) in enumerate(specs):  # each student's own folder, as if it had trained alone

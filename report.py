@@ -511,15 +511,16 @@ def q2_figures(g):
     for name, ms in (("fe", ["fe"]), ("ft", ["ft"]), ("lwf", ["lwf"]), ("references", ["joint", "ft-all"])):
         if rows := [(f"{WORDS[m]}: " if len(ms) > 1 else "", [r["history"] for r in methods[m]]) for m in ms if methods[m]]:
             common.plot_curves(rows, os.path.join(g["out"], "figures", f"q2_{name}"), "cross-entropy", tuple(names), svg=True,
-                               stage=[methods[m][0]["config"].get("lwf_warmup") for m in ms if methods[m]], names=names)
+                               stage=[methods[m][0]["config"].get("lwf_warmup") for m in ms if methods[m]], names=names,
+                               width=4.9, seeds=False)  # inches, printed as they are
     fig, (a, b) = common.pyplot().subplots(1, 2, figsize=(6.6, 2.85))
-    for m, label in q2.METHODS.items():
+    for (m, label), color in zip(q2.METHODS.items(), ["C4", "C5", "C6", "C8", "C9"]):  # not the splits' colours
         if runs := methods[m]:
             label = label.replace(" (reference)", "*").replace("Fine-tuning all layers", "FT all layers")
             common.band(a, [e["epoch"] for e in runs[0]["history"]], [[e["old_test_acc"] for e in r["history"]]
-                                                                       for r in runs], label, seeds=False)
+                                                                       for r in runs], label, seeds=False, color=color)
             (mo, so, _), (mn, sn, _) = stats(accs(runs, "old_test_acc")), stats(accs(runs, "new_test_acc"))
-            b.errorbar(mn, mo, xerr=sn or 0, yerr=so or 0, fmt="o", capsize=3)
+            b.errorbar(mn, mo, xerr=sn or 0, yerr=so or 0, fmt="o", capsize=3, color=color)
             b.annotate(label, (mn, mo), textcoords="offset points", xytext=(7, 0), va="center", fontsize=7.5)
     if len(g["lwf_sweep"]) > 1:
         pts = [(stats(accs(r, "new_test_acc"))[0], stats(accs(r, "old_test_acc"))[0]) for r in g["lwf_sweep"].values()]
