@@ -496,17 +496,18 @@ def train_epoch(model, loss_fn, sched, data, step, desc=""):
         sched.step()
 
 
-def fit(model, loss_fn, opt, sched, train, evals, epochs, run):
+def fit(model, loss_fn, opt, sched, train, evals, epochs, run, clip=0.0):
     """The one training loop, for the teacher, every student and every Q2 method: train_epoch on `train` for each
     epoch, and before the first and after each, evaluate on each split of `evals` ({split: data, measured with
     loss_fn, or (another loss function, data)}; eval mode, un-augmented; a training set on a fixed EVAL_IMAGES of
     its images, on all after the last epoch). `epochs`: the run's number, or a range of them (a stage with its own
     optimiser and schedule, which continues the run's history). `run` (machinery.Run): the folder, its checkpoints
-    and resume, and the config, whose precision and gradient clip apply. Returns the history of `epochs`: a row per
-    epoch, and first, when they start the run, epoch 0 (before any training). A non-finite loss stops the run; in a
-    lock-step group, that student."""
+    and resume, and the config, whose precision applies. `clip`: the gradient norm each model (each student of a
+    lock-step group, on its own) is clipped to, 0: none. Returns the history of `epochs`: a row per epoch, and first,
+    when they start the run, epoch 0 (before any training). A non-finite loss stops the run; in a lock-step group,
+    that student."""
     stage, group = epochs if isinstance(epochs, range) else range(1, epochs + 1), isinstance(model, Students)
-    step = M.Step(model, opt, run.precision, run.clip)
+    step = M.Step(model, opt, run.precision, clip)  # backward, clip, SGD step
     history = run.resume(model, opt, sched, step, stage)
     for epoch in range(history[-1]["epoch"] + 1 if history else 0, stage.stop):
         t0, row = time.time(), {"epoch": epoch}

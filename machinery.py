@@ -500,8 +500,8 @@ def diverged(history):
 
 
 class Run:
-    """A run's folder while it trains (locked against a second process) and its config, whose epochs, precision and
-    clip are the run's: config.json, history.json, and checkpoint.pt holding all that resumes the run (model,
+    """A run's folder while it trains (locked against a second process) and its config, whose epochs and precision
+    are the run's: config.json, history.json, and checkpoint.pt holding all that resumes the run (model,
     optimiser, schedule, loss scale, epoch, history, config, random states), written atomically every `every` epochs
     (0: every k epochs, k such that writes take under 5% of the time, measured at the first write) and at the end of
     a stage (a span of epochs with its own optimiser); none after the last epoch: the caller finishes the run at
@@ -511,7 +511,7 @@ class Run:
         os.makedirs(folder, exist_ok=True)
         hold(folder)
         self.dir, self.config, self.every, self.measure = folder, config, every or 1, not every
-        self.epochs, self.precision, self.clip = config["epochs"], config.get("precision", "fp32"), config.get("clip", 0.0)
+        self.epochs, self.precision = config["epochs"], config.get("precision", "fp32")
         self.path = os.path.join(folder, "checkpoint.pt")
         self.gens = gens if isinstance(gens, (list, tuple)) else [gens]
 

@@ -113,7 +113,7 @@ def train_group(specs, teacher, data, t_logits, args, shared, device):
     `t_logits`: the teacher's logits on the un-augmented train and test sets, for the evaluations."""
     (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
     assert len({i for *_, i in specs}) == 1, "a lock-step group is one seed's students (M.lockstep_groups)"
-    seed = args.seed + specs[0][2]  # the group's students see the same batches: its seed's
+    seed = args.seed + specs[0][2]  # its students: the same initial weights and the same batches (paired by seed)
     models = []
     for _ in specs:
         torch.manual_seed(seed)  # students of one seed start from the same weights, in any group
@@ -128,8 +128,8 @@ def train_group(specs, teacher, data, t_logits, args, shared, device):
     sched = warmup_cosine(opt, args.epochs * len(train), args.warmup * len(train))
     print(f"-- lock-step group of {len(specs)} student(s): " + ", ".join(name(*p) for p in specs))
     run = M.Run(group_dir(args, specs), shared | {"students": [list(p) for p in specs]}, gen, args.ckpt_every)
-    # the KD training: distill_loss on each batch of `train`; each student's gradient clipped to --clip (run.clip)
-    history = fit(students, distill_loss(teacher, pairs), opt, sched, train, evals, args.epochs, run)
+    # the KD training: distill_loss on each batch of `train`; each student's own gradient clipped to norm --clip
+    history = fit(students, distill_loss(teacher, pairs), opt, sched, train, evals, args.epochs, run, clip=args.clip)
     dead = M.diverged(history)
     for k, (T, lam, i) in enumerate(specs):  # each student's own folder, as if it had trained alone
         folder = os.path.join(args.out, "kd", name(T, lam, i))

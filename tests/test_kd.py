@@ -288,3 +288,13 @@ def test_the_first_fc_trains_at_its_own_fraction_of_the_rate_in_a_group_and_alon
         assert sum(q.numel() for q in slow["params"]) == 93312 * 500 + 500
     one = student_groups(group[0], 0.04, 0.1)
     assert ids(one[1]["params"]) == ids(group[0].classifier[0].parameters())
+
+
+def test_the_clip_asked_for_is_the_one_each_student_steps_with(tmp_path, cifar_root, teacher_out, small_students,
+                                                               monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(teacher_out, out)
+    clips, real = [], machinery.Step.__init__
+    monkeypatch.setattr(machinery.Step, "__init__", lambda self, *a, **kw: clips.append(a[2:4]) or real(self, *a, **kw))
+    q1b_kd.main(args(cifar_root, out, "--T", "4", "--lam", "0.5", "--epochs", "1", "--clip", "3"))
+    assert clips == [("fp32", 3.0)]
