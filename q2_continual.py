@@ -115,13 +115,13 @@ def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, g
         opt, sched = optimiser(net, trained(method, net, args), lr, args, args.epochs * steps)
         return fit(net, new_task, opt, sched, train, evals, args.epochs, run)
     # LwF (Li & Hoiem) and joint training: two stages, each a fresh SGD and cosine; BatchNorm statistics frozen.
-    # Stage 1, Li & Hoiem's warm-up (not the lr's), epochs 1..w (--lwf-warmup, 5): the new head alone at 100%, faces' CE
+    # Stage 1 (Li & Hoiem's warm-up: the new head alone), epochs 1..w (--lwf-warmup, default 5), at 100%, faces' CE
     opt, sched = optimiser(net, trained("warm-up", net, args), lr, args, w * steps)
     warmup = fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)  # the history of epochs 0..w
     # Stage 2, epochs w+1..end, from stage 1's weights (in net): the new head at 100%, backbone and old head at
-    # --lwf-lr (10%). LwF: the faces' CE + lambda_o CE_T(y_o, old head) (--lwf-lambda 1, --lwf-T 2), y_o the frozen
-    # original's old head on the same augmented batch (Li & Hoiem record it once, before training); joint: the faces'
-    # CE + CIFAR-10's CE on a CIFAR-10 batch.
+    # --lwf-lr (default 10%). LwF: the faces' CE + lambda_o CE_T(y_o, old head) (defaults: --lwf-lambda 1, --lwf-T 2),
+    # y_o the frozen original's old head on the same augmented batch (Li & Hoiem record it once, before training);
+    # joint: the faces' CE + CIFAR-10's CE on a CIFAR-10 batch.
     if method == "lwf":
         loss_fn, data = lwf_loss(original, args.lwf_T, lambda_o), train
     else:
