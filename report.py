@@ -516,7 +516,7 @@ def q2_figures(g):
         if rows := [(f"{WORDS[m]}: " if len(ms) > 1 else "", [r["history"] for r in methods[m]]) for m in ms if methods[m]]:
             common.plot_curves(rows, os.path.join(g["out"], "figures", f"q2_{name}"), "cross-entropy", tuple(names), svg=True,
                                stage=[methods[m][0]["config"].get("lwf_warmup") for m in ms if methods[m]], names=names,
-                               width=4.9, seeds=False)  # inches, printed as they are
+                               width=4.9, height=1.55, seeds=False)  # inches, as printed
     fig, (a, b) = common.pyplot().subplots(1, 2, figsize=(6.6, 2.85))
     for (m, label), color in zip(q2.METHODS.items(), ["C4", "C5", "C6", "C8", "C9"]):  # not the splits' colours
         if runs := methods[m]:
