@@ -505,15 +505,15 @@ class Run:
     optimiser, schedule, loss scale, epoch, history, config, random states), written atomically every `every` epochs
     (0: every k epochs, k such that writes take under 5% of the time, measured at the first write) and at the end of
     a stage (a span of epochs with its own optimiser); none after the last epoch: the caller finishes the run at
-    once, which would remove it. `gens`: the data generators (one per seed of a group)."""
+    once, which would remove it. `gen`: the data generator (its order and augmentation)."""
 
-    def __init__(self, folder, config, gens, every=1):
+    def __init__(self, folder, config, gen, every=1):
         os.makedirs(folder, exist_ok=True)
         hold(folder)
         self.dir, self.config, self.every, self.measure = folder, config, every or 1, not every
         self.epochs, self.precision = config["epochs"], config.get("precision", "fp32")
         self.path = os.path.join(folder, "checkpoint.pt")
-        self.gens = gens if isinstance(gens, (list, tuple)) else [gens]
+        self.gen = gen
 
     def resume(self, model, opt, sched, step, stage):
         """The history so far: [] for a new run (its config.json written), or the checkpoint's (refusing a changed
@@ -535,7 +535,7 @@ class Run:
         if not same and ck["epoch"] != stage.start - 1:
             die(f"{self.path} (epoch {ck['epoch']}) cannot start epochs {stage.start}-{stage.stop - 1}; delete it to "
                 "start over")
-        resume(ck, model, *((opt, sched) if same else (None, None)), step, self.gens, self.device, self.path)
+        resume(ck, model, *((opt, sched) if same else (None, None)), step, self.gen, self.device, self.path)
         if same:
             print(f"resuming {self.dir} after epoch {ck['epoch']}/{self.epochs}")
         return ck["history"]
@@ -550,7 +550,7 @@ class Run:
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                      "scaler": step.state_dict(), "epoch": epoch, "first": self.first, "history": history,
                      "config": self.config, "device": str(self.device), "rng": torch.get_rng_state(),
-                     "gen": [g.get_state() for g in self.gens],
+                     "gen": self.gen.get_state(),
                      "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
             save_atomic(state, self.path, crc32=False)
             if self.measure:  # writes under 5% of the time: every k epochs
@@ -578,10 +578,10 @@ class Run:
         return {"diverged_at": bad}
 
 
-def resume(ck, model, opt, sched, step, gens, device, path):
+def resume(ck, model, opt, sched, step, gen, device, path):
     """Load a checkpoint's model, optimiser and schedule (unless None: a new stage's), loss scale and random
     states. The first four load on any device. A data generator's state belongs to its device kind (a CUDA
-    generator's cannot be set on the CPU's), so a checkpoint written on another kind re-seeds the generators
+    generator's cannot be set on the CPU's), so a checkpoint written on another kind re-seeds the generator
     from the seed and the epoch, and says so: the later epochs then draw another data order and augmentation
     than an uninterrupted run, and the history is no longer the same as that run's."""
     try:
@@ -593,13 +593,11 @@ def resume(ck, model, opt, sched, step, gens, device, path):
         torch.set_rng_state(ck["rng"])
         written = torch.device(ck["device"])
         if written.type == device.type:
-            for g, state in zip(gens, ck["gen"], strict=True):
-                g.set_state(state)
+            gen.set_state(ck["gen"])
             if device.type == "cuda":
                 torch.cuda.set_rng_state(ck["cuda_rng"], device)
         else:
-            for g in gens:
-                g.manual_seed(g.initial_seed() + 1_000_003 * ck["epoch"])
+            gen.manual_seed(gen.initial_seed() + 1_000_003 * ck["epoch"])
             warn(f"{path} was written on {written}, this run is on {device}: weights, optimiser, schedule and loss "
                  f"scale carry over; the data order and augmentation of epochs {ck['epoch'] + 1}- are re-seeded "
                  "(a generator's state cannot move between device kinds), so they differ from an uninterrupted run's")
