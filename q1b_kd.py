@@ -10,16 +10,16 @@ The assignment's items, and what answers each:
                                                    what they hold: common.soft_target_summary (main)
   (2) the training setup, the teacher's tricks     parse: the teacher's SGD (momentum 0.9, L2 5e-4), crop + flip and
                                                    BatchNorm; added, argued at its option: --fc1-lr 10%, --clip 5
-  (3) the loss, a mix of soft and hard CE          common.kd_loss; for one training batch, distill_loss: the teacher's
-                                                   pass, then each student's kd_loss at its T and lam; the batches,
-                                                   optimiser and fit: train_group; backward, clip (--clip), SGD step:
-                                                   machinery.Step, in fit (one student's, plainly: common.kd_step)
+  (3) the loss, a mix of soft and hard CE          common.kd_loss; one student's training step, plainly: common.kd_step
+                                                   (teacher pass, kd_loss, backward, clip --clip, SGD step). What runs
+                                                   is that for a seed's students at once: distill_loss (the teacher's
+                                                   pass, each kd_loss), fit's M.Step (backward, clip, SGD): train_group
       (a), (b) loss and test accuracy per epoch    scored_loss, each epoch in fit's history; written in train_group
   (4) the table                                    TABLE, main with --table
   (5) bonus: more T and lambda                     main with --sweep
 
 Each student trains --seeds times (seed i: its initial weights, data order, augmentation), a seed's students in
-lock-step (the same batches, one teacher pass per step). Every `M.` call is machinery (command line, folders): skip it.
+lock-step (the same batches, one teacher pass per step). Every `M.` call here is machinery (command line, folders): skip it.
 """
 import argparse
 import contextlib

@@ -16,7 +16,7 @@ The assignment's items, and what answers each:
   references beyond the assignment                              trained("joint"), trained("ft-all")
 
 Old-task accuracy: the old head on CIFAR-10 after the network was changed for faces; new-task accuracy: the
-new head on faces. Every `M.` call is machinery (command line, run folders, downloads): a grader may skip it.
+new head on faces. Every `M.` call here is machinery (command line, run folders, downloads): a grader may skip it.
 """
 import argparse
 import copy
@@ -88,23 +88,24 @@ def trained(method, net, args):
         return head | {layer: (layer_parameters(net.backbone, layer), rate) for layer, rate in args.layers}
     if method == "ft-all":  # reference: every layer of the backbone, on faces only
         return head | {"backbone": (list(net.backbone.parameters()), args.ft_all_lr)}
-    return head | {"backbone and old head": (net.old_task_parameters(), args.lwf_lr)}  # lwf, joint: every layer
+    assert method in ("lwf", "joint"), method  # their second stage: every layer, the old head too (--lwf-lr)
+    return head | {"backbone and old head": (net.old_task_parameters(), args.lwf_lr)}
 
 
 def optimiser(net, groups, lr, args, steps):
-    """SGD over `groups` ({what: (parameters, rate in % of lr)}), every other weight of `net` frozen; each group's
-    rate decays from its full value to 0 over `steps` (a cosine)."""
+    """SGD over `groups` ({what: (parameters, rate in % of lr)}), all else in `net` frozen; a cosine to 0 over `steps`."""
     net.requires_grad_(False)
     for params, _ in groups.values():
         for q in params:
             q.requires_grad_(True)
+    print("   trains " + ", ".join(f"{what} at lr {lr * rate / 100:g}" for what, (_, rate) in groups.items()))
     opt = sgd([{"params": params, "lr": lr * rate / 100} for params, rate in groups.values()], lr, args.momentum, args.wd)
     return opt, warmup_cosine(opt, steps, 0)
 
 
 def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, gen):
-    """Train `method` on the face split into `run` (machinery.Run), rates in % of `lr` (the original); returns its
-    history. Every method is measured alike, each epoch: each head's cross-entropy and accuracy on its own task."""
+    """Train `method` on the face split into `run`, rates in % of `lr` (the original, from main), LwF's weight lambda_o
+    (--lwf-lambda or a --lwf-sweep value); returns its history: each epoch, each head's CE and accuracy on its task."""
     train = Batches(*faces["train"], batch_size=args.batch, shuffle=True, augment=True, pad=args.face_size // 8, gen=gen)
     evals = {"train": (new_task, Batches(*faces["train"], batch_size=1024)),
              "test": (new_task, Batches(*faces["test"], batch_size=1024)),
@@ -118,13 +119,12 @@ def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, g
     # Stage 1 (Li & Hoiem's warm-up: the new head alone), epochs 1..w (--lwf-warmup, default 5), at 100%, faces' CE
     opt, sched = optimiser(net, trained("warm-up", net, args), lr, args, w * steps)
     warmup = fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)  # the history of epochs 0..w
-    # Stage 2, epochs w+1..end, from stage 1's weights (in net): the new head at 100%, backbone and old head at
-    # --lwf-lr (default 10%). LwF: the faces' CE + lambda_o CE_T(y_o, old head) (defaults: --lwf-lambda 1, --lwf-T 2),
-    # y_o the frozen original's old head on the same augmented batch (Li & Hoiem record it once, before training);
-    # joint: the faces' CE + CIFAR-10's CE on a CIFAR-10 batch.
+    # Stage 2, epochs w+1..end, from stage 1's weights (in net): the new head at 100%, backbone and old head at --lwf-lr
+    # (default 10%). LwF: faces' CE + lambda_o CE_T(y_o, old head) (--lwf-T 2), y_o the frozen original's old head on the
+    # same augmented batch (Li & Hoiem record it once, before training); joint: faces' CE + CIFAR-10's CE on its batch.
     if method == "lwf":
         loss_fn, data = lwf_loss(original, args.lwf_T, lambda_o), train
-    else:
+    else:  # joint
         loss_fn, data = joint_loss, JointBatches(train, Batches(*cifar["train"], batch_size=args.batch, shuffle=True,
                                                                 augment=True, gen=gen))
     opt, sched = optimiser(net, trained(method, net, args), lr, args, (args.epochs - w) * steps)
