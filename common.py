@@ -578,6 +578,30 @@ SPLITS = {"train": "training", "test": "test", "old_train": "old task (CIFAR-10)
           "old_test": "old task (CIFAR-10), test"}
 
 
+def label_points(fig, ax, bars=()):
+    """Each label of `ax` (its annotations) to the first place near its point that covers no point, no error bar
+    (`bars`: x0, y0, x1, y1 in data coordinates), no earlier label, and stays inside the axes (as the figure is saved)."""
+    from matplotlib.transforms import Bbox
+    fig.canvas.draw()
+    labels, places = list(ax.texts), [((7, 0), "left", "center"), ((-7, 0), "right", "center"), ((0, 6), "center", "bottom"),
+                                      ((0, -6), "center", "top"), *(((x, y), h, "center") for y in (9, -9, 17, -17)
+                                                                    for x, h in ((7, "left"), (-7, "right")))]
+    taken = [Bbox.from_extents(*(xy := ax.transData.transform(t.xy)) - 5, *xy + 5) for t in labels]  # the points
+    for x0, y0, x1, y1 in bars:  # and their error bars
+        x, y = (x0 + x1) / 2, (y0 + y1) / 2
+        taken += [Bbox(ax.transData.transform(ends)).padded(3) for ends in ([(x0, y), (x1, y)], [(x, y0), (x, y1)])]
+    for i, t in enumerate(labels):
+        first = (t.xyann, t.get_ha(), "center")
+        for xy, ha, va in [first, *places]:
+            t.xyann, _, _ = xy, t.set_ha(ha), t.set_va(va)
+            box = t.get_window_extent()
+            if ax.bbox.contains(box.x0, box.y0) and ax.bbox.contains(box.x1, box.y1) and not any(
+                    box.overlaps(u) for u in [*taken, *(u.get_window_extent() for u in labels[:i])]):
+                break
+        else:
+            t.xyann, _, _ = first[0], t.set_ha(first[1]), t.set_va(first[2])
+
+
 def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test"), height=2.0, svg=False, stage=None,
                 names=SPLITS, width=6.6, seeds=True):
     """Loss and accuracy of each split of `acc_splits` (those the histories hold) against epoch from epoch 0 (before

@@ -2,17 +2,20 @@
 synthetic demo data, face images and DigiFace-1M's range-request download, atomic writes, locks and checkpoints, and
 the report's table files. Nothing here is part of the assignment; the scripts reach it through machinery (M.<name>).
 """
+import ast
 import contextlib
 import csv
 import fcntl
 import hashlib
 import http.client
+import inspect
 import io
 import json
 import os
 import pickle
 import re
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -464,6 +467,24 @@ def pct(x):
 
 
 # ----------------------------------------------------------------------------- the report's files
+
+def listing(caption, *objects):
+    """Where the source of functions or classes lies, for report.typ to read(): {caption, parts: [{file, spans}]},
+    docstrings left out (the text around the listing says what they would); (obj, text): its def line, then from
+    the first line holding `text` on."""
+    parts = []
+    for obj, start in (o if isinstance(o, tuple) else (o, "") for o in objects):
+        lines, first = inspect.getsourcelines(obj)
+        doc = {first + n - 1 for node in ast.walk(ast.parse(textwrap.dedent("".join(lines))))
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node)
+               for n in range(node.body[0].lineno, node.body[0].end_lineno + 1)}
+        doc |= set(range(first + 1, first + next(i for i, line in enumerate(lines) if start in line))) if start else set()
+        keep = [n for n in range(first, first + len(lines)) if n not in doc]
+        starts = [n for n in keep if n - 1 not in keep]
+        parts.append({"file": os.path.basename(inspect.getsourcefile(obj)),
+                      "spans": [[a, next(n for n in keep[keep.index(a):] if n + 1 not in keep)] for a in starts]})
+    return {"caption": f"{caption} ({', '.join(dict.fromkeys(p['file'] for p in parts))})", "parts": parts}
+
 
 def table(name, caption, header, rows, widths=None, csv_rows=None, bold=()):
     """A table of report.json, written to out/tables/<name>.{md,tex,csv} too. A row ["---"] is a rule."""

@@ -4,9 +4,7 @@ their verdicts and the facts the prose's conditions test, draws the figures and 
 report.typ reads), OUT/report.typ (a copy to edit: once edited, make report leaves it and its report.json alone and
 writes report.new.typ, .json and .pdf), OUT/report.pdf (typst, offline), OUT/tables/ and OUT/figures/.
 """
-import ast
 import hashlib
-import inspect
 import itertools
 import json
 import math
@@ -14,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import textwrap
 
 import torch
 
@@ -22,8 +19,8 @@ import common
 import q1a_teacher as q1a
 import q1b_kd as q1b
 import q2_continual as q2
-from files import (CIFAR_CLASSES, HEADER, die, file_sha256, md_table, pct, read_json, table, tables_in, write_tables,
-                   write_text, written)
+from files import (CIFAR_CLASSES, HEADER, die, file_sha256, listing, md_table, pct, read_json, table, tables_in,
+                   write_tables, write_text, written)
 from machinery import Parser, run, stride_changes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,8 +34,7 @@ VERDICT = {1: "higher", 0: "within noise", -1: "lower"}
 
 
 # ----------------------------------------------------------------------------- the runs, as they recorded themselves
-def load(folder):
-    """A finished run: {'config', 'history', 'result'}, or None."""
+def load(folder):  # a finished run: {'config', 'history', 'result'}, or None
     if os.path.exists(os.path.join(folder, "result.json")):
         return {k: read_json(os.path.join(folder, f"{k}.json")) for k in ("config", "history", "result")}
 
@@ -109,8 +105,7 @@ def compare(a, b, n=None, bound=None):
     return {"d": d, "e": e, "v": 0 if e is None or abs(d) < e or d == 0 else (1 if d > 0 else -1)}
 
 
-def row(what, c, task=None):
-    """A row of a comparison table: what, (task,) difference, two standard errors, verdict."""
+def row(what, c, task=None):  # a row of a comparison table: what, (task,) difference, two standard errors, verdict
     return [what, *([task] if task else []), f"{c['d']:+.2f}", said(c)["e"], VERDICT[c["v"]]]
 
 
@@ -124,12 +119,11 @@ def effect(vs):
 
 
 def joined(words):
-    words = list(words)
-    return "" if not words else words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+    *rest, last = list(words) or [""]
+    return ", ".join(rest) + " and " + last if rest else last
 
 
-def noise(n, n_test, p):
-    """The yardstick, said once per discussion."""
+def noise(n, n_test, p):  # the yardstick, said once per discussion
     return {"n": n, "n_test": f"{n_test:,}", "p": f"{p:.0f}", "two_se": f"{two_se(p, n_test):.1f}"}
 
 
@@ -416,20 +410,22 @@ def q1_facts(g):
     agree = {k: accs(students[k], "test_agree") for k in acc}
     if base in acc and all(agree.values()):
         both = kd + [lam1] * (lam1 in agree)
-        vs = [compare(agree[k], agree[base], n_test) for k in both]
-        rows += [row(f"agreement with the teacher, {SHORT[k]} − λ = 0", c) for k, c in zip(both, vs)]
+        vs, same = [compare(agree[k], agree[base], n_test) for k in both], [k for k in agree if len(agree[k]) > 1 and stats(agree[k])[1] == 0]
+        mark = ", to be checked" * bool(same)  # seeds that agree exactly: how agreement is recorded is to be checked
+        rows += [(r := row(f"agreement with the teacher, {SHORT[k]} − λ = 0", c))[:-1] + [r[-1] + mark] for k, c in zip(both, vs)]
         f["fidelity"] = {"effect": effect([c["v"] for c in vs[:len(kd)]]), "base": mean_sd(agree[base]),
                          **{w: joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] == v) for w, v in (("more", 1), ("less", -1))},
                          "kd": joined(mean_sd(agree[k]) for k in kd), "lam1": lam1 in agree and mean_sd(agree[lam1]),
                          "kl_base": f"{stats(accs(students[base], 'test_kl'))[0]:.3f}", "lam1_v": vs[-1]["v"] if lam1 in agree else 0,
                          "kl_kd": joined(f"{stats(accs(students[k], 'test_kl'))[0]:.3f}" for k in kd),
-                         "same": joined(SHORT[k] for k in agree if len(agree[k]) > 1 and stats(agree[k])[1] == 0)}
+                         "same": joined(SHORT[k] for k in same),
+                         "less_mean": all(stats(agree[k])[0] < stats(agree[base])[0] for k in kd)}
     hs = [r["history"] for k in acc for r in students[k] if "diverged" not in r["result"]]
     f |= {"still_rising": all(len(h) > 2 and h[-1]["test_acc"] > h[-2]["test_acc"] for h in hs),
           "lr_zero": all(h[-1]["lr"] < 1e-9 for h in hs), "clip": students[best][0]["config"].get("clip", 0),
           "lr": students[best][0]["config"]["lr"], "ce_best": min(sum((accs(students[k], "test_ce") for k in acc), []) or [None])}
-    f["table"] = table("kd_compare", "Knowledge distillation: the comparisons, test accuracy (%) unless named; "
-                       "a difference within two standard errors is within noise.",
+    f["table"] = table("kd_compare", "Knowledge distillation: the comparisons, test accuracy (%) unless named; a difference within two "
+                       "standard errors is within noise" + "; agreement, to be checked (Discussion): so marked" * bool(f.get("fidelity", {}).get("same")) + ".",
                        ["Comparison", "Difference", "Two standard errors", "Verdict"], rows, [2.6, 0, 0, 0])
     return f
 
@@ -450,7 +446,8 @@ def q2_facts(g):
         if a in runs and b in runs:
             co, cn = compare(old(a), old(b), n_test), compare(new(a), new(b), faces_test)
             rows += [((a, b), row(f"{WORDS[a]} − {WORDS[b]}", co, "old")), ((a, b), row("", cn, "new"))]
-            cmp[f"{a}/{b}"] = {"old": co["v"], "new": cn["v"], "old_d": f"{abs(co['d']):.1f}", "new_d": f"{abs(cn['d']):.1f}", "a": WORDS[a], "b": WORDS[b]}
+            cmp[f"{a}/{b}"] = {"old": co["v"], "new": cn["v"], "old_d": f"{abs(co['d']):.1f}", "new_d": f"{abs(cn['d']):.1f}", "a": WORDS[a], "b": WORDS[b],
+                               "new_up": cn["d"] > 0}
     for m in [k for k in ("ft", "lwf", 0.0, "joint", "ft-all") if k in runs]:
         c = compare(old(m), [before], n_test)
         rows += [((m,), row(f"{WORDS[m]} − before any change", c, "old"))]
@@ -461,7 +458,7 @@ def q2_facts(g):
                          "mostly_first": bool(first) and drop > 0 and before - stats(first)[0] > drop / 2, "epoch": w + 1}
     f["pairs"] = [{"a": WORDS[a], "b": WORDS[b], "old": co["v"], "new": cn["v"], "trade": co["d"] * cn["d"] < 0} for a, b in
                   itertools.combinations(runs, 2) for co, cn in [(compare(old(a), old(b), n_test), compare(new(a), new(b), faces_test))]]
-    f |= {"cmp": cmp, "forgets": drops}  # the comparison table, below: a run to be checked gets no verdict
+    f |= {"cmp": cmp, "forgets": drops}  # the comparison table, below: a run to be checked, its verdicts marked
     same = lambda m, keys=("old_test_acc",): all(r["result"].get(k, 0) == r["result"].get(k + "_before", -1)  # noqa: E731
                                                  for r in runs[m] for k in keys)
     f["ft_inert"] = "ft" in runs and same("ft", ("old_test_acc", "old_train_acc")) and cmp.get("ft/fe", {}).get("new") == 0
@@ -470,10 +467,10 @@ def q2_facts(g):
     f["head_bad"] = f["joint_bad"] and bad("lwf/0.0")  # both old-task terms keep less than none: the old head's path
     f["checked"] = [WORDS[m] for m, v in (("joint", f["joint_bad"]), ("ft", f["ft_inert"]), ("lwf", f["head_bad"]),
                                           (0.0, f["head_bad"])) if v]  # runs left out of the comparisons, to be checked
-    rows = [r[:-1] + ["to be checked"] if any(WORDS[m] in f["checked"] for m in ms) else r for ms, r in rows]
+    rows = [r[:-1] + [r[-1] + ", to be checked"] if any(WORDS[m] in f["checked"] for m in ms) else r for ms, r in rows]
     f["table"] = table("continual_compare", f"Continual learning: the comparisons, test accuracy (%) on each task (old: {g['cifar']}, new: "
-                       "faces); a difference within two standard errors is within noise" + "; a run to be checked (Discussion): no "
-                       "verdict" * bool(f["checked"]) + ".", ["Comparison", "Task", "Difference", "Two standard errors", "Verdict"], rows, [2.4, 1.1, 0, 0, 0])
+                       "faces); a difference within two standard errors is within noise" + "; a run to be checked first (Discussion): so "
+                       "marked" * bool(f["checked"]) + ".", ["Comparison", "Task", "Difference", "Two standard errors", "Verdict"], rows, [2.4, 1.1, 0, 0, 0])
     f |= {"still": joined(WORDS[m] for m in runs if m != "fe" and same(m, ("old_test_acc", "old_train_acc")))} | (
         {"fe_exact": same("fe")} if "fe" in runs else {})  # still: it trains the backbone, yet the old task did not move
     if "lwf" in runs:
@@ -482,7 +479,7 @@ def q2_facts(g):
         f["warm"] = {"w": w, "new": mean_sd(ends) if ends else None, "chance": f"{100 * chance:g}", "at_chance": bool(ends)
                      and compare(ends, [100 * chance], bound=two_se(chance, faces_test) / math.sqrt(2))["v"] <= 0}
     if "ft-all" in runs:
-        others = [m for m in ("ft", "lwf", "joint", 0.0) if m in runs]
+        others = [m for m in ("ft", "lwf", "joint", 0.0) if m in runs and WORDS[m] not in f["checked"]]
         f["ftall_most"] = bool(others) and all(compare(old("ft-all"), old(m), n_test)["v"] < 0 for m in others)
         gap = lambda m: [r["result"]["new_train_acc"] - r["result"]["new_test_acc"] for r in runs[m]]  # noqa: E731
         f["ftall_gap"] = {"d": f"{stats(gap('ft-all'))[0]:.1f}", "fe": "fe" in runs and f"{stats(gap('fe'))[0]:.1f}", "v": compare(
@@ -518,6 +515,7 @@ def q2_figures(g):
                                stage=[methods[m][0]["config"].get("lwf_warmup") for m in ms if methods[m]], names=names,
                                width=4.9, height=1.55, seeds=False)  # inches, as printed
     fig, (a, b) = common.pyplot().subplots(1, 2, figsize=(6.6, 2.85))
+    bars = []  # each point's error bars (data coordinates), for its label to avoid
     for (m, label), color in zip(q2.METHODS.items(), ["C4", "C5", "C6", "C8", "C9"]):  # not the splits' colours
         if runs := methods[m]:
             label = label.replace(" (reference)", "*").replace("Fine-tuning all layers", "FT all layers")
@@ -525,6 +523,7 @@ def q2_figures(g):
                                                                        for r in runs], label, seeds=False, color=color)
             (mo, so, _), (mn, sn, _) = stats(accs(runs, "old_test_acc")), stats(accs(runs, "new_test_acc"))
             b.errorbar(mn, mo, xerr=sn or 0, yerr=so or 0, fmt="o", capsize=3, color=color)
+            bars += [(mn - (sn or 0), mo - (so or 0), mn + (sn or 0), mo + (so or 0))]
             b.annotate(label, (mn, mo), textcoords="offset points", xytext=(7, 0), va="center", fontsize=7.5)
     if len(g["lwf_sweep"]) > 1:
         pts = [(stats(accs(r, "new_test_acc"))[0], stats(accs(r, "old_test_acc"))[0]) for r in g["lwf_sweep"].values()]
@@ -533,38 +532,25 @@ def q2_figures(g):
         for v, pt in [(v, pt) for v, pt in zip(g["lwf_sweep"], pts) if v != lwf]:
             b.annotate(f"λo={v:g}", pt, textcoords="offset points", xytext=(-7, 0), ha="right", va="center", fontsize=7.5)
     b.margins(0.2)
-    b.autoscale_view()  # the limits as drawn (in pixels below): each label goes under the earlier ones near its point
-    for i, t in enumerate(b.texts):
-        t.xyann = (t.xyann[0], 5 - 10 * sum(bool((abs(b.transData.transform(t.xy) - b.transData.transform(u.xy)) < (80, 12))
-                                             .all()) and (t.xyann[0] > 0) == (u.xyann[0] > 0) for u in b.texts[:i]))
+    cfg, n_test = next(r for runs in methods.values() for r in runs)["config"], g["teacher"]["result"].get("test_images", 10000)
+    mean = lambda key: stats([v for runs in methods.values() for v in accs(runs, key)])[0]  # noqa: E731
+    old, new = two_se(mean("old_test_acc"), n_test), two_se(mean("new_test_acc"), cfg["subjects"] * (cfg["per_subject"] - cfg["train_per_subject"]))
+    for ax, axis, e in ((a, "y", old), (b, "y", old), (b, "x", new)):  # each axis at least 3 yardsticks long: a
+        lo, hi = getattr(ax, f"get_{axis}lim")()  # difference within the noise does not look like a trend
+        if hi - lo < 3 * e:
+            getattr(ax, f"set_{axis}lim")((lo + hi - 3 * e) / 2, (lo + hi + 3 * e) / 2)
+    b.autoscale_view()
     zero = any(r["history"][0]["epoch"] == 0 for runs in methods.values() for r in runs)
     a.set(title="(a) old task while learning faces", xlabel="epoch" + " (0: before any change)" * zero,
           ylabel=f"{g['cifar']} test accuracy (%)")
     b.set(title="(b) what each method keeps and learns", xlabel="faces: test accuracy (%)", ylabel=f"{g['cifar']} test (%)")
     common.integer_epochs(a)
     fig.legend(*a.get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
+    common.label_points(fig, b, bars)
     common.save(fig, os.path.join(g["out"], "figures", "q2_forgetting"))
 
 
-# ----------------------------------------------------------------------------- listings, provenance
-def listing(caption, *objects):
-    """Where the source of functions or classes lies, for report.typ to read(): {caption, parts: [{file, spans}]},
-    docstrings left out (the text around the listing says what they would); (obj, text): its def line, then from
-    the first line holding `text` on."""
-    parts = []
-    for obj, start in (o if isinstance(o, tuple) else (o, "") for o in objects):
-        lines, first = inspect.getsourcelines(obj)
-        doc = {first + n - 1 for node in ast.walk(ast.parse(textwrap.dedent("".join(lines))))
-               if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node)
-               for n in range(node.body[0].lineno, node.body[0].end_lineno + 1)}
-        doc |= set(range(first + 1, first + next(i for i, line in enumerate(lines) if start in line))) if start else set()
-        keep = [n for n in range(first, first + len(lines)) if n not in doc]
-        starts = [n for n in keep if n - 1 not in keep]
-        parts.append({"file": os.path.basename(inspect.getsourcefile(obj)),
-                      "spans": [[a, next(n for n in keep[keep.index(a):] if n + 1 not in keep)] for a in starts]})
-    return {"caption": f"{caption} ({', '.join(dict.fromkeys(p['file'] for p in parts))})", "parts": parts}
-
-
+# ----------------------------------------------------------------------------- provenance
 def reproducibility(g, every):
     t, git = g["teacher"], lambda *a: subprocess.run(["git", "-C", HERE, *a], capture_output=True, text=True).stdout.strip()
     commit, cmds = git("rev-parse", "HEAD") or "unknown (not a git checkout)", os.path.join(g["out"], "commands.txt")

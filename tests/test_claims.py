@@ -8,7 +8,7 @@ import math
 import os
 import re
 
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import q1b_kd as q1b
@@ -87,14 +87,13 @@ def independent(a, b, n_test):
     return ma - mb, 2 * math.sqrt(var(a, ma) / len(a) + var(b, mb) / len(b) + 100 ** 2 * 2 * p * (1 - p) / n_test)
 
 
-def check_verdicts(table, checked=()):
-    """A verdict is "within noise" exactly under two standard errors, and none ("to be checked") exactly for a row
-    of a run the discussion leaves out to be checked first."""
+def check_verdicts(table, checked=(), marked=lambda what: False):
+    """A verdict is "within noise" exactly under two standard errors, and marked "to be checked" exactly in a row of
+    a run the discussion leaves out to be checked first."""
     for what, d, e, verdict in rows(table):
-        unchecked = bool(set(what.split(" / ")[0].split(" − ")) & set(checked))
-        assert (verdict == "to be checked") == unchecked, (what, verdict, checked)
-        if unchecked:
-            continue
+        unchecked = bool(set(what.split(" / ")[0].split(" − ")) & set(checked)) or marked(what)
+        assert verdict.endswith(", to be checked") == unchecked, (what, verdict, checked)
+        verdict = verdict.removesuffix(", to be checked")
         if e is None:
             assert verdict == "within noise", what
         elif abs(abs(d) - e) > 0.011:  # the table rounds both to two decimals
@@ -109,8 +108,9 @@ def test_q1_verdicts_are_within_noise_exactly_under_two_standard_errors_and_the_
     if q is None:  # every student diverged: no discussion
         assert all(len(report.accs(r)) == 0 for r in g["students"].values())
         return
-    check_verdicts(q["table"])
-    table = {what: (d, e, v) for what, d, e, v in rows(q["table"])}
+    same = any(len(a) > 1 and len(set(a)) == 1 for r in g["students"].values() for a in [report.accs(r, "test_agree")])
+    check_verdicts(q["table"], marked=lambda what: same and what.startswith("agreement with the teacher"))
+    table = {what: (d, e, v.removesuffix(", to be checked")) for what, d, e, v in rows(q["table"])}
     base, n_test = report.accs(g["students"][LABELS[0]]), g["teacher"]["result"]["test_images"]
     kd = [label for label in LABELS[2:] if report.accs(g["students"][label])]
     verdicts = []
@@ -131,18 +131,12 @@ def test_q1_verdicts_are_within_noise_exactly_under_two_standard_errors_and_the_
     assert q["noise"]["n"] == max(len(r) for r in g["students"].values())
 
 
-def unmasked(d, e):
-    """The verdict a row of a run to be checked would carry, from its difference and two standard errors."""
-    assume(e is None or abs(abs(d) - e) > 0.011)  # the table rounds both to two decimals
-    return "within noise" if e is None or abs(d) < e else "higher" if d > 0 else "lower"
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(result_sets())
 def test_q2_verdicts_and_the_summary_never_contradict_each_other(g):
     f = report.q2_facts(g)
     check_verdicts(f["table"], f["checked"])
-    table = {what: v if v != "to be checked" else unmasked(d, e) for what, d, e, v in rows(f["table"])}
+    table = {what: v.removesuffix(", to be checked") for what, _, _, v in rows(f["table"])}
     value = {"higher": 1, "lower": -1, "within noise": 0}
     for key, c in f["cmp"].items():
         a, b = key.split("/")
@@ -184,7 +178,8 @@ def test_q2_verdicts_and_the_summary_never_contradict_each_other(g):
         if None not in verdicts:
             assert pairs[(report.WORDS[a], report.WORDS[b])] == tuple(verdicts), (a, b)
     if f["ftall_most"]:  # fine-tuning every layer below every other method that moves the backbone, beyond noise
-        assert f["cmp"]["lwf/ft-all"]["old"] > 0 and f["cmp"]["ft-all/ft"]["old"] < 0
+        assert (f["cmp"]["lwf/ft-all"]["old"] > 0 or "LwF" in f["checked"]) and (  # a run to be checked: left out
+            f["cmp"]["ft-all/ft"]["old"] < 0 or "fine-tuning" in f["checked"])
 
 
 def test_every_value_a_fact_takes_is_one_report_typ_words():

@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 
+import common
+import files
 import report
 from conftest import ROOT, appendix_page, pdf_text
 from fakes import REGIMES, fake_out, regime
@@ -57,11 +59,11 @@ def test_the_appendix_holds_every_line_of_the_code(made):
 
 def test_a_listing_leaves_out_docstrings_and_can_start_at_a_line():
     import q2_continual
-    lines, first = report.inspect.getsourcelines(q2_continual.train_method)
+    lines, first = files.inspect.getsourcelines(q2_continual.train_method)
     start = first + next(i for i, line in enumerate(lines) if "steps, w =" in line)
-    whole = report.listing("x", q2_continual.train_method)["parts"][0]["spans"]
+    whole = files.listing("x", q2_continual.train_method)["parts"][0]["spans"]
     assert whole[0] == [first, first] and whole[1][0] > first + 2 and whole[-1][1] == first + len(lines) - 1  # no docstring
-    assert report.listing("x", (q2_continual.train_method, "steps, w ="))["parts"][0]["spans"] == [
+    assert files.listing("x", (q2_continual.train_method, "steps, w ="))["parts"][0]["spans"] == [
         [first, first], [start, first + len(lines) - 1]]
 
 
@@ -263,3 +265,23 @@ def test_each_invented_regime_gets_the_verdicts_its_numbers_make(tmp_path, name)
            # 2 and 4 points below λ = 0 against a teacher wrong on 1.75% of its training images; best fits 88.3 < 95
            "lam1_above": q1.get("lam1_above"), "lam1_errors": q1.get("lam1_errors"), "undertrained": q1["undertrained"]}
     assert {k: got[k] for k in want} == want
+
+
+def test_point_labels_cover_no_point_no_error_bar_and_no_other_label():
+    fig, ax = common.pyplot().subplots(figsize=(3, 2.5))
+    pts = [(60, 95), (61, 95), (61.5, 94), (75, 50), (75.5, 50.5)]  # crowded, as methods level within noise are
+    for k, (x, y) in enumerate(pts):
+        ax.errorbar(x, y, xerr=0.8, fmt="o")
+        ax.annotate(f"method {k}", (x, y), textcoords="offset points", xytext=(7, 0), va="center", fontsize=7.5)
+    ax.set(xlim=(55, 85), ylim=(40, 100))
+    common.label_points(fig, ax, [(x - 0.8, y, x + 0.8, y) for x, y in pts])
+    boxes = [t.get_window_extent() for t in ax.texts]
+    dots = [ax.transData.transform(p) for p in pts]
+    bars = [ax.transData.transform([(x - 0.8, y), (x + 0.8, y)]) for x, y in pts]
+    for i, box in enumerate(boxes):
+        assert not any(box.overlaps(other) for other in boxes[:i]), i
+        assert not any(box.x0 - 5 < x < box.x1 + 5 and box.y0 - 5 < y < box.y1 + 5 for x, y in dots), i
+        assert not any(box.x0 < b[1][0] and b[0][0] < box.x1 and box.y0 < b[0][1] < box.y1 for b in bars), i
+        assert ax.bbox.contains(box.x0, box.y0) and ax.bbox.contains(box.x1, box.y1), i
+        near = ax.transData.transform(pts[i])  # and near its own point
+        assert abs((box.x0 + box.x1) / 2 - near[0]) < box.width and abs((box.y0 + box.y1) / 2 - near[1]) < 40, i
