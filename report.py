@@ -31,6 +31,8 @@ RESULT_KEYS = (*(f"{t}_{s}_acc" for t in ("old", "new") for s in ("train", "test
 WORDS = {"fe": "feature extraction", "ft": "fine-tuning", "lwf": "LwF", "joint": "joint training",
          "ft-all": "fine-tuning every layer", 0.0: "LwF at λo = 0"}
 VERDICT = {1: "higher", 0: "within noise", -1: "lower"}
+LABEL = {"textcoords": "offset points", "fontsize": 7.5, "bbox": {"boxstyle": "square,pad=0.1", "fc": "none", "ec": "none"},
+         "arrowprops": {"arrowstyle": "-", "lw": 0.5, "color": "0.45", "shrinkA": 0, "shrinkB": 4}}  # a point's label, its leader
 
 
 # ----------------------------------------------------------------------------- the runs, as they recorded themselves
@@ -321,7 +323,7 @@ def q2_part(g):
         "old": data_words(g["teacher"]), "pretrained": bool(tcfg.get("pretrained", 1)),
         "alike": all("old_test_loss" in e for runs in methods.values() for r in runs for e in r["history"]),  # each head's loss
         "faces": faces, "synthetic_faces": faces != "a face image folder",  # report.typ words each source
-        "lr_teacher": tcfg["lr"], "lr_from_teacher": cfg["lr"] == tcfg["lr"], "old_eval_n": f"{min(common.EVAL_IMAGES, old_n):,}",
+        "lr_teacher": tcfg["lr"], "lr_from_teacher": cfg["lr"] == tcfg["lr"], "batch_teacher": tcfg["batch"], "old_eval_n": f"{min(common.EVAL_IMAGES, old_n):,}",
         "subjects": cfg["subjects"], "test_per": cfg["per_subject"] - cfg["train_per_subject"],
         "train_n": f"{cfg['subjects'] * cfg['train_per_subject']:,}", "old_train_n": f"{old_n:,}",
         "test_n": f"{cfg['subjects'] * (cfg['per_subject'] - cfg['train_per_subject']):,}",
@@ -524,13 +526,13 @@ def q2_figures(g):
             (mo, so, _), (mn, sn, _) = stats(accs(runs, "old_test_acc")), stats(accs(runs, "new_test_acc"))
             b.errorbar(mn, mo, xerr=sn or 0, yerr=so or 0, fmt="o", capsize=3, color=color)
             bars += [(mn - (sn or 0), mo - (so or 0), mn + (sn or 0), mo + (so or 0))]
-            b.annotate(label, (mn, mo), textcoords="offset points", xytext=(7, 0), va="center", fontsize=7.5)
+            b.annotate(label, (mn, mo), xytext=(7, 0), va="center", **LABEL)
     if len(g["lwf_sweep"]) > 1:
         pts = [(stats(accs(r, "new_test_acc"))[0], stats(accs(r, "old_test_acc"))[0]) for r in g["lwf_sweep"].values()]
         b.plot(*zip(*pts), "k--", lw=1, marker="o", ms=3, mfc="white")
         lwf = methods["lwf"][0]["config"].get("lwf_lambda") if methods.get("lwf") else None  # its point is labelled LwF
         for v, pt in [(v, pt) for v, pt in zip(g["lwf_sweep"], pts) if v != lwf]:
-            b.annotate(f"λo={v:g}", pt, textcoords="offset points", xytext=(-7, 0), ha="right", va="center", fontsize=7.5)
+            b.annotate(f"λo={v:g}", pt, xytext=(-7, 0), ha="right", va="center", **LABEL)
     b.margins(0.2)
     cfg, n_test = next(r for runs in methods.values() for r in runs)["config"], g["teacher"]["result"].get("test_images", 10000)
     mean = lambda key: stats([v for runs in methods.values() for v in accs(runs, key)])[0]  # noqa: E731
