@@ -165,7 +165,9 @@ def teacher_part(g):
                           ["Training Accuracy (%)", "Testing Accuracy (%)"], [[pct(r["train_acc"]), pct(r["test_acc"])]]),
         "test": pct(r["test_acc"]), "train": pct(r["train_acc"]), "passed": r["test_acc"] >= 90,
         "gap": f"{r['train_acc'] - r['test_acc']:+.2f}", "train_n": f"{r.get('train_images', 50000):,}",
-        "eval_n": f"{min(common.EVAL_IMAGES, r.get('train_images', 50000)):,}"}
+        "eval_n": f"{min(common.EVAL_IMAGES, r.get('train_images', 50000)):,}", "rise": next(  # an epoch whose loss rose by half
+            ({"epoch": b["epoch"], "a": f"{a['train_loss']:.2f}", "b": f"{b['train_loss']:.2f}", "last": f"{h[-1]['train_loss']:.2f}", "end": b is h[-1]}
+             for h in [t["history"]] for a, b in zip(h, h[1:]) if b["train_loss"] > 1.5 * a["train_loss"]), None)}
 
 
 def student_layers(bn):
