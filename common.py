@@ -257,12 +257,11 @@ class StudentCNN(nn.Module):
 
     def __init__(self, bn=True, dropout=0.0):
         super().__init__()
-        layers, cin = [], 3
-        for cout, k in ((32, 5), (64, 3), (128, 3)):
-            layers += [nn.Conv2d(cin, cout, k, stride=1, padding=1), *([nn.BatchNorm2d(cout)] if bn else []),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2, stride=1, padding=0)]
-            cin = cout
-        self.features = nn.Sequential(*layers)
+
+        def conv(cin, cout, k):  # the table's row: conv k x k, stride 1, pad 1 (BatchNorm), ReLU; max-pool 2x2, stride 1
+            return [nn.Conv2d(cin, cout, k, stride=1, padding=1), *([nn.BatchNorm2d(cout)] if bn else []),
+                    nn.ReLU(inplace=True), nn.MaxPool2d(2, stride=1, padding=0)]
+        self.features = nn.Sequential(*conv(3, 32, 5), *conv(32, 64, 3), *conv(64, 128, 3))
         self.classifier = nn.Sequential(nn.Linear(27 * 27 * 128, 500), nn.ReLU(inplace=True),
                                         nn.Dropout(dropout), Float32Linear(500, 10))
 

@@ -31,10 +31,10 @@ from common import (Batches, ContinualNet, JointBatches, evaluate, fit, joint_lo
 
 METHODS = {"fe": "Feature Extraction", "ft": "Fine Tuning", "lwf": "LwF",  # the assignment's three, then references
            "joint": "Joint training (reference)", "ft-all": "Fine-tuning all layers (reference)"}
-# Q2 (2), the layers fine-tuned (ResNet-paper names; conv5_x is torchvision's layer4) at their lr, % of the original.
-# Why conv5_x: the last stage holds the old task's most specific features (Yosinski et al. 2014), the first to need
-# changing for faces; the earlier, more generic stages are kept (though conv5_x holds 3/4 of the weights), and a tenth
-# of the rate moves it slowly (less forgetting) while the new FC head learns at 100% (the old FC head is the old task's)
+# Q2 (2), the layers fine-tuned (ResNet-paper names: conv5_x is torchvision's layer4) at their lr, % of the original; the
+# new FC head at 100%; all else frozen, the old FC head and BatchNorm's statistics too. Why conv5_x: the last stage holds
+# the old task's most specific features (Yosinski et al. 2014), the first to need changing for faces; the more generic
+# earlier stages are kept (though conv5_x holds 3/4 of the weights), and a tenth of the rate moves it slowly (less forgetting)
 FT_LAYERS = "conv5_x:10"
 
 
