@@ -449,7 +449,7 @@ def q2_facts(g):
     for a, b in (("ft", "fe"), ("lwf", "ft"), ("lwf", 0.0), ("lwf", "ft-all"), (0.0, "ft-all"), ("joint", "lwf"), ("joint", 0.0), ("ft-all", "ft")):
         if a in runs and b in runs:
             co, cn = compare(old(a), old(b), n_test), compare(new(a), new(b), faces_test)
-            rows += [((a, b), row(f"{WORDS[a]} − {WORDS[b]}", co, "old")), ((a, b), row("", cn, "new"))]
+            rows += [((a, b), row(f"{WORDS[a]} − {WORDS[b]}", c, task)) for c, task in ((co, "old"), (cn, "new"))]  # a row whole
             cmp[f"{a}/{b}"] = {"old": co["v"], "new": cn["v"], "old_d": f"{abs(co['d']):.1f}", "new_d": f"{abs(cn['d']):.1f}", "a": WORDS[a], "b": WORDS[b],
                                "new_up": cn["d"] > 0}
     for m in [k for k in ("ft", "lwf", 0.0, "joint", "ft-all") if k in runs]:
