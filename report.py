@@ -395,7 +395,7 @@ def q1_facts(g):
                   "lam1_errors": -c["d"] <= (errs := 100 - t["result"]["train_acc"]), "lam1_few": -c["d"] > 2 * errs,
                   "lam1_above": compare(acc[lam1], teacher, n_test)["v"] > 0,  # or at chance (one sample's noise):
                   "lam1_chance": compare(acc[lam1], [10.0], bound=two_se(0.1, n_test) / math.sqrt(2))["v"] <= 0}
-    steps = [(a, b, compare(acc[b], acc[a], n_test)) for a, b in [*zip(kd, kd[1:]), *[(kd[0], kd[-1])] * (len(kd) > 2)]]
+    steps = [(a, b, compare(acc[b], acc[a], n_test)) for a, b in [*zip(kd, kd[1:]), *([(kd[0], kd[-1])] if len(kd) > 2 else [])]]
     rows += [row(f"{SHORT[b]} − {SHORT[a]}", c) for a, b, c in steps]
     f["temps"] = [{"a": SHORT[a][6:], "b": SHORT[b][6:], "v": c["v"], "d": f"{abs(c['d']):.1f}"} for a, b, c in steps]
     f["rankable"] = any(c["v"] for *_, c in steps)
@@ -414,7 +414,7 @@ def q1_facts(g):
     agree = {k: accs(students[k], "test_agree") for k in acc}
     if base in acc and all(agree.values()):
         both = kd + [lam1] * (lam1 in agree)
-        vs, same = [compare(agree[k], agree[base], n_test) for k in both], [k for k in agree if len(agree[k]) > 1 and stats(agree[k])[1] == 0]
+        vs, same = [compare(agree[k], agree[base], n_test) for k in both], [k for k in agree if len(agree[k]) > 1 and len(set(agree[k])) == 1]
         mark = ", to be checked" * bool(same)  # seeds that agree exactly: how agreement is recorded is to be checked
         rows += [(r := row(f"agreement with the teacher, {SHORT[k]} − λ = 0", c))[:-1] + [r[-1] + mark] for k, c in zip(both, vs)]
         f["fidelity"] = {"effect": effect([c["v"] for c in vs[:len(kd)]]), "base": mean_sd(agree[base]),
