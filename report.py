@@ -483,7 +483,7 @@ def q2_facts(g):
         fe = [at(r, w)["test_acc"] for r in runs.get("fe", []) if at(r, w)]  # the same head, trained the same w epochs
         above = lambda v: bool(v) and compare(v, [100 * chance], bound=two_se(chance, faces_test) / math.sqrt(2))["v"] > 0  # noqa: E731
         f["warm"] = {"w": w, "new": mean_sd(ends) if ends else None, "chance": f"{100 * chance:g}", "at_chance": bool(ends) and not above(ends),
-                     "fe": above(fe) and mean_sd(fe)}
+                     "fe": above(fe) and bool(ends) and compare(fe, ends, faces_test)["v"] > 0 and mean_sd(fe)}  # above it, beyond noise
     if "ft-all" in runs:
         others = [m for m in ("ft", "lwf", "joint", 0.0) if m in runs and WORDS[m] not in f["checked"]]
         f["ftall_most"] = bool(others) and all(compare(old("ft-all"), old(m), n_test)["v"] < 0 for m in others)
