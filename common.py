@@ -585,7 +585,7 @@ def label_points(fig, ax, bars=()):
     fig.canvas.draw()
     extent = Text.get_window_extent  # of the text alone, not of its leader line
     labels, places = list(ax.texts), [((7, 0), "left", "center"), ((-7, 0), "right", "center"), ((0, 6), "center", "bottom"),
-                                      ((0, -6), "center", "top"), *(((x, y), h, "center") for y in (9, -9, 17, -17)
+                                      ((0, -6), "center", "top"), *(((x, y), h, "center") for y in (9, -9, 17, -17, 26, -26, 36, -36)
                                                                     for x, h in ((7, "left"), (-7, "right")))]
     taken = [Bbox.from_extents(*(xy := ax.transData.transform(t.xy)) - 5, *xy + 5) for t in labels]  # the points
     for x0, y0, x1, y1 in bars:  # their error bars
