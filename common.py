@@ -577,9 +577,9 @@ SPLITS = {"train": "training", "test": "test", "old_train": "old task (CIFAR-10)
           "old_test": "old task (CIFAR-10), test"}
 
 
-def label_points(fig, ax, bars=()):
-    """Each label of `ax` (its annotations) to the first place near its point that covers no point, no line of `ax`, no
-    error bar (`bars`: x0, y0, x1, y1 in data coordinates), no earlier label, and stays inside the axes (as saved)."""
+def label_points(fig, ax):
+    """Each label of `ax` (its annotations) to the first place near its point that covers no point, no line or error bar
+    of `ax`, no earlier label, and stays inside the axes (as saved)."""
     from matplotlib.text import Text
     from matplotlib.transforms import Bbox
     fig.canvas.draw()
@@ -588,23 +588,26 @@ def label_points(fig, ax, bars=()):
                                       ((0, -6), "center", "top"), *(((x, y), h, "center") for y in (9, -9, 17, -17, 26, -26, 36, -36)
                                                                     for x, h in ((7, "left"), (-7, "right")))]
     taken = [Bbox.from_extents(*(xy := ax.transData.transform(t.xy)) - 5, *xy + 5) for t in labels]  # the points
-    for x0, y0, x1, y1 in bars:  # their error bars
-        x, y = (x0 + x1) / 2, (y0 + y1) / 2
-        taken += [Bbox(ax.transData.transform(ends)).padded(3) for ends in ([(x0, y), (x1, y)], [(x, y0), (x, y1)])]
-    for line in ax.lines:  # and the lines, every few pixels along them
-        xy = ax.transData.transform(line.get_xydata())
+    paths = [line.get_xydata() for line in ax.lines] + [seg for c in ax.collections if hasattr(c, "get_segments")
+                                                          for seg in c.get_segments()]  # lines, and error bars
+    for path in paths:  # every few pixels along each
+        xy = ax.transData.transform(path)
         for a, b in zip(xy, xy[1:]):
             taken += [Bbox.from_extents(*p - 2, *p + 2) for p in np.linspace(a, b, max(2, int(np.hypot(*(b - a)) / 4)))]
     for i, t in enumerate(labels):
         first = (t.xyann, t.get_ha(), "center")
         for xy, ha, va in [first, *places]:
-            t.xyann, _, _ = xy, t.set_ha(ha), t.set_va(va)
+            t.xyann = xy
+            t.set_ha(ha)
+            t.set_va(va)
             box = extent(t)
             if ax.bbox.contains(box.x0, box.y0) and ax.bbox.contains(box.x1, box.y1) and not any(
                     box.overlaps(u) for u in [*taken, *(extent(u) for u in labels[:i])]):
                 break
-        else:
-            t.xyann, _, _ = first[0], t.set_ha(first[1]), t.set_va(first[2])
+        else:  # nowhere free: where it was asked to be
+            t.xyann = first[0]
+            t.set_ha(first[1])
+            t.set_va(first[2])
 
 
 def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test"), height=2.0, svg=False, stage=None,

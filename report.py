@@ -521,7 +521,6 @@ def q2_figures(g):
                                stage=[methods[m][0]["config"].get("lwf_warmup") for m in ms if methods[m]], names=names,
                                width=4.9, height=1.55, seeds=False)  # inches, as printed
     fig, (a, b) = common.pyplot().subplots(1, 2, figsize=(6.6, 2.85))
-    bars = []  # each point's error bars (data coordinates), for its label to avoid
     for (m, label), color in zip(q2.METHODS.items(), ["C4", "C5", "C6", "C8", "C9"]):  # not the splits' colours
         if runs := methods[m]:
             label = label.replace(" (reference)", "*").replace("Fine-tuning all layers", "FT all layers")
@@ -529,7 +528,6 @@ def q2_figures(g):
                                                                        for r in runs], label, seeds=False, color=color)
             (mo, so, _), (mn, sn, _) = stats(accs(runs, "old_test_acc")), stats(accs(runs, "new_test_acc"))
             b.errorbar(mn, mo, xerr=sn or 0, yerr=so or 0, fmt="o", capsize=3, color=color)
-            bars += [(mn - (sn or 0), mo - (so or 0), mn + (sn or 0), mo + (so or 0))]
             b.annotate(label, (mn, mo), xytext=(7, 0), va="center", **LABEL)
     if len(g["lwf_sweep"]) > 1:
         pts = [(stats(accs(r, "new_test_acc"))[0], stats(accs(r, "old_test_acc"))[0]) for r in g["lwf_sweep"].values()]
@@ -552,7 +550,7 @@ def q2_figures(g):
     b.set(title="(b) what each method keeps and learns", xlabel="faces: test accuracy (%)", ylabel=f"{g['cifar']} test (%)")
     common.integer_epochs(a)
     fig.legend(*a.get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
-    common.label_points(fig, b, bars)
+    common.label_points(fig, b)
     common.save(fig, os.path.join(g["out"], "figures", "q2_forgetting"))
 
 

@@ -274,7 +274,7 @@ def test_point_labels_cover_no_point_no_error_bar_and_no_other_label():
         ax.errorbar(x, y, xerr=0.8, fmt="o")
         ax.annotate(f"method {k}", (x, y), textcoords="offset points", xytext=(7, 0), va="center", fontsize=7.5)
     ax.set(xlim=(55, 85), ylim=(40, 100))
-    common.label_points(fig, ax, [(x - 0.8, y, x + 0.8, y) for x, y in pts])
+    common.label_points(fig, ax)  # the error bars found on the axes
     boxes = [t.get_window_extent() for t in ax.texts]
     dots = [ax.transData.transform(p) for p in pts]
     bars = [ax.transData.transform([(x - 0.8, y), (x + 0.8, y)]) for x, y in pts]
