@@ -5,18 +5,18 @@
   python q1b_kd.py --sweep            the bonus grid of T x lam           -> out/kd/T<T>_lam<lam>/
 
 The assignment's items, and what answers each:
-  the student network (its table)                  common.StudentCNN (its options: --bn, --dropout in parse)
+  the student network (its table)                  common.StudentCNN: the table's layers, BatchNorm added (--bn 1)
   (1) soft targets from the teacher at T           distill_loss (the teacher's pass), common.soft_targets;
                                                    what they hold: common.soft_target_summary (main)
   (2) the training setup, the teacher's tricks     parse: the teacher's SGD (momentum 0.9, L2 5e-4), crop + flip and
-                                                   BatchNorm; added, argued at its option: --fc1-lr 10%, --clip 5
-  (3) the loss, a mix of soft and hard CE          common.kd_loss; one student's training step, plainly: common.kd_step
-                                                   (teacher pass, kd_loss, backward, clip --clip, SGD step). What runs
-                                                   is that for a seed's students at once: distill_loss (the teacher's
-                                                   pass, each kd_loss), fit's M.Step (backward, clip, SGD): train_group
+                                                   BatchNorm; its own lr 0.02 (the teacher's: 0.1), argued at --lr;
+                                                   added, argued at its option: first FC at 10% of it, clip 5
+  (3) the loss, a mix of soft and hard CE          common.kd_loss (the formula, T^2 included)
+      one training batch, as it runs               distill_loss: the teacher's pass, then each student's kd_loss at its
+                                                   T and lam; fit then steps: backward, clip (--clip), SGD (train_group).
+                                                   The same step for one student alone, plainly: common.kd_step
       (a), (b) loss and test accuracy per epoch    scored_loss, each epoch in fit's history; written in train_group
-  (4) the table                                    TABLE, main with --table
-  (5) bonus: more T and lambda                     main with --sweep
+  (4) the table; (5) bonus: more T and lambda      TABLE, main with --table; main with --sweep
 
 Each student trains --seeds times (seed i: its initial weights, data order, augmentation), a seed's students in
 lock-step (the same batches, one teacher pass per step). Every `M.` call here is machinery (command line, folders): skip it.

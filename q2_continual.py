@@ -10,13 +10,14 @@ The assignment's items, and what answers each:
   the network: the teacher's backbone, its old head, a new one   common.ContinualNet
   (1) feature extraction: the new 100-way layer alone           trained("fe"), train_method
   (2) fine-tuning chosen layers at x% of the rate (the table)   FT_LAYERS: the choice and why; trained("ft")
-  (3) LwF: its steps in point form, lr, T, lambda_o, L2          train_method (its two stages), common.lwf_loss
-  (a), (b) loss and accuracy against epoch, every method        train_method: fit's history
+  (3) LwF: its steps in point form, lr, T, lambda_o, L2          two_stages (its docstring, in points), common.lwf_loss
+  (a), (b) loss and accuracy against epoch, every method        fit's history (train_method)
   (4) the table: old and new task, training and test            run_method: result.json
   references beyond the assignment                              trained("joint"), trained("ft-all")
 
-Old-task accuracy: the old head on CIFAR-10 after the network was changed for faces; new-task accuracy: the
-new head on faces. Every `M.` call here is machinery (command line, run folders, downloads): a grader may skip it.
+Old-task accuracy: the old head on CIFAR-10 after the network was changed for faces; new-task accuracy: the new head
+on faces. The original lr: the teacher's peak (q1a's 0.1, at batch 512; faces train at batch 128) unless --lr.
+BatchNorm's statistics stay frozen (ContinualNet). Every `M.` call here is machinery: a grader may skip it.
 """
 import argparse
 import copy
@@ -47,8 +48,7 @@ def parse(argv=None):
                    help="LwF at these lambda_o too, and at 0 (fine-tuning at LwF's rates): the trade-off curve")
     p.add_argument("--lwf-zero", type=M.flag, default=1, help="1: with LwF, LwF at lambda_o = 0 too (every layer on "
                    "faces at LwF's rates, after its warm-up): what LwF's old-task term buys")
-    p.add_argument("--faces", default="", help="face image folder (<subject>/<image> or train/ + test/), or DigiFace-1M's zip "
-                                               "on disk; default: DigiFace-1M, downloaded into DATA/digiface")
+    p.add_argument("--faces", default="", help="<subject>/<image> or train/+test/ folder, DigiFace-1M zip (default: downloaded)")
     p.add_argument("--faces-url", default=M.DIGIFACE_URL, help="the DigiFace-1M zip to read with range requests")
     p.add_argument("--subjects", type=M.positive_int, default=100)
     p.add_argument("--per-subject", type=M.positive_int, default=50)
@@ -95,40 +95,45 @@ def trained(method, net, args):
 def optimiser(net, groups, lr, args, steps):
     """SGD over `groups` ({what: (parameters, rate in % of lr)}), all else in `net` frozen; a cosine to 0 over `steps`."""
     net.requires_grad_(False)
-    for params, _ in groups.values():
-        for q in params:
-            q.requires_grad_(True)
+    for q in [q for params, _ in groups.values() for q in params]:
+        q.requires_grad_(True)
     print("   trains " + ", ".join(f"{what} at lr {lr * rate / 100:g}" for what, (_, rate) in groups.items()))
     opt = sgd([{"params": params, "lr": lr * rate / 100} for params, rate in groups.values()], lr, args.momentum, args.wd)
     return opt, warmup_cosine(opt, steps, 0)
 
 
 def train_method(method, net, original, faces, cifar, lambda_o, args, lr, run, gen):
-    """Train `method` on the face split into `run`, rates in % of `lr` (the original, from main), LwF's weight lambda_o
-    (--lwf-lambda or a --lwf-sweep value); returns its history: each epoch, each head's CE and accuracy on its task."""
+    """Train `method` on the faces into `run`, rates in % of the original `lr`; its history: per epoch, each head's CE, acc."""
     train = Batches(*faces["train"], batch_size=args.batch, shuffle=True, augment=True, pad=args.face_size // 8, gen=gen)
     evals = {"train": (new_task, Batches(*faces["train"], batch_size=1024)),
              "test": (new_task, Batches(*faces["test"], batch_size=1024)),
              "old_train": (old_task, Batches(*cifar["train"], batch_size=1024)),
              "old_test": (old_task, Batches(*cifar["test"], batch_size=1024))}
-    steps, w = len(train), args.lwf_warmup
     if method in ("fe", "ft", "ft-all"):  # one stage: what trained() names, on the new task's loss alone
-        opt, sched = optimiser(net, trained(method, net, args), lr, args, args.epochs * steps)
+        opt, sched = optimiser(net, trained(method, net, args), lr, args, args.epochs * len(train))
         return fit(net, new_task, opt, sched, train, evals, args.epochs, run)
-    # LwF (Li & Hoiem) and joint training: two stages, each a fresh SGD and cosine; BatchNorm statistics frozen.
-    # Stage 1 (Li & Hoiem's warm-up: the new head alone), epochs 1..w (--lwf-warmup, default 5), at 100%, faces' CE
+    return two_stages(method, net, original, train, evals, cifar, lambda_o, args, lr, run, gen)
+
+
+def two_stages(method, net, original, train, evals, cifar, lambda_o, args, lr, run, gen):
+    """Q2 (3), LwF (Li & Hoiem) in points, the defaults in brackets; joint training is the same but for its old-task loss:
+      - y_o: the old head's logits of the original network (`original`, frozen) on each augmented face batch
+      - stage 1, the warm-up, epochs 1..w (w = --lwf-warmup, 5): the new head alone, at the original lr; faces' CE
+      - stage 2, epochs w+1..end (20), from stage 1's weights: the new head at the original lr, backbone and old head at
+        --lwf-lr (10%); loss: faces' CE + lambda_o (--lwf-lambda, 1) * CE_T(y_o, old head), T = --lwf-T (2), lwf_loss;
+        joint: faces' CE + CIFAR-10's CE on a CIFAR-10 batch beside each face batch (joint_loss)
+      - each stage: a fresh SGD (momentum 0.9, L2 5e-4) and cosine to 0; BatchNorm statistics frozen. Returns one
+        history, epochs 0..end: stage 2's epochs follow stage 1's."""
+    steps, w = len(train), args.lwf_warmup
     opt, sched = optimiser(net, trained("warm-up", net, args), lr, args, w * steps)
-    warmup = fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)  # the history of epochs 0..w
-    # Stage 2, epochs w+1..end, from stage 1's weights (in net): the new head at 100%, backbone and old head at --lwf-lr
-    # (default 10%). LwF: faces' CE + lambda_o CE_T(y_o, old head) (--lwf-T 2), y_o the frozen original's old head on the
-    # same augmented batch (Li & Hoiem record it once, before training); joint: faces' CE + CIFAR-10's CE on its batch.
+    warmup = fit(net, new_task, opt, sched, train, evals, range(1, w + 1), run)  # epochs 0..w
     if method == "lwf":
         loss_fn, data = lwf_loss(original, args.lwf_T, lambda_o), train
     else:  # joint
         loss_fn, data = joint_loss, JointBatches(train, Batches(*cifar["train"], batch_size=args.batch, shuffle=True,
                                                                 augment=True, gen=gen))
     opt, sched = optimiser(net, trained(method, net, args), lr, args, (args.epochs - w) * steps)
-    return warmup + fit(net, loss_fn, opt, sched, data, evals, range(w + 1, args.epochs + 1), run)  # epochs 0..end
+    return warmup + fit(net, loss_fn, opt, sched, data, evals, range(w + 1, args.epochs + 1), run)  # epochs w+1..end
 
 
 def run_dir(args, key, i=0):  # out/continual/<key>/ for the first seed, <key>_seed<i>/ for seed i
@@ -136,8 +141,7 @@ def run_dir(args, key, i=0):  # out/continual/<key>/ for the first seed, <key>_s
 
 
 def runs_asked(args):
-    """(folder key, method, lambda_o) of every run asked for: the methods, then the LwF sweep with lambda_o = 0
-    (LwF at --lwf-lambda is the LwF run itself, trained once)."""
+    """(folder key, method, lambda_o) of each run asked: the methods, then the LwF sweep and lambda_o = 0 (once each)."""
     sweep = sorted(set(args.lwf_sweep) | ({0.0} if args.lwf_sweep or args.lwf_zero and "lwf" in args.methods else set()))
     key = lambda v: "lwf" if v == args.lwf_lambda else f"lwf_lam{v:g}"  # noqa: E731
     runs = {m: (m, args.lwf_lambda) for m in args.methods} | {key(v): ("lwf", v) for v in sweep}
@@ -151,10 +155,8 @@ def method_config(method, args, lr, i=0, lambda_o=None):
                                                  "teacher_sha256": args.teacher_sha256}
     cfg |= {"adapt_bn": args.adapt_bn} if method != "fe" else {}
     cfg |= {"ft_layers": [list(x) for x in args.layers]} if method == "ft" else {}
-    if method in ("lwf", "joint"):
-        cfg |= {k: getattr(args, k) for k in ("lwf_lr", "lwf_warmup")}
-    if method == "lwf":
-        cfg |= {"lwf_T": args.lwf_T, "lwf_lambda": args.lwf_lambda if lambda_o is None else lambda_o}
+    cfg |= {k: getattr(args, k) for k in ("lwf_lr", "lwf_warmup")} if method in ("lwf", "joint") else {}
+    cfg |= {"lwf_T": args.lwf_T, "lwf_lambda": args.lwf_lambda if lambda_o is None else lambda_o} if method == "lwf" else {}
     cfg |= {"ft_all_lr": args.ft_all_lr} if method == "ft-all" else {}
     return cfg
 
@@ -199,8 +201,7 @@ def main(argv=None):
             folder = M.fetch_digiface(os.path.join(args.data, "digiface"), args.faces or args.faces_url, args.subjects)
         faces = load_faces(folder, args.subjects, args.per_subject, args.train_per_subject, args.face_size, args.seed)
         faces |= {s: tuple(t.to(device) for t in faces[s]) for s in ("train", "test")}
-        print(f"faces: {len(faces['train'][0])} train / {len(faces['test'][0])} test images of "
-              f"{args.subjects} subjects from {folder}")
+        print(f"faces: {len(faces['train'][0])} train / {len(faces['test'][0])} test, {args.subjects} subjects, {folder}")
         # measured as the methods are (compiled if they are), so that feature extraction's old task compares exactly
         untouched = M.prepare(ContinualNet(copy.deepcopy(teacher), args.subjects), device, args.compile)
         before = [evaluate(untouched, old_task, Batches(*cifar[s], batch_size=1024), args.precision)["acc"]
@@ -209,11 +210,10 @@ def main(argv=None):
             run_method(key, m, v, i, teacher, cifar, faces, before, args, lr, device)
     else:
         print("every method asked for is finished (delete its folder under out/continual/ to train it again)")
-    for key, _, _ in runs_asked(args):
-        for i in range(args.seeds):
-            r = M.read_json(os.path.join(run_dir(args, key, i), "result.json"))
-            print(f"{key}, seed {r['seed']}: old task {M.pct(r['old_test_acc'])}% test (before "
-                  f"{M.pct(r['old_test_acc_before'])}%), new task {M.pct(r['new_test_acc'])}% test")
+    for key, i in [(key, i) for key, _, _ in runs_asked(args) for i in range(args.seeds)]:
+        r = M.read_json(os.path.join(run_dir(args, key, i), "result.json"))
+        print(f"{key}, seed {r['seed']}: old task {M.pct(r['old_test_acc'])}% test (before "
+              f"{M.pct(r['old_test_acc_before'])}%), new task {M.pct(r['new_test_acc'])}% test")
 
 
 if __name__ == "__main__":

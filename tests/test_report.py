@@ -59,11 +59,11 @@ def test_the_appendix_holds_every_line_of_the_code(made):
 
 def test_a_listing_leaves_out_docstrings_and_can_start_at_a_line():
     import q2_continual
-    lines, first = files.inspect.getsourcelines(q2_continual.train_method)
+    lines, first = files.inspect.getsourcelines(q2_continual.two_stages)
     start = first + next(i for i, line in enumerate(lines) if "steps, w =" in line)
-    whole = files.listing("x", q2_continual.train_method)["parts"][0]["spans"]
+    whole = files.listing("x", q2_continual.two_stages)["parts"][0]["spans"]
     assert whole[0] == [first, first] and whole[1][0] > first + 2 and whole[-1][1] == first + len(lines) - 1  # no docstring
-    assert files.listing("x", (q2_continual.train_method, "steps, w ="))["parts"][0]["spans"] == [
+    assert files.listing("x", (q2_continual.two_stages, "steps, w ="))["parts"][0]["spans"] == [
         [first, first], [start, first + len(lines) - 1]]
 
 
