@@ -290,6 +290,9 @@ def sweep_part(g):
     base = accs(g["students"].get(top) or [])  # the table's best student
     vs_base = best and base and table_epochs == epochs and compare(ok[best], base, n_test)
     tenth = max((k for k in ok if k[1] == 0.1), key=lambda k: stats(ok[k])[0], default=None)  # the table's lambda
+    heavy = max((k for k in ok if k[1] == max(lam for _, lam in ok)), key=lambda k: stats(ok[k])[0], default=None)
+    lam0 = accs(g["students"].get(q1b.TABLE[0][0]) or [])  # the heaviest soft weight's best cell against the labels alone
+    vs_lam0 = heavy and lam0 and heavy[1] > 0 and table_epochs == epochs and compare(ok[heavy], lam0, n_test)
     vs_tenth = best and tenth and best[1] != 0.1 and compare(ok[best], ok[tenth], n_test)
     return {"table": table(
         "kd_sweep", f"Bonus: student test accuracy (%) over T and λ, {epochs} epoch{'s' * (epochs != 1)} per student"
@@ -303,7 +306,8 @@ def sweep_part(g):
         "best": best and said(reach, d=f"{reach['d']:+.2f}", T=f"{best[0]:g}", lam=f"{best[1]:g}", acc=mean_sd(ok[best]), near=len(near) - 1),
         "teacher": pct(t["test_acc"]), "epochs": epochs, "same_epochs": table_epochs in (None, epochs), "seeds": grid["seeds"],
         "table_epochs": table_epochs, "vs_base": said(vs_base, acc=mean_sd(base), who=SHORT.get(top)) if vs_base else None,
-        "vs_tenth": said(vs_tenth, T=f"{tenth[0]:g}", acc=mean_sd(ok[tenth])) if vs_tenth else None}
+        "vs_tenth": said(vs_tenth, T=f"{tenth[0]:g}", acc=mean_sd(ok[tenth])) if vs_tenth else None,
+        "heavy": said(vs_lam0, T=f"{heavy[0]:g}", lam=f"{heavy[1]:g}", acc=mean_sd(ok[heavy])) if vs_lam0 else None}
 
 
 def q2_part(g):
@@ -337,7 +341,8 @@ def q2_part(g):
         "ft_below": bool(ft) and max(rate for _, rate in ft["ft_layers"]) < 100,
         "ft": ft and table("finetune_layers", "Fine-tuning: the layers chosen and their learning rates.",
                            ["Conv layers that you choose to fine-tune", "Learning Rate (x% of the original)", "Remark"],
-                           [[layer, f"{rate:g}% ({ft['lr'] * rate / 100:g})", "fine-tuned; BatchNorm statistics "
+                           [[layer, f"{rate:g}% ({ft['lr'] * rate / 100:g}" + (f"; {rate * ft['lr'] / tcfg['lr']:g}% of the teacher's "
+                             f"{tcfg['lr']:g})" if ft["lr"] != tcfg["lr"] else ")"), "fine-tuned; BatchNorm statistics "
                              + ("adapt" if ft.get("adapt_bn") else "frozen")] for layer, rate in ft["ft_layers"]]
                            + [[f"new FC + softmax, {ft['subjects']} outputs", f"100% ({ft['lr']:g})", "trained from "
                                "scratch"], ["every other layer, old head", "0%", "frozen"]], [1.3, 1, 1.3]),
@@ -354,7 +359,7 @@ def q2_part(g):
                                                            for v, runs in sweep.items() for r in runs])) or None,
         "listings": {"net": listing("The two-headed network", common.ContinualNet),
                      "methods": listing("What each method trains", q2.trained),
-                     "lwf": listing("LwF's and joint training's two stages, their losses", (q2.train_method, "steps, w ="),
+                     "lwf": listing("LwF's and joint training's two stages, their losses", q2.two_stages,
                                     common.lwf_loss, common.joint_loss)}}
 
 

@@ -207,3 +207,24 @@ def test_every_fact_report_typ_reads_is_there_or_its_reading_is_guarded(g):
             assert name in facts or any(name == g or name.startswith(g + "_") for g in guards), (var, name)
             if name in guards and name in facts:  # a guarded field: the fields read with it come with it
                 assert all(k in facts for k in re.findall(rf"\b{var}\.({name}_\w+)", block)), name
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(result_sets(), st.lists(st.sampled_from([0.1, 0.5, 0.9]), min_size=1, max_size=3, unique=True),
+       st.lists(acc, min_size=6, max_size=6), st.sampled_from([1, 3]))
+def test_the_bonus_grid_weighs_its_heaviest_soft_weight_against_the_labels_alone_only_at_the_tables_epochs(g, lams, a, epochs):
+    Ts = [2.0, 8.0]
+    cells = {(T, lam): [run({"test_acc": a[2 * j + i], "epochs": epochs, "seed": 0})] for i, T in enumerate(Ts)
+             for j, lam in enumerate(lams)}
+    g["sweep"] = {"grid": {"T": Ts, "lam": lams, "seeds": 1}, "cells": cells}
+    s = report.sweep_part(g)
+    lam0 = report.accs(g["students"][LABELS[0]])
+    heavy = max(((T, lam) for T, lam in cells if lam == max(lams)), key=lambda k: cells[k][0]["result"]["test_acc"])
+    if epochs != 3 or not lam0:  # the table's students train 3 epochs: another budget does not compare
+        assert s["heavy"] is None
+        return
+    d, e = independent([cells[heavy][0]["result"]["test_acc"]], lam0, g["teacher"]["result"]["test_images"])
+    assert s["heavy"]["T"] == f"{heavy[0]:g}" and s["heavy"]["lam"] == f"{max(lams):g}"
+    if abs(abs(d) - e) > 0.011:
+        assert s["heavy"]["v"] == (0 if abs(d) < e else 1 if d > 0 else -1)
+    assert "h.v < 0 [the" in Q1_BLOCK and "#if h == none [these runs do not say" in Q1_BLOCK  # its two readings, gated
