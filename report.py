@@ -24,13 +24,14 @@ from files import (CIFAR_CLASSES, HEADER, die, file_sha256, listing, md_table, p
 from machinery import Parser, run, stride_changes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-APPENDIX = ["q1a_teacher.py", "q1b_kd.py", "q2_continual.py", "common.py", "machinery.py", "files.py", "Makefile"]
+APPENDIX = ["q1a_teacher.py", "q1b_kd.py", "q2_continual.py", "common.py", "machinery.py", "files.py"]  # all they import
 PRECISION = {"fp32": "32-bit floating point", "bf16": "bfloat16 mixed precision (autocast), 32-bit weights",
              "fp16": "float16 mixed precision (autocast) with loss scaling, 32-bit weights"}
 RESULT_KEYS = (*(f"{t}_{s}_acc" for t in ("old", "new") for s in ("train", "test")), "old_train_acc_before", "old_test_acc_before")
 WORDS = {"fe": "feature extraction", "ft": "fine-tuning", "lwf": "LwF", "joint": "joint training",
          "ft-all": "fine-tuning every layer", 0.0: "LwF at λo = 0"}
 VERDICT = {1: "higher", 0: "within noise", -1: "lower"}
+CHECK = " †"  # a verdict's mark: its run (or its record) is to be checked first, as the caption says
 LABEL = {"textcoords": "offset points", "fontsize": 7.5, "bbox": {"boxstyle": "square,pad=0.1", "fc": "none", "ec": "none"},
          "arrowprops": {"arrowstyle": "-", "lw": 0.5, "color": "0.45", "shrinkA": 0, "shrinkB": 4}}  # a point's label, its leader
 
@@ -420,7 +421,7 @@ def q1_facts(g):
     if base in acc and all(agree.values()):
         both = kd + [lam1] * (lam1 in agree)
         vs, same = [compare(agree[k], agree[base], n_test) for k in both], [k for k in agree if len(agree[k]) > 1 and len(set(agree[k])) == 1]
-        mark = ", to be checked" * bool(same)  # seeds that agree exactly: how agreement is recorded is to be checked
+        mark = CHECK * bool(same)  # seeds that agree exactly: how agreement is recorded is to be checked
         rows += [(r := row(f"agreement with the teacher, {SHORT[k]} − λ = 0", c))[:-1] + [r[-1] + mark] for k, c in zip(both, vs)]
         f["fidelity"] = {"effect": effect([c["v"] for c in vs[:len(kd)]]), "base": mean_sd(agree[base]),
                          **{w: joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] == v) for w, v in (("more", 1), ("less", -1))},
@@ -434,7 +435,7 @@ def q1_facts(g):
           "lr_zero": all(h[-1]["lr"] < 1e-9 for h in hs), "clip": students[best][0]["config"].get("clip", 0),
           "lr": students[best][0]["config"]["lr"], "ce_best": min(sum((accs(students[k], "test_ce") for k in acc), []) or [None])}
     f["table"] = table("kd_compare", "Knowledge distillation: the comparisons, test accuracy (%) unless named; a difference within two "
-                       "standard errors is within noise" + "; agreement, to be checked (Discussion): so marked" * bool(f.get("fidelity", {}).get("same")) + ".",
+                       "standard errors is within noise" + "; †: agreement to be checked first (Discussion)" * bool(f.get("fidelity", {}).get("same")) + ".",
                        ["Comparison", "Difference", "Two standard errors", "Verdict"], rows, [2.6, 0, 0, 0])
     return f
 
@@ -454,12 +455,12 @@ def q2_facts(g):
     for a, b in (("ft", "fe"), ("lwf", "ft"), ("lwf", 0.0), ("lwf", "ft-all"), (0.0, "ft-all"), ("joint", "lwf"), ("joint", 0.0), ("ft-all", "ft")):
         if a in runs and b in runs:
             co, cn = compare(old(a), old(b), n_test), compare(new(a), new(b), faces_test)
-            rows += [((a, b), row(f"{WORDS[a]} − {WORDS[b]}", c, task)) for c, task in ((co, "old"), (cn, "new"))]  # a row whole
+            rows += [((a, b), row(f"{WORDS[a]} − {WORDS[b]}", co) + row("", cn)[1:])]  # one row: the old task, then the new
             cmp[f"{a}/{b}"] = {"old": co["v"], "new": cn["v"], "old_d": f"{abs(co['d']):.1f}", "new_d": f"{abs(cn['d']):.1f}", "a": WORDS[a], "b": WORDS[b],
                                "new_up": cn["d"] > 0}
     for m in [k for k in ("ft", "lwf", 0.0, "joint", "ft-all") if k in runs]:
         c = compare(old(m), [before], n_test)
-        rows += [((m,), row(f"{WORDS[m]} − before any change", c, "old"))]
+        rows += [((m,), row(f"{WORDS[m]} − before any change", c) + ["", "", ""])]  # the old task alone
         w = runs[m][0]["config"].get("lwf_warmup", 0) if m in ("lwf", 0.0, "joint") else 0
         first = [at(r, w + 1)["old_test_acc"] for r in runs[m] if at(r, w + 1)]
         drop = before - stats(old(m))[0]
@@ -476,10 +477,12 @@ def q2_facts(g):
     f["head_bad"] = f["joint_bad"] and bad("lwf/0.0")  # both old-task terms keep less than none: the old head's path
     f["checked"] = [WORDS[m] for m, v in (("joint", f["joint_bad"]), ("ft", f["ft_inert"]), ("lwf", f["head_bad"]),
                                           (0.0, f["head_bad"])) if v]  # runs left out of the comparisons, to be checked
-    rows = [r[:-1] + [r[-1] + ", to be checked"] if any(WORDS[m] in f["checked"] for m in ms) else r for ms, r in rows]
-    f["table"] = table("continual_compare", f"Continual learning: the comparisons, test accuracy (%) on each task (old: {g['cifar']}, new: "
-                       "faces); a difference within two standard errors is within noise" + "; a run to be checked first (Discussion): so "
-                       "marked" * bool(f["checked"]) + ".", ["Comparison", "Task", "Difference", "Two standard errors", "Verdict"], rows, [2.4, 1.1, 0, 0, 0])
+    mark = lambda r: [c + CHECK if j in (3, 6) and c else c for j, c in enumerate(r)]  # noqa: E731
+    rows = [mark(r) if any(WORDS[m] in f["checked"] for m in ms) else r for ms, r in rows]
+    f["table"] = table("continual_compare", f"Continual learning: the comparisons, the difference of test accuracy (points) on each task "
+                       f"(old: {g['cifar']}, new: faces) with its two standard errors (2 SE); a difference within them is within noise"
+                       + "; †: a run to be checked first (Discussion)" * bool(f["checked"]) + ".",
+                       ["Comparison", "Old task", "2 SE", "Verdict", "New task", "2 SE", "Verdict"], rows)
     f |= {"still": joined(WORDS[m] for m in runs if m != "fe" and same(m, ("old_test_acc", "old_train_acc")))} | (
         {"fe_exact": same("fe")} if "fe" in runs else {})  # still: it trains the backbone, yet the old task did not move
     if "lwf" in runs:

@@ -69,11 +69,11 @@ def result_sets(draw):
 
 def rows(table):
     """(what, difference, two standard errors or None, verdict) of each row of a comparison table."""
-    out, what = [], ""
-    for r in table["rows"]:
-        what = r[0] or what
-        out.append((what + (f" / {r[1]}" if len(r) == 5 else ""), float(r[-3]), None if r[-2] == "-" else float(r[-2]),
-                    r[-1]))
+    out = []
+    for r in table["rows"]:  # what, then (difference, two standard errors, verdict) of one task, or of the old and the new
+        for task, (d, e, v) in ([("old", r[1:4]), ("new", r[4:7])] if len(r) == 7 else [("", r[1:4])]):
+            if d:  # a comparison of the old task alone leaves the new task's cells empty
+                out.append((r[0] + (f" / {task}" if task else ""), float(d), None if e == "-" else float(e), v))
     return out
 
 
@@ -88,12 +88,12 @@ def independent(a, b, n_test):
 
 
 def check_verdicts(table, checked=(), marked=lambda what: False):
-    """A verdict is "within noise" exactly under two standard errors, and marked "to be checked" exactly in a row of
+    """A verdict is "within noise" exactly under two standard errors, and marked (to be checked) exactly in a row of
     a run the discussion leaves out to be checked first."""
     for what, d, e, verdict in rows(table):
         unchecked = bool(set(what.split(" / ")[0].split(" − ")) & set(checked)) or marked(what)
-        assert verdict.endswith(", to be checked") == unchecked, (what, verdict, checked)
-        verdict = verdict.removesuffix(", to be checked")
+        assert verdict.endswith(report.CHECK) == unchecked, (what, verdict, checked)
+        verdict = verdict.removesuffix(report.CHECK)
         if e is None:
             assert verdict == "within noise", what
         elif abs(abs(d) - e) > 0.011:  # the table rounds both to two decimals
@@ -110,7 +110,7 @@ def test_q1_verdicts_are_within_noise_exactly_under_two_standard_errors_and_the_
         return
     same = any(len(a) > 1 and len(set(a)) == 1 for r in g["students"].values() for a in [report.accs(r, "test_agree")])
     check_verdicts(q["table"], marked=lambda what: same and what.startswith("agreement with the teacher"))
-    table = {what: (d, e, v.removesuffix(", to be checked")) for what, d, e, v in rows(q["table"])}
+    table = {what: (d, e, v.removesuffix(report.CHECK)) for what, d, e, v in rows(q["table"])}
     base, n_test = report.accs(g["students"][LABELS[0]]), g["teacher"]["result"]["test_images"]
     kd = [label for label in LABELS[2:] if report.accs(g["students"][label])]
     verdicts = []
@@ -136,7 +136,7 @@ def test_q1_verdicts_are_within_noise_exactly_under_two_standard_errors_and_the_
 def test_q2_verdicts_and_the_summary_never_contradict_each_other(g):
     f = report.q2_facts(g)
     check_verdicts(f["table"], f["checked"])
-    table = {what: v.removesuffix(", to be checked") for what, _, _, v in rows(f["table"])}
+    table = {what: v.removesuffix(report.CHECK) for what, _, _, v in rows(f["table"])}
     value = {"higher": 1, "lower": -1, "within noise": 0}
     for key, c in f["cmp"].items():
         a, b = key.split("/")

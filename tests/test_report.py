@@ -49,6 +49,12 @@ def test_every_tables_numbers_appear_in_the_pdf(made):
 
 def test_the_appendix_holds_every_line_of_the_code(made):
     out, pages = made
+    local, todo, seen = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}, ["q1a_teacher", "q1b_kd", "q2_continual"], set()
+    while todo:  # every module of ours the scripts import, directly or through another
+        seen.add(m := todo.pop())
+        todo += [x for x in re.findall(r"^(?:from|import) (\w+)", open(os.path.join(ROOT, m + ".py")).read(), re.M)
+                 if x in local and x not in seen]
+    assert {m + ".py" for m in seen} == set(report.APPENDIX), seen
     start = appendix_page(out)
     code = re.sub(r"\s+", "", "".join(pages[start - 1:]))
     for name in report.APPENDIX:
@@ -99,10 +105,11 @@ def test_sections_follow_the_assignments_numbering_and_refer_to_numbered_figures
 
 def rows_of(table):
     """{comparison (with its task): (difference, two standard errors, verdict)} of a comparison table."""
-    out, what = {}, ""
-    for r in table["rows"]:
-        what = r[0] or what
-        out[what + (f" / {r[1]}" if len(r) == 5 else "")] = tuple(r[-3:])
+    out = {}
+    for r in table["rows"]:  # what, then (difference, two standard errors, verdict) of one task, or of the old and the new
+        for task, cells in ([("old", r[1:4]), ("new", r[4:7])] if len(r) == 7 else [("", r[1:4])]):
+            if cells[0]:
+                out[r[0] + (f" / {task}" if task else "")] = tuple(cells)
     return out
 
 
