@@ -98,9 +98,9 @@ def two_se(p, n):
 
 def compare(a, b, n=None, bound=None):
     """a against b (per-seed values; a single value is a fixed reference whose spread is not part of the error):
-    {'d': the difference of means, 'e': two standard errors of it, one yardstick for all: the seeds' spread and the
-    test set's sampling noise (`bound`, or the binomial noise of two accuracies near their mean on n images) added in
-    quadrature; 'v': +1 or -1 when |d| is at least e, 0 (within noise) when under it or when nothing measures e}."""
+    {'d': the difference of means, 'e': two standard errors of it, the seeds' spread and the test set's sampling noise
+    (`bound`, or the binomial noise of two accuracies near their mean on n images) in quadrature; 'v': +1 or -1 when
+    |d| is at least e, 0 (within noise) when under it or when nothing measures e}."""
     (ma, sa, na), (mb, sb, nb) = stats(a), stats(b)
     test = bound if bound is not None else two_se((ma + mb) / 2, n) if n else 0.0
     e = math.sqrt(4 * ((sa or 0) ** 2 / na + (sb or 0) ** 2 / nb) + test ** 2) or None
@@ -108,8 +108,8 @@ def compare(a, b, n=None, bound=None):
     return {"d": d, "e": e, "v": 0 if e is None or abs(d) < e or d == 0 else (1 if d > 0 else -1)}
 
 
-def row(what, c, task=None):  # a row of a comparison table: what, (task,) difference, two standard errors, verdict
-    return [what, *([task] if task else []), f"{c['d']:+.2f}", said(c)["e"], VERDICT[c["v"]]]
+def row(what, c):  # a row of a comparison table: what, difference, two standard errors, verdict
+    return [what, f"{c['d']:+.2f}", said(c)["e"], VERDICT[c["v"]]]
 
 
 def said(c, **more):  # a comparison as the prose gives it: verdict, the difference's size, two standard errors
@@ -292,7 +292,7 @@ def sweep_part(g):
     vs_base = best and base and table_epochs == epochs and compare(ok[best], base, n_test)
     tenth = max((k for k in ok if k[1] == 0.1), key=lambda k: stats(ok[k])[0], default=None)  # the table's lambda
     heavy = max((k for k in ok if k[1] == max(lam for _, lam in ok)), key=lambda k: stats(ok[k])[0], default=None)
-    lam0 = accs(g["students"].get(q1b.TABLE[0][0]) or [])  # the heaviest soft weight's best cell against the labels alone
+    lam0 = accs(g["students"].get(q1b.TABLE[0][0]) or [])  # against it, the heaviest soft weight's best cell
     vs_lam0 = heavy and lam0 and heavy[1] > 0 and table_epochs == epochs and compare(ok[heavy], lam0, n_test)
     vs_tenth = best and tenth and best[1] != 0.1 and compare(ok[best], ok[tenth], n_test)
     return {"table": table(
@@ -408,7 +408,8 @@ def q1_facts(g):
     gaps = {k: [r["result"]["train_acc"] - r["result"]["test_acc"] for r in students[k] if "diverged" not in r["result"]] for k in acc}
     if base in gaps and kd:  # from one seed each: the binomial noise of the test and the training accuracy
         both, train = kd + [lam1] * (lam1 in gaps), {k: accs(students[k], "train_acc") for k in acc}  # KD, then λ = 1
-        vs = [compare(gaps[base], gaps[k], bound=math.hypot(two_se(p, n_test), two_se(p, n_train))) for k in both]
+        bound = math.hypot(two_se(p, n_test), two_se(p, n_train))  # a gap's noise: its test and its training accuracy
+        vs = [compare(gaps[base], gaps[k], bound=bound) for k in both]
         rows += [row(f"gap (training − test) of λ = 0 − that of {SHORT[k]}", c) for k, c in zip(both, vs)]
         f["gap"] = {"base": f"{stats(gaps[base])[0]:+.1f}", "kd": joined(f"{stats(gaps[k])[0]:+.1f}" for k in kd),
                     "lam1": f"{stats(gaps[lam1])[0]:+.1f}" if lam1 in gaps else None,
@@ -416,7 +417,9 @@ def q1_facts(g):
                     "lam1_v": vs[-1]["v"] if lam1 in gaps else 0,
                     "base_train": mean_sd(train[base]), "kd_train": joined(mean_sd(train[k]) for k in kd),
                     "lam1_train": lam1 in train and mean_sd(train[lam1]),
-                    "lam1_fits_less": lam1 in train and compare(train[lam1], train[base], n_train)["v"] < 0}
+                    "lam1_fits_less": lam1 in train and compare(train[lam1], train[base], n_train)["v"] < 0,
+                    "teacher": f"{(tg := t['result']['train_acc'] - teacher[0]):+.1f}",  # λ = 0's gap against the teacher's
+                    "wider_than_teacher": stats(gaps[base])[0] > 0 and compare(gaps[base], [tg], bound=bound)["v"] > 0}
     agree = {k: accs(students[k], "test_agree") for k in acc}
     if base in acc and all(agree.values()):
         both = kd + [lam1] * (lam1 in agree)
@@ -477,8 +480,7 @@ def q2_facts(g):
     f["head_bad"] = f["joint_bad"] and bad("lwf/0.0")  # both old-task terms keep less than none: the old head's path
     f["checked"] = [WORDS[m] for m, v in (("joint", f["joint_bad"]), ("ft", f["ft_inert"]), ("lwf", f["head_bad"]),
                                           (0.0, f["head_bad"])) if v]  # runs left out of the comparisons, to be checked
-    mark = lambda r: [c + CHECK if j in (3, 6) and c else c for j, c in enumerate(r)]  # noqa: E731
-    rows = [mark(r) if any(WORDS[m] in f["checked"] for m in ms) else r for ms, r in rows]
+    rows = [[c + CHECK * (j in (3, 6) and c != "" and any(WORDS[m] in f["checked"] for m in ms)) for j, c in enumerate(r)] for ms, r in rows]
     f["table"] = table("continual_compare", f"Continual learning: the comparisons, the difference of test accuracy (points) on each task "
                        f"(old: {g['cifar']}, new: faces) with its two standard errors (2 SE); a difference within them is within noise"
                        + "; †: a run to be checked first (Discussion)" * bool(f["checked"]) + ".",
