@@ -129,6 +129,16 @@ def test_q1_verdicts_are_within_noise_exactly_under_two_standard_errors_and_the_
     assert first[0].endswith(f"(the highest{' mean' * (q['noise']['n'] > 1)}) − teacher") and q["vs_teacher"] == {"higher": 1, "lower": -1,
                                                                                      "within noise": 0}[first[3]]
     assert q["noise"]["n"] == max(len(r) for r in g["students"].values())
+    if "gap" in q:  # λ = 0's train-test gap against the teacher's: the capacity paragraph's reading, either way
+        gap = [r["result"]["train_acc"] - r["result"]["test_acc"] for r in g["students"][LABELS[0]] if "diverged" not in r["result"]]
+        t = g["teacher"]["result"]
+        p = sum(a for r in g["students"].values() for a in report.accs(r)) / sum(len(report.accs(r)) for r in g["students"].values()) / 100
+        m = sum(gap) / len(gap)
+        var = sum((x - m) ** 2 for x in gap) / (len(gap) - 1) if len(gap) > 1 else 0.0
+        e = math.sqrt(4 * var / len(gap) + 200 ** 2 * 2 * p * (1 - p) * (1 / n_test + 1 / t["train_images"]))
+        d = m - (t["train_acc"] - t["test_acc"])
+        if abs(abs(d) - e) > 0.011:
+            assert q["gap"]["wider_than_teacher"] == (m > 0 and d >= e), (m, d, e)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
