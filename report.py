@@ -134,8 +134,7 @@ def noise(n, n_test, p):  # the yardstick, said once per discussion
 def setup_words(cfg, runs, images):
     """The words of a setup table that depend on a run's config: schedule, steps per epoch, precision, seeds."""
     w, first = cfg.get("warmup", 0), runs[0]["config"]["seed"]
-    return {"cfg": cfg, "n": len(runs), "precision": PRECISION[cfg.get("precision", "fp32")],
-            "steps": max(1, images // cfg["batch"]),
+    return {"cfg": cfg, "n": len(runs), "precision": PRECISION[cfg.get("precision", "fp32")], "steps": max(1, images // cfg["batch"]),
             "schedule": (f"linear warm-up to {cfg['lr']:g} over {w} epoch{'s' * (w != 1)}, then " if w else
                          f"from {cfg['lr']:g}, ") + "cosine decay to 0, updated after every step",
             "seeds": f"one (seed {first})" if len(runs) == 1 else f"{len(runs)} (seeds {first}-{first + len(runs) - 1}):"
@@ -392,8 +391,7 @@ def q1_facts(g):
         rows += [row(f"{SHORT[k]}, λ = 0.1 − λ = 0", c) for k, c in zip(kd, vs)]
         f |= {"kd_effect": effect([c["v"] for c in vs]) if kd else None,
               "kd_up": joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] > 0),
-              "kd_down": joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] < 0),
-              "kd_range": joined(f"{c['d']:+.1f}" for c in vs)}
+              "kd_down": joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] < 0), "kd_range": joined(f"{c['d']:+.1f}" for c in vs)}
         if lam1 in acc:
             c = compare(acc[lam1], acc[base], n_test)
             rows.append(row("λ = 1, T = 20 − λ = 0", c))
@@ -418,7 +416,7 @@ def q1_facts(g):
                     "base_train": mean_sd(train[base]), "kd_train": joined(mean_sd(train[k]) for k in kd),
                     "lam1_train": lam1 in train and mean_sd(train[lam1]),
                     "lam1_fits_less": lam1 in train and compare(train[lam1], train[base], n_train)["v"] < 0,
-                    "teacher": f"{(tg := t['result']['train_acc'] - teacher[0]):+.1f}",  # λ = 0's gap against the teacher's
+                    "teacher": f"{(tg := t['result']['train_acc'] - teacher[0]):+.2f}",  # λ = 0's gap against the teacher's
                     "wider_than_teacher": stats(gaps[base])[0] > 0 and compare(gaps[base], [tg], bound=bound)["v"] > 0}
     agree = {k: accs(students[k], "test_agree") for k in acc}
     if base in acc and all(agree.values()):
@@ -474,19 +472,21 @@ def q2_facts(g):
     f |= {"cmp": cmp, "forgets": drops}  # the comparison table, below: a run to be checked, its verdicts marked
     same = lambda m, keys=("old_test_acc",): all(r["result"].get(k, 0) == r["result"].get(k + "_before", -1)  # noqa: E731
                                                  for r in runs[m] for k in keys)
-    f["ft_inert"] = "ft" in runs and same("ft", ("old_test_acc", "old_train_acc")) and cmp.get("ft/fe", {}).get("new") == 0
+    f["ft_exact"] = "ft" in runs and same("ft", ("old_test_acc", "old_train_acc"))  # inert: level with fe on both tasks
+    f["ft_inert"] = cmp.get("ft/fe", {}).get("new") == 0 and (f["ft_exact"] or cmp["ft/fe"]["old"] == 0 == drops["ft"]["v"] and all(
+        stats(accs(runs["ft"], k))[0] >= runs["ft"][0]["result"][k + "_before"] for k in ("old_test_acc", "old_train_acc")))  # not even lower
     bad = lambda k: cmp.get(k, {}).get("old", 0) < 0  # noqa: E731  (the first keeps less of the old task, beyond noise)
     f["joint_bad"] = bad("joint/lwf") and ("joint/0.0" not in cmp or bad("joint/0.0"))  # below no old-task term too
     f["head_bad"] = f["joint_bad"] and bad("lwf/0.0")  # both old-task terms keep less than none: the old head's path
-    f["checked"] = [WORDS[m] for m, v in (("joint", f["joint_bad"]), ("ft", f["ft_inert"]), ("lwf", f["head_bad"]),
-                                          (0.0, f["head_bad"])) if v]  # runs left out of the comparisons, to be checked
+    still = [m for m in runs if m != "fe" and same(m, ("old_test_acc", "old_train_acc"))]  # trains the backbone, yet...
+    checked = [m for m, v in (("joint", f["joint_bad"]), ("ft", f["ft_inert"]), ("lwf", f["head_bad"]), (0.0, f["head_bad"])) if v]
+    f["checked"] = [WORDS[m] for m in checked + [m for m in still if m not in checked]]  # left out of the summaries
     rows = [[c + CHECK * (j in (3, 6) and c != "" and any(WORDS[m] in f["checked"] for m in ms)) for j, c in enumerate(r)] for ms, r in rows]
     f["table"] = table("continual_compare", f"Continual learning: the comparisons, the difference of test accuracy (points) on each task "
                        f"(old: {g['cifar']}, new: faces) with its two standard errors (2 SE); a difference within them is within noise"
                        + "; †: a run to be checked first (Discussion)" * bool(f["checked"]) + ".",
                        ["Comparison", "Old task", "2 SE", "Verdict", "New task", "2 SE", "Verdict"], rows)
-    f |= {"still": joined(WORDS[m] for m in runs if m != "fe" and same(m, ("old_test_acc", "old_train_acc")))} | (
-        {"fe_exact": same("fe")} if "fe" in runs else {})  # still: it trains the backbone, yet the old task did not move
+    f |= {"still": joined(WORDS[m] for m in still)} | ({"fe_exact": same("fe")} if "fe" in runs else {})
     if "lwf" in runs:
         w, chance = runs["lwf"][0]["config"]["lwf_warmup"], 1 / cfg["subjects"]
         ends = [at(r, w)["test_acc"] for r in runs["lwf"] if at(r, w)]  # against chance, a fixed value: one sample's noise
@@ -513,7 +513,7 @@ def q2_facts(g):
                   ("LwF keeps more of it than fine-tuning", "LwF keeps less of it than fine-tuning", cmp["lwf/ft"]["old"]),
                   ("fine-tuning learns the faces better than feature extraction", "fine-tuning learns the faces worse "
                    "than feature extraction", cmp["ft/fe"]["new"])]  # (what is known, its reverse, its verdict)
-        claims = [c for c in claims if not (f["head_bad"] and c[0].startswith("LwF"))]  # LwF's runs: to be checked
+        claims = [c for c in claims if not ("LwF" in f["checked"] and c[0].startswith("LwF"))]  # LwF's runs: to be checked
         f |= {"shown": joined(c for c, _, v in claims if v > 0), "unshown": joined(c for c, _, v in claims if v <= 0),
               "reversed": joined(r for _, r, v in claims if v < 0)}
     return f
