@@ -467,7 +467,7 @@ def q2_facts(g):
         drop = before - stats(old(m))[0]
         drops[str(m)] = {"v": c["v"], "drop": f"{drop:.1f}", "first": f"{before - stats(first)[0]:.1f}" if first else None,
                          "mostly_first": bool(first) and drop > 0 and before - stats(first)[0] > drop / 2, "epoch": w + 1}
-    f["pairs"] = [{"a": WORDS[a], "b": WORDS[b], "old": co["v"], "new": cn["v"], "trade": co["d"] * cn["d"] < 0} for a, b in
+    f["pairs"] = [{"a": WORDS[a], "b": WORDS[b], "old": co["v"], "new": cn["v"], "mo": co["d"], "mn": cn["d"]} for a, b in
                   itertools.combinations(runs, 2) for co, cn in [(compare(old(a), old(b), n_test), compare(new(a), new(b), faces_test))]]
     f |= {"cmp": cmp, "forgets": drops}  # the comparison table, below: a run to be checked, its verdicts marked
     same = lambda m, keys=("old_test_acc",): all(r["result"].get(k, 0) == r["result"].get(k + "_before", -1)  # noqa: E731
