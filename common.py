@@ -560,8 +560,8 @@ def band(ax, x, ys, label, seeds=True, **kw):
     `seeds`, the legend saying so)."""
     y = np.array(ys, dtype=float)
     mean = y.mean(0)
-    line = ax.plot(x, mean, marker="o", ms=2.5, label=label + (f" (mean of {len(y)} seeds)" if seeds and len(y) > 1 else ""),
-                   **kw)
+    line = ax.plot(x, mean, label=label + (f" (mean of {len(y)} seeds)" if seeds and len(y) > 1 else ""),
+                   **{"marker": "o", "ms": 2.5} | kw)
     if len(y) > 1:
         sd = y.std(0, ddof=1)
         ax.fill_between(x, mean - sd, mean + sd, color=line[0].get_color(), alpha=0.2, lw=0)

@@ -31,6 +31,7 @@ RESULT_KEYS = (*(f"{t}_{s}_acc" for t in ("old", "new") for s in ("train", "test
 WORDS = {"fe": "feature extraction", "ft": "fine-tuning", "lwf": "LwF", "joint": "joint training",
          "ft-all": "fine-tuning every layer", 0.0: "LwF at λo = 0"}
 VERDICT = {1: "higher", 0: "within noise", -1: "lower"}
+STYLES = ("-", "--", "-.", ":", (0, (6, 2)))  # the students' lines, told apart in grey too
 CHECK = " †"  # a verdict's mark: its run (or its record) is to be checked first, as the caption says
 LABEL = {"textcoords": "offset points", "fontsize": 7.5, "bbox": {"boxstyle": "square,pad=0.1", "fc": "none", "ec": "none"},
          "arrowprops": {"arrowstyle": "-", "lw": 0.5, "color": "0.45", "shrinkA": 0, "shrinkB": 4}}  # a point's label, its leader
@@ -48,8 +49,7 @@ def seeds(folder):
 
 
 def gather(out):
-    """The teacher, the KD table's students, the sweep, the Q2 methods and LwF over λo (with λo = 0): each a list of
-    its seeds' runs (empty when not run)."""
+    """The teacher, the KD table's students, the sweep, the Q2 methods, LwF over λo: each its seeds' runs ([]: not run)."""
     kd, cl = os.path.join(out, "kd"), os.path.join(out, "continual")
     g = {"out": out, "teacher": load(os.path.join(out, "teacher")), "sweep": None, "lwf_sweep": {},
          "students": {label: seeds(os.path.join(kd, q1b.name(T, lam))) for label, T, lam in q1b.TABLE},
@@ -212,7 +212,7 @@ def student_figures(g, yardstick):
                     ys = [[r[key] for r in h] for h in hs]
                     if minus_base:  # seed j against λ = 0's seed j: same initial weights, same data
                         ys = [[v - r[key] for v, r in zip(y, base[j % len(base)])] for j, y in enumerate(ys)]
-                    common.band(ax, [r["epoch"] for r in hs[0]], ys, SHORT[label], color=f"C{i}", seeds=False)
+                    common.band(ax, [r["epoch"] for r in hs[0]], ys, SHORT[label], seeds=False, color=f"C{i}", ms=3.5, marker="osD^v"[i % 5], ls=STYLES[i % 5])
             vals = [r[key] for hs in runs.values() for h in hs for r in h if r.get(key) is not None]
             ax.set(title=title, xlabel="epoch", yscale="log" if vals and 0 < min(vals) < max(vals) / 10 and not minus_base
                    else "linear")
