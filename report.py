@@ -538,7 +538,7 @@ def q2_figures(g):
                                                                        for r in runs], label, seeds=False, color=color)
             (mo, so, _), (mn, sn, _) = stats(accs(runs, "old_test_acc")), stats(accs(runs, "new_test_acc"))
             b.errorbar(mn, mo, xerr=sn or 0, yerr=so or 0, fmt="o", capsize=3, color=color)
-            b.annotate(label, (mn, mo), xytext=(7, 0), va="center", **LABEL)
+            b.annotate(label, (mn, mo), xytext=(7, 0), va="center", color=color, **LABEL)  # coloured as its point
     if len(g["lwf_sweep"]) > 1:
         pts = [(stats(accs(r, "new_test_acc"))[0], stats(accs(r, "old_test_acc"))[0]) for r in g["lwf_sweep"].values()]
         b.plot(*zip(*pts), "k--", lw=1, marker="o", ms=3, mfc="white")
