@@ -429,7 +429,7 @@ def q1_facts(g):
                          "kd": joined(mean_sd(agree[k]) for k in kd), "lam1": lam1 in agree and mean_sd(agree[lam1]),
                          "kl_base": f"{stats(accs(students[base], 'test_kl'))[0]:.3f}", "lam1_v": vs[-1]["v"] if lam1 in agree else 0,
                          "kl_kd": joined(f"{stats(accs(students[k], 'test_kl'))[0]:.3f}" for k in kd),
-                         "same": joined(SHORT[k] for k in same),
+                         "same": joined(SHORT[k] for k in same), "kl_lower": all(stats(accs(students[k], "test_kl"))[0] < stats(accs(students[base], "test_kl"))[0] for k in kd),
                          "less_mean": all(stats(agree[k])[0] < stats(agree[base])[0] for k in kd)}
     hs = [r["history"] for k in acc for r in students[k] if "diverged" not in r["result"]]
     f |= {"still_rising": all(len(h) > 2 and h[-1]["test_acc"] > h[-2]["test_acc"] for h in hs),
