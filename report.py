@@ -513,7 +513,7 @@ def q2_facts(g):
                   ("LwF keeps more of it than fine-tuning", "LwF keeps less of it than fine-tuning", cmp["lwf/ft"]["old"]),
                   ("fine-tuning learns the faces better than feature extraction", "fine-tuning learns the faces worse "
                    "than feature extraction", cmp["ft/fe"]["new"])]  # (what is known, its reverse, its verdict)
-        claims = [c for c in claims if not ("LwF" in f["checked"] and c[0].startswith("LwF"))]  # LwF's runs: to be checked
+        claims = [c for c in claims if not ("LwF" in f["checked"] and c[0].startswith("LwF") or f["ft_inert"])]  # runs to be checked
         f |= {"shown": joined(c for c, _, v in claims if v > 0), "unshown": joined(c for c, _, v in claims if v <= 0),
               "reversed": joined(r for _, r, v in claims if v < 0)}
     return f
