@@ -248,11 +248,10 @@ def test_the_report_of_the_real_image_run_in_docs(tmp_path):
 
 EXPECT = {  # what the report must find in each invented regime (fakes.REGIMES)
     "expected": dict(vs_teacher=-1, kd_effect="up", lam1=-1, gap="narrower", fidelity="up", unshown="", joint=1,
-                     ftall_most=True, term=1, lam1_above=False, lam1_errors=False, undertrained=True),
+                     ftall_most=True, term=1, lam1_above=False, lam1_errors=False, undertrained=True, ft_inert=False),
     "kd-below": dict(vs_teacher=-1, kd_effect="down", lam1=-1, gap="none", unshown="", joint=1, term=1, lam1_errors=False),
-    "joint-low": dict(kd_effect="up", joint=-1, ft_forgets=0, ftall_most=True,
-                      unshown="fine-tuning loses old-task accuracy, LwF keeps more of it than fine-tuning and fine-tuning "
-                              "learns the faces better than feature extraction"),  # +2.0 on 1,000 face images: noise
+    "joint-low": dict(kd_effect="up", joint=-1, ft_forgets=0, ftall_most=True, ft_inert=True, shown="",
+                      unshown=""),  # fine-tuning level with fe on both tasks, its old task above before: to be checked
     "small-noisy": dict(vs_teacher=-1, kd_effect="none", lam1=0, gap="none", fidelity="none", joint=0, term=0,
                         shown="", ft_forgets=0, ftall_most=False),
     "all-fail": dict(vs_teacher=1, kd_effect="down", lam1=1, gap="wider", fidelity="down", shown="", joint=-1,
@@ -268,7 +267,7 @@ def test_each_invented_regime_gets_the_verdicts_its_numbers_make(tmp_path, name)
     got = {"vs_teacher": q1["vs_teacher"], "kd_effect": q1["kd_effect"], "lam1": q1.get("lam1"),
            "gap": q1["gap"]["effect"], "fidelity": q1["fidelity"]["effect"], "unshown": q2["unshown"],
            "shown": q2["shown"], "joint": q2["cmp"]["joint/lwf"]["old"], "ftall_most": q2["ftall_most"],
-           "term": q2["cmp"]["lwf/0.0"]["old"], "ft_forgets": q2["forgets"]["ft"]["v"],
+           "term": q2["cmp"]["lwf/0.0"]["old"], "ft_forgets": q2["forgets"]["ft"]["v"], "ft_inert": q2["ft_inert"],
            # 2 and 4 points below λ = 0 against a teacher wrong on 1.75% of its training images; best fits 88.3 < 95
            "lam1_above": q1.get("lam1_above"), "lam1_errors": q1.get("lam1_errors"), "undertrained": q1["undertrained"]}
     assert {k: got[k] for k in want} == want
