@@ -108,8 +108,8 @@ def compare(a, b, n=None, bound=None):
     return {"d": d, "e": e, "v": 0 if e is None or abs(d) < e or d == 0 else (1 if d > 0 else -1)}
 
 
-def row(what, c):  # a row of a comparison table: what, difference, two standard errors, verdict
-    return [what, f"{c['d']:+.2f}", said(c)["e"], VERDICT[c["v"]]]
+def row(what, c, checked=False):  # a row of a comparison table: what, difference, two standard errors, verdict (marked)
+    return [what, f"{c['d']:+.2f}", said(c)["e"], VERDICT[c["v"]] + CHECK * checked]
 
 
 def said(c, **more):  # a comparison as the prose gives it: verdict, the difference's size, two standard errors
@@ -422,8 +422,8 @@ def q1_facts(g):
     if base in acc and all(agree.values()):
         both = kd + [lam1] * (lam1 in agree)
         vs, same = [compare(agree[k], agree[base], n_test) for k in both], [k for k in agree if len(agree[k]) > 1 and len(set(agree[k])) == 1]
-        mark = CHECK * bool(same)  # seeds that agree exactly: how agreement is recorded is to be checked
-        rows += [(r := row(f"agreement with the teacher, {SHORT[k]} − λ = 0", c))[:-1] + [r[-1] + mark] for k, c in zip(both, vs)]
+        # seeds that agree exactly: how agreement is recorded is to be checked
+        rows += [row(f"agreement with the teacher, {SHORT[k]} − λ = 0", c, bool(same)) for k, c in zip(both, vs)]
         f["fidelity"] = {"effect": effect([c["v"] for c in vs[:len(kd)]]), "base": mean_sd(agree[base]),
                          **{w: joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] == v) for w, v in (("more", 1), ("less", -1))},
                          "kd": joined(mean_sd(agree[k]) for k in kd), "lam1": lam1 in agree and mean_sd(agree[lam1]),
@@ -456,12 +456,12 @@ def q2_facts(g):
     for a, b in (("ft", "fe"), ("lwf", "ft"), ("lwf", 0.0), ("lwf", "ft-all"), (0.0, "ft-all"), ("joint", "lwf"), ("joint", 0.0), ("ft-all", "ft")):
         if a in runs and b in runs:
             co, cn = compare(old(a), old(b), n_test), compare(new(a), new(b), faces_test)
-            rows += [((a, b), row(f"{WORDS[a]} − {WORDS[b]}", co) + row("", cn)[1:])]  # one row: the old task, then the new
+            rows += [((a, b), f"{WORDS[a]} − {WORDS[b]}", co, cn)]  # one row: the old task, then the new
             cmp[f"{a}/{b}"] = {"old": co["v"], "new": cn["v"], "old_d": f"{abs(co['d']):.1f}", "new_d": f"{abs(cn['d']):.1f}", "a": WORDS[a], "b": WORDS[b],
                                "new_up": cn["d"] > 0}
     for m in [k for k in ("ft", "lwf", 0.0, "joint", "ft-all") if k in runs]:
         c = compare(old(m), [before], n_test)
-        rows += [((m,), row(f"{WORDS[m]} − before any change", c) + ["", "", ""])]  # the old task alone
+        rows += [((m,), f"{WORDS[m]} − before any change", c, None)]  # the old task alone
         w = runs[m][0]["config"].get("lwf_warmup", 0) if m in ("lwf", 0.0, "joint") else 0
         first = [at(r, w + 1)["old_test_acc"] for r in runs[m] if at(r, w + 1)]
         drop = before - stats(old(m))[0]
@@ -472,16 +472,16 @@ def q2_facts(g):
     f |= {"cmp": cmp, "forgets": drops}  # the comparison table, below: a run to be checked, its verdicts marked
     same = lambda m, keys=("old_test_acc",): all(r["result"].get(k, 0) == r["result"].get(k + "_before", -1)  # noqa: E731
                                                  for r in runs[m] for k in keys)
-    f["ft_exact"] = "ft" in runs and same("ft", ("old_test_acc", "old_train_acc"))  # inert: level with fe on both tasks
+    still = [m for m in runs if m != "fe" and same(m, ("old_test_acc", "old_train_acc"))]  # trains the backbone, yet...
+    f["ft_exact"] = "ft" in still  # inert: that, or level with fe on both tasks and not even lower than before
     f["ft_inert"] = cmp.get("ft/fe", {}).get("new") == 0 and (f["ft_exact"] or cmp["ft/fe"]["old"] == 0 == drops["ft"]["v"] and all(
         stats(accs(runs["ft"], k))[0] >= runs["ft"][0]["result"][k + "_before"] for k in ("old_test_acc", "old_train_acc")))  # not even lower
     bad = lambda k: cmp.get(k, {}).get("old", 0) < 0  # noqa: E731  (the first keeps less of the old task, beyond noise)
     f["joint_bad"] = bad("joint/lwf") and ("joint/0.0" not in cmp or bad("joint/0.0"))  # below no old-task term too
     f["head_bad"] = f["joint_bad"] and bad("lwf/0.0")  # both old-task terms keep less than none: the old head's path
-    still = [m for m in runs if m != "fe" and same(m, ("old_test_acc", "old_train_acc"))]  # trains the backbone, yet...
     checked = [m for m, v in (("joint", f["joint_bad"]), ("ft", f["ft_inert"]), ("lwf", f["head_bad"]), (0.0, f["head_bad"])) if v]
     f["checked"] = [WORDS[m] for m in checked + [m for m in still if m not in checked]]  # left out of the summaries
-    rows = [[c + CHECK * (j in (3, 6) and c != "" and any(WORDS[m] in f["checked"] for m in ms)) for j, c in enumerate(r)] for ms, r in rows]
+    rows = [row(what, co, x := any(WORDS[m] in f["checked"] for m in ms)) + (row("", cn, x)[1:] if cn else ["", "", ""]) for ms, what, co, cn in rows]
     f["table"] = table("continual_compare", f"Continual learning: the comparisons, the difference of test accuracy (points) on each task "
                        f"(old: {g['cifar']}, new: faces) with its two standard errors (2 SE); a difference within them is within noise"
                        + "; †: a run to be checked first (Discussion)" * bool(f["checked"]) + ".",
