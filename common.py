@@ -485,13 +485,16 @@ def predict(model, data, precision="fp32"):
 
 
 def train_epoch(model, loss_fn, sched, data, step, desc=""):
-    """One pass of SGD steps over `data`: each batch's loss (one per student of a lock-step group), then step(loss)
-    (machinery.Step: backward, each student's gradient-norm clip, fp16 loss scale and divergence, the SGD step)."""
+    """One pass of SGD steps over `data`. `step` (machinery.Step) does each on the device, for one model or for every
+    student of a lock-step group at once (each on its own gradients); for one model at fp32 its three calls are
+    opt.zero_grad(); loss.backward(), clip_grad_norm_(model.parameters(), clip), opt.step()."""
     model.train()
     for x, *ys in tqdm(data, desc=desc, leave=False, disable=None):
         with M.autocast(x.device, step.precision):
-            loss = loss_fn(model, x, *ys)[0]
-        step(loss)  # for one model: opt.zero_grad(); loss.backward(); clip_grad_norm_(clip); opt.step()
+            loss = loss_fn(model, x, *ys)[0]  # a lock-step group: one loss per student
+        step.backward(loss)  # zero the gradients, backward (fp16: the loss scaled)
+        step.clip_norms()  # each student's gradients clipped to norm `clip` (0: none)
+        step.sgd_step()  # the SGD step; a student whose loss or gradients are not finite takes none
         sched.step()
 
 

@@ -213,18 +213,32 @@ class Step:
         self.log, self.step, self.bad = None, 0, torch.zeros(k, dtype=torch.long, device=self.device)
 
     def __call__(self, loss):
-        """One step; for one model at fp32 it is opt.zero_grad(); loss.backward(); clip_grad_norm_(clip); opt.step()."""
-        loss = loss.float().view(-1)  # one loss a student
+        """One whole step: backward, clip_norms, sgd_step (train_epoch calls the three in turn)."""
+        self.backward(loss)
+        self.clip_norms()
+        self.sgd_step()
+
+    def backward(self, loss):
+        """opt.zero_grad(); the losses' sum backward: each student's own gradients (fp16: each times its scale)."""
+        self.loss = loss.float().view(-1)  # one loss a student
         if self.log is not None:
-            self.log.append(loss.detach())
+            self.log.append(self.loss.detach())
         self.opt.zero_grad(set_to_none=True)
-        (loss * self.scale if self.fp16 else loss).sum().backward()  # a group: each student's own gradient
+        (self.loss * self.scale if self.fp16 else self.loss).sum().backward()
+
+    def clip_norms(self):
+        """Each student's gradients clipped to norm `clip` on its own norm (0: none; fp16: unscaled first); notes the
+        students whose loss or gradient norm is not finite."""
         grads = [[q.grad for q in part.parameters() if q.grad is not None] for part in self.parts]
         norm = self.norms(grads)  # each student's gradient norm, unscaled
-        found = ~(torch.isfinite(norm) & torch.isfinite(loss))  # a student with a non-finite loss or gradient
-        self.clip_(grads, norm)  # fp16: unscaled; each student's gradients clipped to norm `clip`
-        self.count(found)  # fp16: the loss scales; under fp32 and bf16 a non-finite student has diverged for good
-        self.sgd(found | self.dead)  # SGD, skipping those students' parameter groups
+        self.found = ~(torch.isfinite(norm) & torch.isfinite(self.loss))
+        self.clip_(grads, norm)
+
+    def sgd_step(self):
+        """opt.step(), but a student whose loss or gradients are not finite takes none (fp16: its loss scale halves;
+        fp32, bf16: it has diverged for good)."""
+        self.count(self.found)
+        self.sgd(self.found | self.dead)  # SGD, skipping those students' parameter groups
 
     def norms(self, grads):
         key = tuple(map(len, grads))

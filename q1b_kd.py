@@ -13,8 +13,8 @@ The assignment's items, and what answers each:
                                                    added, argued at its option: first FC at 10% of it, clip 5
   (3) the loss, a mix of soft and hard CE          common.kd_loss (the formula, T^2 included)
       one training batch, as it runs               distill_loss: the teacher's pass, then each student's kd_loss at its
-                                                   T and lam; fit then steps: backward, clip (--clip), SGD (train_group).
-                                                   The same step for one student alone, plainly: common.kd_step
+                                                   T and lam; then common.train_epoch: step.backward, step.clip_norms
+                                                   (--clip, each student on its own), step.sgd_step. Alone: common.kd_step
       (a), (b) loss and test accuracy per epoch    scored_loss, each epoch in fit's history; written in train_group
   (4) the table; (5) bonus: more T and lambda      TABLE, main with --table; main with --sweep
 
@@ -87,8 +87,8 @@ def distill_loss(teacher, specs):
       1. t = teacher(x): once for all the group's students, in eval mode, without gradients;
       2. s = students(x): every student's logits on the same images;
       3. loss_k = kd_loss(s[k], t, y) at student k's own T and lam.
-    fit then steps (M.Step): the losses' sum goes backward (the students share no weight), each student's gradient
-    is clipped to norm --clip, SGD steps. One student's step, plainly: common.kd_step (tests/test_step.py: equal)."""
+    common.train_epoch then steps: the losses' sum goes backward (the students share no weight), each student's
+    gradient is clipped to norm --clip, SGD steps. One student's step, plainly: common.kd_step (test_step: equal)."""
     teacher.eval()  # BatchNorm on its running statistics: the teacher of part A as it was trained
 
     def loss(students, x, y):
