@@ -291,3 +291,15 @@ def test_point_labels_cover_no_point_no_error_bar_and_no_other_label():
         assert ax.bbox.contains(box.x0, box.y0) and ax.bbox.contains(box.x1, box.y1), i
         near = ax.transData.transform(pts[i])  # and near its own point
         assert abs((box.x0 + box.x1) / 2 - near[0]) < box.width and abs((box.y0 + box.y1) / 2 - near[1]) < 40, i
+
+
+def test_a_run_to_be_checked_is_not_read_in_the_paragraphs_that_explain_lwf(tmp_path):
+    # small-noisy: LwF leaves the old task unchanged to the last digit although it trains the backbone (to be checked),
+    # so what its term buys (against λo = 0 and fine-tuning) and the old data's role (joint against it) are not read
+    regime(str(tmp_path), "small-noisy")
+    report.main(["--out", str(tmp_path)])
+    text = re.sub(r"\s+", " ", " ".join(pdf_text(tmp_path / "report.pdf")))
+    assert "LwF" in json.load(open(tmp_path / "report.json"))["q2"]["q"]["checked"]
+    assert "The term’s own effect" not in text and "Against fine-tuning it keeps" not in text
+    assert "LwF’s comparisons with LwF at λo = 0 and fine-tuning wait for the runs marked † to be checked first" in text
+    assert "Its comparison with LwF waits for the runs marked †" in text and "It keeps no more of CIFAR-10 than LwF" not in text
