@@ -27,7 +27,7 @@ EVAL_IMAGES = 10000  # a training set is measured on a fixed 10,000 of its image
 # =============================================================================
 
 # ImageNet statistics for every input: the teacher starts from ImageNet weights, and the face
-# task reuses the teacher's input pipeline (CIFAR-10's own statistics differ by < 0.03).
+# task reuses the teacher's input pipeline (CIFAR-10's own differ by up to 0.04).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -333,7 +333,7 @@ def cross_entropy(model, x, y, label_smoothing=0.0):
 def soft_targets(teacher_logits, T):
     """The teacher's soft targets at temperature T: softmax(t/T) (Hinton et al. 2015; T = 1: its own output). Made
     in kd_loss from t = teacher(x) of the very augmented batch (q1b_kd.distill_loss), or in evaluation from the
-    teacher's logits on the un-augmented images, computed once (q1b_kd.main)."""
+    teacher's logits on the un-augmented images, computed once (q1b_kd.main); LwF's targets too (soft_cross_entropy)."""
     return F.softmax(teacher_logits.float() / T, dim=-1)
 
 
@@ -370,7 +370,7 @@ def kd_loss(student_logits, teacher_logits, labels, T, lam):
 
 
 def kd_step(student, teacher, opt, x, y, T, lam, clip=0.0):
-    """One KD training step of one student, plainly: what a lock-step group (q1b_kd.distill_loss, train_epoch,
+    """One KD training step of one student, plainly, at fp32: what a lock-step group (q1b_kd.distill_loss, train_epoch,
     machinery.Step) does for each of its students in one pass (tests/test_step.py holds the two equal)."""
     with torch.no_grad():
         t = teacher(x)  # the soft targets' logits: the teacher in eval mode, no gradient
@@ -421,7 +421,7 @@ def joint_loss(net, x, y, x_old, y_old):
 
 def fidelity(student_logits, teacher_logits, labels):
     """Per student: the cross-entropy with the labels (the one loss all students share), the top-1 agreement with
-    the teacher (%) and KL(teacher || student) at T = 1 (what distillation drives down): how faithful it is."""
+    the teacher (%) and KL(teacher || student) at T = 1 (kd_loss drives it down at the student's own T): how faithful."""
     s, p = student_logits.float(), soft_targets(teacher_logits, 1.0)
     return {"ce": F.cross_entropy(s.movedim(-1, 1), labels.expand(s.shape[:-1]), reduction="none").mean(-1),
             "agree": 100.0 * (s.argmax(-1) == teacher_logits.argmax(-1)).float().mean(-1),
@@ -487,7 +487,7 @@ def predict(model, data, precision="fp32"):
 def train_epoch(model, loss_fn, sched, data, step, desc=""):
     """One pass of SGD steps over `data`. `step` (machinery.Step) does each on the device, for one model or for every
     student of a lock-step group at once (each on its own gradients); for one model at fp32 its three calls are
-    opt.zero_grad(); loss.backward(), clip_grad_norm_(model.parameters(), clip), opt.step()."""
+    (opt.zero_grad(); loss.backward()), clip_grad_norm_(model.parameters(), clip) and opt.step()."""
     model.train()
     for x, *ys in tqdm(data, desc=desc, leave=False, disable=None):
         with M.autocast(x.device, step.precision):

@@ -1,6 +1,6 @@
 """Q1 part B: the student CNN, trained by knowledge distillation from the teacher of part A.
 
-  python q1b_kd.py --T 20 --lam 0.1   one student                        -> out/kd/T20_lam0.1/
+  python q1b_kd.py --T 20 --lam 0.1   one student (--seeds times)        -> out/kd/T20_lam0.1[_seed<i>]/
   python q1b_kd.py --table            the assignment's five students      -> out/kd/{lam0,T20_lam1,...}/
   python q1b_kd.py --sweep            the bonus grid of T x lam           -> out/kd/T<T>_lam<lam>/
 
@@ -8,9 +8,9 @@ The assignment's items, and what answers each:
   the student network (its table)                  common.StudentCNN: the table's layers, BatchNorm added (--bn 1)
   (1) soft targets from the teacher at T           distill_loss (the teacher's pass), common.soft_targets;
                                                    what they hold: common.soft_target_summary (main)
-  (2) the training setup, the teacher's tricks     parse: the teacher's SGD (momentum 0.9, L2 5e-4), crop + flip and
-                                                   BatchNorm; its own lr 0.02 (the teacher's: 0.1), argued at --lr;
-                                                   added, argued at its option: first FC at 10% of it, clip 5
+  (2) the training setup, the teacher's tricks     parse: the teacher's SGD (Nesterov momentum 0.9, L2 5e-4), crop +
+                                                   flip, BatchNorm; its own lr 0.02 (the teacher's: 0.1), argued at
+                                                   --lr, warm-up 1 epoch (its 2); added: first FC at 10%, clip 5
   (3) the loss, a mix of soft and hard CE          common.kd_loss (the formula, T^2 included)
       one training batch, as it runs               distill_loss: the teacher's pass, then each student's kd_loss at its
                                                    T and lam; then common.train_epoch: step.backward, step.clip_norms

@@ -2,7 +2,7 @@
 (the old task: CIFAR-10) by feature extraction, fine-tuning and Learning without Forgetting (Li & Hoiem),
 with two references beyond the assignment: joint training (with the old data) and fine-tuning every layer.
 
-  python q2_continual.py                           the five methods -> out/continual/{fe,ft,lwf,joint,ft-all}/
+  python q2_continual.py                 the five methods, LwF at lambda_o = 0 -> out/continual/{fe,...,lwf_lam0}/
   python q2_continual.py --methods ft --ft-layers "conv5_x:10 conv4_x:1"
   python q2_continual.py --methods --lwf-sweep 0.1 0.3 3   LwF alone at these lambda_o and 0 -> lwf_lam<v>/
 
@@ -34,8 +34,8 @@ METHODS = {"fe": "Feature Extraction", "ft": "Fine Tuning", "lwf": "LwF",  # the
 # Q2 (2), the layers fine-tuned (ResNet-paper names: conv5_x is torchvision's layer4) at their lr, % of the original; the
 # new FC head at 100%; all else frozen, the old FC head and BatchNorm's statistics too. Why conv5_x: the last stage holds
 # the old task's most specific features (Yosinski et al. 2014), the first to need changing for faces; the more generic
-# earlier stages are kept (though conv5_x holds 3/4 of the weights), and a tenth of the rate moves it slowly (less forgetting)
-FT_LAYERS = "conv5_x:10"
+# earlier stages are kept (though conv5_x holds 3/4 of the weights), and a tenth of the rate moves it slowly (less forgetting):
+FT_LAYERS = [("conv5_x", 10.0)]  # (layer, lr in % of the original): lr 0.01 at the default original lr 0.1
 
 
 def parse(argv=None):
@@ -53,10 +53,10 @@ def parse(argv=None):
     p.add_argument("--per-subject", type=M.positive_int, default=50)
     p.add_argument("--train-per-subject", type=M.positive_int, default=40)
     p.add_argument("--face-size", type=M.positive_int, default=64, help="faces are resized to this square")
-    p.add_argument("--ft-layers", default=FT_LAYERS, help="fine-tuned layers (ResNet-paper names: conv5_x is layer4) "
-                   "with their lr in %% of the original, e.g. 'conv5_x:10 conv4_2:1'; why the default: FT_LAYERS")
+    p.add_argument("--ft-layers", default=" ".join(f"{layer}:{rate:g}" for layer, rate in FT_LAYERS), help="fine-tuned "
+                   "layers (conv5_x is layer4), lr in %% of the original: 'conv5_x:10 conv4_2:1'; why the default: FT_LAYERS")
     p.add_argument("--ft-all-lr", type=M.positive, default=None,
-                   help="ft-all: lr of every layer, %% of the original (default: FT_LAYERS' first rate)")
+                   help="ft-all: lr of every layer, %% of the original (default: --ft-layers' first rate)")
     p.add_argument("--lwf-lr", type=M.positive, default=10.0,
                    help="LwF and joint: lr of backbone and old head, %% of the original")
     p.add_argument("--lwf-warmup", type=M.nonneg_int, default=5, help="LwF: epochs training the new head alone first")
@@ -122,7 +122,7 @@ def two_stages(method, net, original, train, evals, cifar, lambda_o, args, lr, r
       - stage 2, epochs w+1..end (20), from stage 1's weights: the new head at the original lr, backbone and old head at
         --lwf-lr (10%); loss: faces' CE + lambda_o (--lwf-lambda, 1) * CE_T(y_o, old head), T = --lwf-T (2), lwf_loss;
         joint: faces' CE + CIFAR-10's CE on a CIFAR-10 batch beside each face batch (joint_loss)
-      - each stage: a fresh SGD (momentum 0.9, L2 5e-4) and cosine to 0; BatchNorm statistics frozen. Returns one
+      - each stage: a fresh SGD (Nesterov momentum 0.9, L2 5e-4) and cosine to 0; BatchNorm statistics frozen. Returns one
         history, epochs 0..end: stage 2's epochs follow stage 1's."""
     steps, w = len(train), args.lwf_warmup
     opt, sched = optimiser(net, trained("warm-up", net, args), lr, args, w * steps)
