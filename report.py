@@ -104,8 +104,7 @@ def compare(a, b, n=None, bound=None):
     (ma, sa, na), (mb, sb, nb) = stats(a), stats(b)
     test = bound if bound is not None else two_se((ma + mb) / 2, n) if n else 0.0
     e = math.sqrt(4 * ((sa or 0) ** 2 / na + (sb or 0) ** 2 / nb) + test ** 2) or None
-    d = ma - mb
-    return {"d": d, "e": e, "v": 0 if e is None or abs(d) < e or d == 0 else (1 if d > 0 else -1)}
+    return {"d": (d := ma - mb), "e": e, "v": 0 if e is None or abs(d) < e or d == 0 else (1 if d > 0 else -1)}
 
 
 def row(what, c, checked=False):  # a row of a comparison table: what, difference, two standard errors, verdict (marked)
@@ -481,6 +480,7 @@ def q2_facts(g):
     f["head_bad"] = f["joint_bad"] and bad("lwf/0.0")  # both old-task terms keep less than none: the old head's path
     checked = [m for m, v in (("joint", f["joint_bad"]), ("ft", f["ft_inert"]), ("lwf", f["head_bad"]), (0.0, f["head_bad"])) if v]
     f["checked"] = [WORDS[m] for m in checked + [m for m in still if m not in checked]]  # left out of the summaries
+    f["unread"] = [WORDS[m] for m in ["ft"] * f["ft_inert"] + still]  # ...and, checked for what they show elsewhere, of LwF's paragraphs
     rows = [row(what, co, x := any(WORDS[m] in f["checked"] for m in ms)) + (row("", cn, x)[1:] if cn else ["", "", ""]) for ms, what, co, cn in rows]
     f["table"] = table("continual_compare", f"Continual learning: the comparisons, the difference of test accuracy (points) on each task "
                        f"(old: {g['cifar']}, new: faces) with its two standard errors (2 SE); a difference within them is within noise"
