@@ -21,7 +21,8 @@ import os
 import torch
 
 import machinery as M
-from common import Batches, cross_entropy, features, fit, load_cifar10, plot_curves, sgd, teacher_resnet18, warmup_cosine
+from common import Batches, cross_entropy, features, fit, load_cifar10, sgd, teacher_resnet18, warmup_cosine
+from plots import plot_curves
 
 
 def parse(argv=None):

@@ -31,7 +31,8 @@ import torch
 
 import machinery as M
 from common import (Batches, StudentCNN, Students, fidelity, fit, kd_loss, load_cifar10, load_teacher,
-                    plot_curves, predict, sgd, soft_target_summary, student_groups, warmup_cosine)
+                    predict, sgd, soft_target_summary, student_groups, warmup_cosine)
+from plots import plot_curves
 
 # The assignment's table (Q1B (4)): label, T, lam. lam = 0 is plain cross-entropy, so its T is moot.
 TABLE = [("Student Network (λ = 0)", 1.0, 0.0), ("Student Network (λ = 1)", 20.0, 1.0),
@@ -157,9 +158,8 @@ def main(argv=None):
     args = parse(argv)
     device = M.setup(args)
     args.seeds = args.seeds or (3 if device.type == "cuda" else 1)
-    shared = {k: v for k, v in vars(args).items() if k in
-              ("epochs", "lr", "fc1_lr", "batch", "momentum", "wd", "warmup", "clip", "bn", "dropout", "augment", "seed",
-               "precision")}
+    shared = {k: v for k, v in vars(args).items() if k in ("epochs", "lr", "fc1_lr", "batch", "momentum", "wd", "warmup",
+                                                            "clip", "bn", "dropout", "augment", "seed", "precision")}
     shared["teacher_sha256"] = M.file_sha256(args.teacher)  # a student belongs to the teacher it learnt from
     os.makedirs(os.path.join(args.out, "kd"), exist_ok=True)
     if args.table:

@@ -26,8 +26,8 @@ import torch
 
 import machinery as M
 from common import (Batches, ContinualNet, JointBatches, evaluate, fit, joint_loss, layer_parameters, load_cifar10,
-                    load_faces, load_teacher, lwf_loss, new_task, old_task, plot_curves, resnet_layers, sgd,
-                    warmup_cosine)
+                    load_faces, load_teacher, lwf_loss, new_task, old_task, resnet_layers, sgd, warmup_cosine)
+from plots import plot_curves
 
 METHODS = {"fe": "Feature Extraction", "ft": "Fine Tuning", "lwf": "LwF",  # the assignment's three, then references
            "joint": "Joint training (reference)", "ft-all": "Fine-tuning all layers (reference)"}

@@ -16,6 +16,7 @@ import subprocess
 import torch
 
 import common
+import plots
 import q1a_teacher as q1a
 import q1b_kd as q1b
 import q2_continual as q2
@@ -24,7 +25,7 @@ from files import (CIFAR_CLASSES, HEADER, die, file_sha256, listing, md_table, p
 from machinery import Parser, run, stride_changes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-APPENDIX = ["q1a_teacher.py", "q1b_kd.py", "q2_continual.py", "common.py", "machinery.py", "files.py"]  # all they import
+APPENDIX = ["q1a_teacher.py", "q1b_kd.py", "q2_continual.py", "common.py", "plots.py", "machinery.py", "files.py"]  # all they import
 PRECISION = {"fp32": "32-bit floating point", "bf16": "bfloat16 mixed precision (autocast), 32-bit weights",
              "fp16": "float16 mixed precision (autocast) with loss scaling, 32-bit weights"}
 RESULT_KEYS = (*(f"{t}_{s}_acc" for t in ("old", "new") for s in ("train", "test")), "old_train_acc_before", "old_test_acc_before")
@@ -154,7 +155,7 @@ def teacher_part(g):
     rows = [[times(c) for i, c in enumerate(row) if i != 1] for row in changes if row[2]] + [["---"]]
     rows += [[times(row[0]), "", "", "", times(row[5]), times(row[6])] for row in changes
              if not row[2] and row[1].startswith("layer")]
-    common.plot_curves([("", [t["history"]])], os.path.join(g["out"], "figures", "teacher"), "cross-entropy", svg=True)
+    plots.plot_curves([("", [t["history"]])], os.path.join(g["out"], "figures", "teacher"), "cross-entropy", svg=True)
     return setup_words(t["config"], [t], r.get("train_images", 50000)) | {
         "data": data_words(t), "listing": listing("The teacher: ResNet18 with four strides changed", common.teacher_resnet18),
         "changes": table("teacher_changes", "Changes to ResNet18 for 32×32 inputs: the layers whose stride changed, "
@@ -204,22 +205,22 @@ def student_figures(g, yardstick):
                          ("kd_fidelity", [("(a) cross-entropy with the labels", "test_ce", False),
                                           ("(b) agreement with the teacher (%)", "test_agree", False)]
                           + [("(c) accuracy − λ = 0's (points)", "test_acc", True)] * bool(base)))[:1 + fidelity]:
-        fig, axes = common.pyplot().subplots(1, len(panels), figsize=(6.6, 2.3), sharex=True)
+        fig, axes = plots.pyplot().subplots(1, len(panels), figsize=(6.6, 2.3), sharex=True)
         for ax, (title, key, minus_base) in zip(axes, panels):
             for i, (label, hs) in enumerate(runs.items()):
                 if all(key in r for h in hs for r in h):
                     ys = [[r[key] for r in h] for h in hs]
                     if minus_base:  # seed j against λ = 0's seed j: same initial weights, same data
                         ys = [[v - r[key] for v, r in zip(y, base[j % len(base)])] for j, y in enumerate(ys)]
-                    common.band(ax, [r["epoch"] for r in hs[0]], ys, SHORT[label], seeds=False, color=f"C{i}", ms=3.5, marker="osD^v"[i % 5], ls=STYLES[i % 5])
+                    plots.band(ax, [r["epoch"] for r in hs[0]], ys, SHORT[label], seeds=False, color=f"C{i}", ms=3.5, marker="osD^v"[i % 5], ls=STYLES[i % 5])
             vals = [r[key] for hs in runs.values() for h in hs for r in h if r.get(key) is not None]
             ax.set(title=title, xlabel="epoch", yscale="log" if vals and 0 < min(vals) < max(vals) / 10 and not minus_base
                    else "linear")
-            common.integer_epochs(ax)
+            plots.integer_epochs(ax)
             if minus_base and yardstick:  # the grey band: the caption's yardstick, the test set's noise alone
                 ax.axhspan(-yardstick, yardstick, color="0.9", lw=0, zorder=0)
         fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=5, frameon=False)
-        common.save(fig, os.path.join(g["out"], "figures", name))
+        plots.save(fig, os.path.join(g["out"], "figures", name))
     return fidelity
 
 
@@ -257,13 +258,13 @@ def soft_targets(g):
         return None
     st = read_json(path)
     temps = [k for k in st if k != "label"]
-    fig, axes = common.pyplot().subplots(1, len(temps), figsize=(6.6, 2.3), sharey=True)
+    fig, axes = plots.pyplot().subplots(1, len(temps), figsize=(6.6, 2.3), sharey=True)
     for ax, T in zip(axes, temps):
         ax.bar(range(10), st[T]["example"], color=["C1" if c == st["label"] else "C0" for c in range(10)])
         ax.set(title=f"T = {T}", xticks=range(10))
         ax.set_xticklabels(CIFAR_CLASSES, rotation=90)
     axes[0].set_ylabel("probability")
-    common.save(fig, os.path.join(g["out"], "figures", "kd_soft_targets"))
+    plots.save(fig, os.path.join(g["out"], "figures", "kd_soft_targets"))
     top, ent = [st[T]["top"] for T in temps], [st[T]["entropy"] for T in temps]
     return {"table": table("kd_soft_targets", "The teacher's soft targets softmax(t/T) on the test set: mean probability "
                            "of its top class and of the true class, and mean entropy as a fraction of the uniform "
@@ -527,14 +528,14 @@ def q2_figures(g):
              "old_train": f"old task ({g['cifar']}), training", "old_test": f"old task ({g['cifar']}), test"}
     for name, ms in (("fe", ["fe"]), ("ft", ["ft"]), ("lwf", ["lwf"]), ("references", ["joint", "ft-all"])):
         if rows := [(f"{WORDS[m]}: " if len(ms) > 1 else "", [r["history"] for r in methods[m]]) for m in ms if methods[m]]:
-            common.plot_curves(rows, os.path.join(g["out"], "figures", f"q2_{name}"), "cross-entropy", tuple(names), svg=True,
+            plots.plot_curves(rows, os.path.join(g["out"], "figures", f"q2_{name}"), "cross-entropy", tuple(names), svg=True,
                                stage=[methods[m][0]["config"].get("lwf_warmup") for m in ms if methods[m]], names=names,
                                width=4.9, height=1.55, seeds=False)  # inches, as printed
-    fig, (a, b) = common.pyplot().subplots(1, 2, figsize=(6.6, 2.85))
+    fig, (a, b) = plots.pyplot().subplots(1, 2, figsize=(6.6, 2.85))
     for (m, label), color in zip(q2.METHODS.items(), ["C4", "C5", "C6", "C8", "C9"]):  # not the splits' colours
         if runs := methods[m]:
             label = label.replace(" (reference)", "*").replace("Fine-tuning all layers", "FT all layers")
-            common.band(a, [e["epoch"] for e in runs[0]["history"]], [[e["old_test_acc"] for e in r["history"]]
+            plots.band(a, [e["epoch"] for e in runs[0]["history"]], [[e["old_test_acc"] for e in r["history"]]
                                                                        for r in runs], label, seeds=False, color=color)
             (mo, so, _), (mn, sn, _) = stats(accs(runs, "old_test_acc")), stats(accs(runs, "new_test_acc"))
             b.errorbar(mn, mo, xerr=sn or 0, yerr=so or 0, fmt="o", capsize=3, color=color)
@@ -558,10 +559,10 @@ def q2_figures(g):
     a.set(title="(a) old task while learning faces", xlabel="epoch" + " (0: before any change)" * zero,
           ylabel=f"{g['cifar']} test accuracy (%)")
     b.set(title="(b) what each method keeps and learns", xlabel="faces: test accuracy (%)", ylabel=f"{g['cifar']} test (%)")
-    common.integer_epochs(a)
+    plots.integer_epochs(a)
     fig.legend(*a.get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
-    common.label_points(fig, b)
-    common.save(fig, os.path.join(g["out"], "figures", "q2_forgetting"))
+    plots.label_points(fig, b)
+    plots.save(fig, os.path.join(g["out"], "figures", "q2_forgetting"))
 
 
 # ----------------------------------------------------------------------------- provenance

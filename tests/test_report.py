@@ -9,6 +9,7 @@ import pytest
 
 import common
 import files
+import plots
 import report
 from conftest import ROOT, appendix_page, pdf_text
 from fakes import REGIMES, fake_out, regime
@@ -274,13 +275,13 @@ def test_each_invented_regime_gets_the_verdicts_its_numbers_make(tmp_path, name)
 
 
 def test_point_labels_cover_no_point_no_error_bar_and_no_other_label():
-    fig, ax = common.pyplot().subplots(figsize=(3, 2.5))
+    fig, ax = plots.pyplot().subplots(figsize=(3, 2.5))
     pts = [(60, 95), (61, 95), (61.5, 94), (75, 50), (75.5, 50.5)]  # crowded, as methods level within noise are
     for k, (x, y) in enumerate(pts):
         ax.errorbar(x, y, xerr=0.8, fmt="o")
         ax.annotate(f"method {k}", (x, y), textcoords="offset points", xytext=(7, 0), va="center", fontsize=7.5)
     ax.set(xlim=(55, 85), ylim=(40, 100))
-    common.label_points(fig, ax)  # the error bars found on the axes
+    plots.label_points(fig, ax)  # the error bars found on the axes
     boxes = [t.get_window_extent() for t in ax.texts]
     dots = [ax.transData.transform(p) for p in pts]
     bars = [ax.transData.transform([(x - 0.8, y), (x + 0.8, y)]) for x, y in pts]
