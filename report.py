@@ -190,8 +190,7 @@ def student_layers(bn):
     return rows, count(model), fc1.in_features, count(fc1)
 
 
-SHORT = {"Student Network (λ = 0)": "λ = 0", "Student Network (λ = 1)": "λ = 1, T = 20", "KD 1": "KD 1, T = 5",
-         "KD 2": "KD 2, T = 10", "KD 3": "KD 3, T = 20"}
+SHORT = {"Student Network (λ = 0)": "λ = 0", "Student Network (λ = 1)": "λ = 1, T = 20", **{k: f"{k}, T = {T:g}" for k, T, _ in q1b.TABLE[2:]}}
 
 
 def student_figures(g, yardstick):
@@ -397,8 +396,8 @@ def q1_facts(g):
             rows.append(row("λ = 1, T = 20 − λ = 0", c))
             f |= {"lam1": c["v"], "lam1_acc": mean_sd(acc[lam1]), "lam1_d": f"{abs(c['d']):.1f}",
                   "lam1_errors": -c["d"] <= (errs := 100 - t["result"]["train_acc"]), "lam1_few": -c["d"] > 2 * errs,
-                  "lam1_above": compare(acc[lam1], teacher, n_test)["v"] > 0,  # or at chance (one sample's noise):
-                  "lam1_chance": compare(acc[lam1], [10.0], bound=two_se(0.1, n_test) / math.sqrt(2))["v"] <= 0}
+                  "lam1_above": compare(acc[lam1], teacher, n_test)["v"] > 0, "base_above": compare(acc[base], teacher, n_test)["v"] > 0,
+                  "lam1_chance": compare(acc[lam1], [10.0], bound=two_se(0.1, n_test) / math.sqrt(2))["v"] <= 0}  # one sample's noise
     steps = [(a, b, compare(acc[b], acc[a], n_test)) for a, b in [*zip(kd, kd[1:]), *([(kd[0], kd[-1])] if len(kd) > 2 else [])]]
     rows += [row(f"{SHORT[b]} − {SHORT[a]}", c) for a, b, c in steps]
     f["temps"] = [{"a": SHORT[a][6:], "b": SHORT[b][6:], "v": c["v"], "d": f"{abs(c['d']):.1f}"} for a, b, c in steps]
@@ -407,8 +406,9 @@ def q1_facts(g):
     if base in gaps and kd:  # from one seed each: the binomial noise of the test and the training accuracy
         both, train = kd + [lam1] * (lam1 in gaps), {k: accs(students[k], "train_acc") for k in acc}  # KD, then λ = 1
         bound = math.hypot(two_se(p, n_test), two_se(p, n_train))  # a gap's noise: its test and its training accuracy
-        vs = [compare(gaps[base], gaps[k], bound=bound) for k in both]
-        rows += [row(f"gap (training − test) of λ = 0 − that of {SHORT[k]}", c) for k, c in zip(both, vs)]
+        tg = t["result"]["train_acc"] - teacher[0]  # the teacher's gap, against λ = 0's
+        vs, vt = [compare(gaps[base], gaps[k], bound=bound) for k in both], compare(gaps[base], [tg], bound=bound)
+        rows += [row(f"gap (training − test) of λ = 0 − that of {SHORT.get(k, k)}", c) for k, c in [*zip(both, vs), ("the teacher", vt)]]
         f["gap"] = {"base": f"{stats(gaps[base])[0]:+.1f}", "kd": joined(f"{stats(gaps[k])[0]:+.1f}" for k in kd),
                     "lam1": f"{stats(gaps[lam1])[0]:+.1f}" if lam1 in gaps else None,
                     "effect": {"up": "narrower", "down": "wider"}.get(e := effect([c["v"] for c in vs[:len(kd)]]), e),
@@ -416,8 +416,7 @@ def q1_facts(g):
                     "base_train": mean_sd(train[base]), "kd_train": joined(mean_sd(train[k]) for k in kd),
                     "lam1_train": lam1 in train and mean_sd(train[lam1]),
                     "lam1_fits_less": lam1 in train and compare(train[lam1], train[base], n_train)["v"] < 0,
-                    "teacher": f"{(tg := t['result']['train_acc'] - teacher[0]):+.2f}",  # λ = 0's gap against the teacher's
-                    "wider_than_teacher": stats(gaps[base])[0] > 0 and compare(gaps[base], [tg], bound=bound)["v"] > 0}
+                    "teacher": f"{tg:+.2f}", "wider_than_teacher": stats(gaps[base])[0] > 0 and vt["v"] > 0}
     agree = {k: accs(students[k], "test_agree") for k in acc}
     if base in acc and all(agree.values()):
         both = kd + [lam1] * (lam1 in agree)
