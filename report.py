@@ -181,8 +181,7 @@ def student_layers(bn):
                 stage, conv, out = stage + 1, (f"conv {m.kernel_size[0]}×{m.kernel_size[0]}, {m.out_channels} filters, "
                                                f"stride {m.stride[0]}, pad {m.padding[0]}, " + "BatchNorm, " * bn + "ReLU"), size(x)
             if isinstance(m, torch.nn.MaxPool2d):
-                rows += [[f"{stage}", conv, out, f"{params:,}"],
-                         ["", f"max-pool {m.kernel_size}×{m.kernel_size}, stride {m.stride}, pad {m.padding}", size(x), ""]]
+                rows += [[f"{stage}", conv, out, f"{params:,}"], ["", f"max-pool {m.kernel_size}×{m.kernel_size}, stride {m.stride}, pad {m.padding}", size(x), ""]]
                 params = 0
     fc1, fc2 = model.classifier[0], model.classifier[-1]
     rows += [["4", f"fully connected {fc1.in_features:,}→{fc1.out_features}, ReLU", f"{fc1.out_features}", f"{count(fc1):,}"],
@@ -247,8 +246,7 @@ def kd_part(g):
             ["Model", "Temperature, T", "λ", "Training Accuracy (%)", "Testing Accuracy (%)"], rows,
             csv_rows=(["model", "T", "lam", "seed", "train_acc", "test_acc", "diverged"], per_seed)),
         "listings": {"student": listing("The student", common.StudentCNN),
-                     "loss": listing("One student's KD step, and the loss", common.kd_step, common.soft_targets,
-                                     common.kd_loss)}}
+                     "loss": listing("One student's KD step, and the loss", common.kd_step, common.soft_targets, common.kd_loss)}}
 
 
 def soft_targets(g):
@@ -265,13 +263,11 @@ def soft_targets(g):
     axes[0].set_ylabel("probability")
     plots.save(fig, os.path.join(g["out"], "figures", "kd_soft_targets"))
     top, ent = [st[T]["top"] for T in temps], [st[T]["entropy"] for T in temps]
-    return {"table": table("kd_soft_targets", "The teacher's soft targets softmax(t/T) on the test set: mean probability "
-                           "of its top class and of the true class, and mean entropy as a fraction of the uniform "
+    return {"table": table("kd_soft_targets", "The teacher's soft targets softmax(t/T) on the test set: mean probability " "of its top class and of the true class, and mean entropy as a fraction of the uniform "
                            "distribution's.", ["T", "Top class (%)", "True class (%)", "Entropy"],
                            [[T, f"{100 * st[T]['top']:.1f}", f"{100 * st[T]['true']:.1f}", f"{st[T]['entropy']:.2f}"]
                             for T in temps]),
-            "t_min": temps[0], "t_max": temps[-1], "top_min": f"{100 * top[0]:.1f}", "top_max": f"{100 * top[-1]:.1f}",
-            "ent_min": f"{ent[0]:.2f}", "ent_max": f"{ent[-1]:.2f}", "near_uniform": ent[-1] >= 0.9,
+            "t_min": temps[0], "t_max": temps[-1], "top_min": f"{100 * top[0]:.1f}", "top_max": f"{100 * top[-1]:.1f}", "ent_min": f"{ent[0]:.2f}", "ent_max": f"{ent[-1]:.2f}", "near_uniform": ent[-1] >= 0.9,
             "flatter": all(a >= b for a, b in zip(top, top[1:])) and all(a <= b for a, b in zip(ent, ent[1:]))}
 
 
@@ -293,6 +289,7 @@ def sweep_part(g):
     lam0 = accs(g["students"].get(q1b.TABLE[0][0]) or [])  # against it, the heaviest soft weight's best cell
     vs_lam0 = heavy and lam0 and heavy[1] > 0 and table_epochs == epochs and compare(ok[heavy], lam0, n_test)
     vs_tenth = best and tenth and best[1] != 0.1 and compare(ok[best], ok[tenth], n_test)
+    by = [compare(ok[k], lam0, n_test)["v"] for k in ok] if lam0 and table_epochs == epochs else []  # each cell against λ = 0
     return {"table": table(
         "kd_sweep", f"Bonus: student test accuracy (%) over T and λ, {epochs} epoch{'s' * (epochs != 1)} per student"
         + (f", mean ± standard deviation over {grid['seeds']} seeds" if grid["seeds"] > 1 else "") +
@@ -306,7 +303,7 @@ def sweep_part(g):
         "teacher": pct(t["test_acc"]), "epochs": epochs, "same_epochs": table_epochs in (None, epochs), "seeds": grid["seeds"],
         "table_epochs": table_epochs, "vs_base": said(vs_base, acc=mean_sd(base), who=SHORT.get(top)) if vs_base else None,
         "vs_tenth": said(vs_tenth, T=f"{tenth[0]:g}", acc=mean_sd(ok[tenth])) if vs_tenth else None,
-        "heavy": said(vs_lam0, T=f"{heavy[0]:g}", lam=f"{heavy[1]:g}", acc=mean_sd(ok[heavy])) if vs_lam0 else None}
+        "vs_lam0": by and {"above": by.count(1), "level": by.count(0), "below": by.count(-1), "acc": mean_sd(lam0)}, "heavy": said(vs_lam0, T=f"{heavy[0]:g}", lam=f"{heavy[1]:g}", acc=mean_sd(ok[heavy])) if vs_lam0 else None}
 
 
 def q2_part(g):
@@ -358,8 +355,7 @@ def q2_part(g):
                                                            for v, runs in sweep.items() for r in runs])) or None,
         "listings": {"net": listing("The two-headed network", common.ContinualNet),
                      "methods": listing("What each method trains", q2.trained),
-                     "lwf": listing("LwF's and joint training's two stages, their losses", q2.two_stages,
-                                    common.lwf_loss, common.joint_loss)}}
+                     "lwf": listing("LwF's and joint training's two stages, their losses", q2.two_stages, common.lwf_loss, common.joint_loss)}}
 
 
 # ----------------------------------------------------------------------------- the facts the discussions' conditions test
@@ -400,7 +396,7 @@ def q1_facts(g):
                   "lam1_chance": compare(acc[lam1], [10.0], bound=two_se(0.1, n_test) / math.sqrt(2))["v"] <= 0}  # one sample's noise
     steps = [(a, b, compare(acc[b], acc[a], n_test)) for a, b in [*zip(kd, kd[1:]), *([(kd[0], kd[-1])] if len(kd) > 2 else [])]]
     rows += [row(f"{SHORT[b]} − {SHORT[a]}", c) for a, b, c in steps]
-    f["temps"] = [{"a": SHORT[a][6:], "b": SHORT[b][6:], "v": c["v"], "d": f"{abs(c['d']):.1f}"} for a, b, c in steps]
+    f["temps"] = [{"a": SHORT[a][6:], "b": SHORT[b][6:], "v": c["v"], "d": f"{abs(c['d']):.1f}", "lead": bool(c["v"]) and abs(c["d"]) < 1.25 * c["e"]} for a, b, c in steps]
     f["rankable"] = any(c["v"] for *_, c in steps)
     gaps = {k: [r["result"]["train_acc"] - r["result"]["test_acc"] for r in students[k] if "diverged" not in r["result"]] for k in acc}
     if base in gaps and kd:  # from one seed each: the binomial noise of the test and the training accuracy
@@ -417,6 +413,8 @@ def q1_facts(g):
                     "lam1_train": lam1 in train and mean_sd(train[lam1]),
                     "lam1_fits_less": lam1 in train and compare(train[lam1], train[base], n_train)["v"] < 0,
                     "teacher": f"{tg:+.2f}", "wider_than_teacher": stats(gaps[base])[0] > 0 and vt["v"] > 0}
+        dte, dtr = [sum(stats(x[k])[0] - stats(x[base])[0] for k in kd) / len(kd) for x in (acc, train)]  # the KD mean's
+        f["gap"] |= {"d_test": f"{dte:+.1f}".replace("-", "−"), "d_train": f"{dtr:+.1f}".replace("-", "−"), "from_test": dte >= -dtr}  # narrowing, by side
     agree = {k: accs(students[k], "test_agree") for k in acc}
     if base in acc and all(agree.values()):
         both = kd + [lam1] * (lam1 in agree)
@@ -472,8 +470,8 @@ def q2_facts(g):
     same = lambda m, keys=("old_test_acc",): all(r["result"].get(k, 0) == r["result"].get(k + "_before", -1)  # noqa: E731
                                                  for r in runs[m] for k in keys)
     still = [m for m in runs if m != "fe" and same(m, ("old_test_acc", "old_train_acc"))]  # trains the backbone, yet...
-    f["ft_exact"] = "ft" in still  # inert: that, or level with fe on both tasks and not even lower than before
-    f["ft_inert"] = cmp.get("ft/fe", {}).get("new") == 0 and (f["ft_exact"] or cmp["ft/fe"]["old"] == 0 == drops["ft"]["v"] and all(
+    f["ft_exact"] = "ft" in still  # inert: that, or its old task level with fe and before, not even lower in the mean
+    f["ft_inert"] = "ft/fe" in cmp and (f["ft_exact"] or cmp["ft/fe"]["old"] == 0 == drops["ft"]["v"] and all(
         stats(accs(runs["ft"], k))[0] >= runs["ft"][0]["result"][k + "_before"] for k in ("old_test_acc", "old_train_acc")))  # not even lower
     bad = lambda k: cmp.get(k, {}).get("old", 0) < 0  # noqa: E731  (the first keeps less of the old task, beyond noise)
     f["joint_bad"] = bad("joint/lwf") and ("joint/0.0" not in cmp or bad("joint/0.0"))  # below no old-task term too
@@ -492,11 +490,12 @@ def q2_facts(g):
         ends = [at(r, w)["test_acc"] for r in runs["lwf"] if at(r, w)]  # against chance, a fixed value: one sample's noise
         fe = [at(r, w)["test_acc"] for r in runs.get("fe", []) if at(r, w)]  # the same head, trained the same w epochs
         above = lambda v: bool(v) and compare(v, [100 * chance], bound=two_se(chance, faces_test) / math.sqrt(2))["v"] > 0  # noqa: E731
-        f["warm"] = {"w": w, "new": mean_sd(ends) if ends else None, "chance": f"{100 * chance:g}", "at_chance": bool(ends) and not above(ends),
+        f["warm"] = {"w": w, "new": mean_sd(ends) if ends else None, "chance": f"{100 * chance:g}", "at_chance": bool(ends) and not above(ends), "fe_w": mean_sd(fe) if fe else None,
                      "fe": above(fe) and bool(ends) and compare(fe, ends, faces_test)["v"] > 0 and mean_sd(fe)}  # above it, beyond noise
     if "ft-all" in runs:
         others = [m for m in ("ft", "lwf", "joint", 0.0) if m in runs and WORDS[m] not in f["checked"]]
-        f["ftall_most"] = bool(others) and all(compare(old("ft-all"), old(m), n_test)["v"] < 0 for m in others)
+        f["ftall_most"], f["ftall_up"] = bool(others) and all(compare(old("ft-all"), old(m), n_test)["v"] < 0 for m in others), all(
+            stats(accs(runs["ft-all"], k))[0] >= runs["ft-all"][0]["result"][k + "_before"] for k in ("old_test_acc", "old_train_acc"))
         gap = lambda m: [r["result"]["new_train_acc"] - r["result"]["new_test_acc"] for r in runs[m]]  # noqa: E731
         f["ftall_gap"] = {"d": f"{stats(gap('ft-all'))[0]:.1f}", "fe": "fe" in runs and f"{stats(gap('fe'))[0]:.1f}", "v": compare(
             gap("ft-all"), gap("fe") if "fe" in runs else [0], bound=math.hypot(two_se(p_new, cfg["subjects"] * cfg[

@@ -178,12 +178,12 @@ def test_q2_verdicts_and_the_summary_never_contradict_each_other(g):
             continue
         assert (claim in shown) == holds and (claim in unshown) == (not holds), claim
     assert f["fe_exact"]  # feature extraction's old task as before, in every generated set
-    # to check: fine-tuning moved neither task (the faces within noise of fe's; the old one to the last digit, or within
-    # noise of both fe's and the network's before any change)
+    # to check: fine-tuning left the old task as it was (to the last digit, or within noise of both fe's and the network's
+    # before any change and not even lower in the mean), whatever it did to the faces
     level = table["fine-tuning − feature extraction / old"] == table["fine-tuning − before any change / old"] == "within noise" and all(
         sum(r["result"][k] for r in g["methods"]["ft"]) / len(g["methods"]["ft"]) >= g["methods"]["ft"][0]["result"][k + "_before"]
         for k in ("old_test_acc", "old_train_acc"))  # and its old task not even lower in the mean
-    assert f["ft_inert"] == (("ft" in unmoved or level) and table["fine-tuning − feature extraction / new"] == "within noise")
+    assert f["ft_inert"] == ("ft" in unmoved or level)
     assert sorted(f["still"].replace(" and ", ", ").split(", ")) == sorted(report.WORDS[m] for m in unmoved) or (
         not unmoved and f["still"] == "")
     methods, n_test = g["methods"] | {0.0: g["lwf_sweep"][0.0]}, g["teacher"]["result"]["test_images"]
