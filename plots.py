@@ -107,6 +107,6 @@ def plot_curves(rows, path, loss_label="loss", acc_splits=("train", "test"), hei
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
     handles, labels = axes[0][1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)) if len(labels) < 4 else 2,
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels) if len(labels) < 3 else 2,
                frameon=False)
     save(fig, path, svg)
