@@ -392,7 +392,7 @@ def q1_facts(g):
             rows.append(row("λ = 1, T = 20 − λ = 0", c))
             f |= {"lam1": c["v"], "lam1_acc": mean_sd(acc[lam1]), "lam1_d": f"{abs(c['d']):.1f}",
                   "lam1_errors": -c["d"] <= (errs := 100 - t["result"]["train_acc"]), "lam1_few": -c["d"] > 2 * errs,
-                  "lam1_above": compare(acc[lam1], teacher, n_test)["v"] > 0, "base_above": compare(acc[base], teacher, n_test)["v"] > 0,
+                  "lam1_above": compare(acc[lam1], teacher, n_test)["v"] > 0, "lam1_base_above": compare(acc[base], teacher, n_test)["v"] > 0,
                   "lam1_chance": compare(acc[lam1], [10.0], bound=two_se(0.1, n_test) / math.sqrt(2))["v"] <= 0}  # one sample's noise
     steps = [(a, b, compare(acc[b], acc[a], n_test)) for a, b in [*zip(kd, kd[1:]), *([(kd[0], kd[-1])] if len(kd) > 2 else [])]]
     rows += [row(f"{SHORT[b]} − {SHORT[a]}", c) for a, b, c in steps]
