@@ -386,7 +386,7 @@ def q1_facts(g):
         rows += [row(f"{SHORT[k]}, λ = 0.1 − λ = 0", c) for k, c in zip(kd, vs)]
         f |= {"kd_effect": effect([c["v"] for c in vs]) if kd else None,
               "kd_up": joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] > 0),
-              "kd_down": joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] < 0), "kd_range": joined(f"{c['d']:+.1f}" for c in vs)}
+              "kd_down": joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] < 0), "kd_range": joined(f"{c['d']:+.1f}".replace("-", "−") for c in vs)}
         if lam1 in acc:
             c = compare(acc[lam1], acc[base], n_test)
             rows.append(row("λ = 1, T = 20 − λ = 0", c))

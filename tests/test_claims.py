@@ -245,4 +245,4 @@ def test_the_bonus_grid_weighs_its_heaviest_soft_weight_against_the_labels_alone
     assert s["heavy"]["T"] == f"{heavy[0]:g}" and s["heavy"]["lam"] == f"{max(lams):g}"
     if abs(abs(d) - e) > 0.011:
         assert s["heavy"]["v"] == (0 if abs(d) < e else 1 if d > 0 else -1)
-    assert "h.v < 0 [the" in Q1_BLOCK and "#if h == none [these runs do not say" in Q1_BLOCK  # its two readings, gated
+    assert "h.v < 0 [The" in Q1_BLOCK and "#if h == none [These runs do not say" in Q1_BLOCK  # its two readings, gated
