@@ -217,6 +217,7 @@ def student_figures(g, yardstick):
             plots.integer_epochs(ax)
             if minus_base and yardstick:  # the grey band: the caption's yardstick, the test set's noise alone
                 ax.axhspan(-yardstick, yardstick, color="0.9", lw=0, zorder=0)
+        axes[0].set_ylabel("λ·T²·KL + (1−λ)·CE" if name == "kd_students" else "cross-entropy")  # (b) and (c) say theirs
         fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=5, frameon=False)
         plots.save(fig, os.path.join(g["out"], "figures", name))
     return fidelity
