@@ -264,8 +264,7 @@ def soft_targets(g):
     axes[0].set_ylabel("probability")
     plots.save(fig, os.path.join(g["out"], "figures", "kd_soft_targets"))
     top, ent = [st[T]["top"] for T in temps], [st[T]["entropy"] for T in temps]
-    return {"table": table("kd_soft_targets", "The teacher's soft targets softmax(t/T) on the test set: mean probability " "of its top class and of the true class, and mean entropy as a fraction of the uniform "
-                           "distribution's.", ["T", "Top class (%)", "True class (%)", "Entropy"],
+    return {"table": table("kd_soft_targets", "The teacher's soft targets softmax(t/T) on the test set: mean probability " "of its top class and of the true class, and mean entropy as a fraction of the uniform " "distribution's.", ["T", "Top class (%)", "True class (%)", "Entropy"],
                            [[T, f"{100 * st[T]['top']:.1f}", f"{100 * st[T]['true']:.1f}", f"{st[T]['entropy']:.2f}"]
                             for T in temps]),
             "t_min": temps[0], "t_max": temps[-1], "top_min": f"{100 * top[0]:.1f}", "top_max": f"{100 * top[-1]:.1f}", "ent_min": f"{ent[0]:.2f}", "ent_max": f"{ent[-1]:.2f}", "near_uniform": ent[-1] >= 0.9,
@@ -409,8 +408,7 @@ def q1_facts(g):
         f["gap"] = {"base": f"{stats(gaps[base])[0]:+.1f}", "kd": joined(f"{stats(gaps[k])[0]:+.1f}" for k in kd),
                     "lam1": f"{stats(gaps[lam1])[0]:+.1f}" if lam1 in gaps else None,
                     "effect": {"up": "narrower", "down": "wider"}.get(e := effect([c["v"] for c in vs[:len(kd)]]), e),
-                    "lam1_v": vs[-1]["v"] if lam1 in gaps else 0,
-                    "base_train": mean_sd(train[base]), "kd_train": joined(mean_sd(train[k]) for k in kd),
+                    "lam1_v": vs[-1]["v"] if lam1 in gaps else 0, "base_train": mean_sd(train[base]), "kd_train": joined(mean_sd(train[k]) for k in kd),
                     "lam1_train": lam1 in train and mean_sd(train[lam1]),
                     "lam1_fits_less": lam1 in train and compare(train[lam1], train[base], n_train)["v"] < 0,
                     "teacher": f"{tg:+.2f}", "wider_than_teacher": stats(gaps[base])[0] > 0 and vt["v"] > 0}
@@ -477,7 +475,10 @@ def q2_facts(g):
     bad = lambda k: cmp.get(k, {}).get("old", 0) < 0  # noqa: E731  (the first keeps less of the old task, beyond noise)
     f["joint_bad"] = bad("joint/lwf") and ("joint/0.0" not in cmp or bad("joint/0.0"))  # below no old-task term too
     f["head_bad"] = f["joint_bad"] and bad("lwf/0.0")  # both old-task terms keep less than none: the old head's path
-    checked = [m for m, v in (("joint", f["joint_bad"]), ("ft", f["ft_inert"]), ("lwf", f["head_bad"]), (0.0, f["head_bad"])) if v]
+    f["ftall_up"] = "ft-all" in runs and drops["ft-all"]["v"] == 0 and all(  # every layer on faces, not even lower in the mean
+        stats(accs(runs["ft-all"], k))[0] >= runs["ft-all"][0]["result"][k + "_before"] for k in ("old_test_acc", "old_train_acc"))
+    checked = [m for m, v in (("joint", f["joint_bad"]), ("ft", f["ft_inert"]), ("lwf", f["head_bad"]), (0.0, f["head_bad"]),
+                              ("ft-all", f["ftall_up"])) if v]
     f["checked"] = [WORDS[m] for m in checked + [m for m in still if m not in checked]]  # left out of the summaries
     f["unread"] = [WORDS[m] for m in ["ft"] * f["ft_inert"] + still]  # ...and, checked for what they show elsewhere, of LwF's paragraphs
     rows = [row(what, co, x := any(WORDS[m] in f["checked"] for m in ms)) + (row("", cn, x)[1:] if cn else ["", "", ""]) for ms, what, co, cn in rows]
@@ -495,8 +496,7 @@ def q2_facts(g):
                      "fe": above(fe) and bool(ends) and compare(fe, ends, faces_test)["v"] > 0 and mean_sd(fe)}  # above it, beyond noise
     if "ft-all" in runs:
         others = [m for m in ("ft", "lwf", "joint", 0.0) if m in runs and WORDS[m] not in f["checked"]]
-        f["ftall_most"], f["ftall_up"] = bool(others) and all(compare(old("ft-all"), old(m), n_test)["v"] < 0 for m in others), all(
-            stats(accs(runs["ft-all"], k))[0] >= runs["ft-all"][0]["result"][k + "_before"] for k in ("old_test_acc", "old_train_acc"))
+        f["ftall_most"] = bool(others) and all(compare(old("ft-all"), old(m), n_test)["v"] < 0 for m in others)
         gap = lambda m: [r["result"]["new_train_acc"] - r["result"]["new_test_acc"] for r in runs[m]]  # noqa: E731
         f["ftall_gap"] = {"d": f"{stats(gap('ft-all'))[0]:.1f}", "fe": "fe" in runs and f"{stats(gap('fe'))[0]:.1f}", "v": compare(
             gap("ft-all"), gap("fe") if "fe" in runs else [0], bound=math.hypot(two_se(p_new, cfg["subjects"] * cfg[
