@@ -20,8 +20,7 @@ import plots
 import q1a_teacher as q1a
 import q1b_kd as q1b
 import q2_continual as q2
-from files import (CIFAR_CLASSES, HEADER, die, file_sha256, listing, md_table, pct, read_json, table, tables_in,
-                   write_tables, write_text, written)
+from files import (CIFAR_CLASSES, HEADER, die, file_sha256, listing, md_table, pct, read_json, table, tables_in, write_tables, write_text, written)
 from machinery import Parser, run, stride_changes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,8 +28,7 @@ APPENDIX = ["q1a_teacher.py", "q1b_kd.py", "q2_continual.py", "common.py", "plot
 PRECISION = {"fp32": "32-bit floating point", "bf16": "bfloat16 mixed precision (autocast), 32-bit weights",
              "fp16": "float16 mixed precision (autocast) with loss scaling, 32-bit weights"}
 RESULT_KEYS = (*(f"{t}_{s}_acc" for t in ("old", "new") for s in ("train", "test")), "old_train_acc_before", "old_test_acc_before")
-WORDS = {"fe": "feature extraction", "ft": "fine-tuning", "lwf": "LwF", "joint": "joint training",
-         "ft-all": "fine-tuning every layer", 0.0: "LwF at λo = 0"}
+WORDS = {"fe": "feature extraction", "ft": "fine-tuning", "lwf": "LwF", "joint": "joint training", "ft-all": "fine-tuning every layer", 0.0: "LwF at λo = 0"}
 VERDICT = {1: "higher", 0: "within noise", -1: "lower"}
 STYLES = ("-", "--", "-.", ":", (0, (6, 2)))  # the students' lines, told apart in grey too
 CHECK = " †"  # a verdict's mark: its run (or its record) is to be checked first, as the caption says
@@ -290,6 +288,7 @@ def sweep_part(g):
     vs_lam0 = heavy and lam0 and heavy[1] > 0 and table_epochs == epochs and compare(ok[heavy], lam0, n_test)
     vs_tenth = best and tenth and best[1] != 0.1 and compare(ok[best], ok[tenth], n_test)
     by = [compare(ok[k], lam0, n_test)["v"] for k in ok] if lam0 and table_epochs == epochs else []  # each cell against λ = 0
+    kd = max((k for k, _, lam in q1b.TABLE if lam == 0.1 and accs(g["students"].get(k) or [])), key=lambda k: stats(accs(g["students"][k]))[0], default=None)
     return {"table": table(
         "kd_sweep", f"Bonus: student test accuracy (%) over T and λ, {epochs} epoch{'s' * (epochs != 1)} per student"
         + (f", mean ± standard deviation over {grid['seeds']} seeds" if grid["seeds"] > 1 else "") +
@@ -303,7 +302,8 @@ def sweep_part(g):
         "teacher": pct(t["test_acc"]), "epochs": epochs, "same_epochs": table_epochs in (None, epochs), "seeds": grid["seeds"],
         "table_epochs": table_epochs, "vs_base": said(vs_base, acc=mean_sd(base), who=SHORT.get(top)) if vs_base else None,
         "vs_tenth": said(vs_tenth, T=f"{tenth[0]:g}", acc=mean_sd(ok[tenth])) if vs_tenth else None,
-        "vs_lam0": by and {"above": by.count(1), "level": by.count(0), "below": by.count(-1), "acc": mean_sd(lam0)}, "heavy": said(vs_lam0, T=f"{heavy[0]:g}", lam=f"{heavy[1]:g}", acc=mean_sd(ok[heavy])) if vs_lam0 else None}
+        "vs_lam0": by and {"above": by.count(1), "level": by.count(0), "below": by.count(-1), "acc": mean_sd(lam0)},
+        "vs_kd": said(compare(ok[best], accs(g["students"][kd]), n_test), who=SHORT[kd], acc=mean_sd(accs(g["students"][kd]))) if best and kd and table_epochs == epochs else None, "heavy": said(vs_lam0, T=f"{heavy[0]:g}", lam=f"{heavy[1]:g}", acc=mean_sd(ok[heavy])) if vs_lam0 else None}
 
 
 def q2_part(g):
