@@ -466,6 +466,10 @@ def pct(x):
     return f"{x:.2f}"
 
 
+def signed(x):  # '+2.3', '−0.7': a difference with its sign, a true minus
+    return f"{x:+.1f}".replace("-", "−")
+
+
 # ----------------------------------------------------------------------------- the report's files
 
 def listing(caption, *objects):

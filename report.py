@@ -20,7 +20,7 @@ import plots
 import q1a_teacher as q1a
 import q1b_kd as q1b
 import q2_continual as q2
-from files import (CIFAR_CLASSES, HEADER, die, file_sha256, listing, md_table, pct, read_json, table, tables_in, write_tables, write_text, written)
+from files import (CIFAR_CLASSES, HEADER, die, file_sha256, listing, md_table, pct, read_json, signed, table, tables_in, write_tables, write_text, written)
 from machinery import Parser, run, stride_changes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -262,7 +262,7 @@ def soft_targets(g):
     axes[0].set_ylabel("probability")
     plots.save(fig, os.path.join(g["out"], "figures", "kd_soft_targets"))
     top, ent = [st[T]["top"] for T in temps], [st[T]["entropy"] for T in temps]
-    return {"table": table("kd_soft_targets", "The teacher's soft targets softmax(t/T) on the test set: mean probability " "of its top class and of the true class, and mean entropy as a fraction of the uniform " "distribution's.", ["T", "Top class (%)", "True class (%)", "Entropy"],
+    return {"table": table("kd_soft_targets", "The teacher's soft targets softmax(t/T) on the test set: mean probability of its top class and of the true class, and mean entropy as a fraction of the uniform distribution's.", ["T", "Top class (%)", "True class (%)", "Entropy"],
                            [[T, f"{100 * st[T]['top']:.1f}", f"{100 * st[T]['true']:.1f}", f"{st[T]['entropy']:.2f}"]
                             for T in temps]),
             "t_min": temps[0], "t_max": temps[-1], "top_min": f"{100 * top[0]:.1f}", "top_max": f"{100 * top[-1]:.1f}", "ent_min": f"{ent[0]:.2f}", "ent_max": f"{ent[-1]:.2f}", "near_uniform": ent[-1] >= 0.9,
@@ -279,7 +279,8 @@ def sweep_part(g):
                           if sweep["cells"][T, lam] else "not run" for lam in grid["lam"]] for T in grid["T"]]
     table_epochs = next((r[0]["result"]["epochs"] for r in g["students"].values() if r), None)
     reach = best and compare(ok[best], [t["test_acc"]], n_test)
-    top = max((k for k, r in g["students"].items() if accs(r)), key=lambda k: stats(accs(g["students"][k]))[0], default="")
+    best_of = lambda ks: max((k for k in ks if accs(g["students"].get(k) or [])), key=lambda k: stats(accs(g["students"][k]))[0], default=None)  # noqa: E731
+    top, kd = best_of(g["students"]) or "", best_of(k for k, _, lam in q1b.TABLE if lam == 0.1)  # the table's best; at λ = 0.1
     base = accs(g["students"].get(top) or [])  # the table's best student
     vs_base = best and base and table_epochs == epochs and compare(ok[best], base, n_test)
     tenth = max((k for k in ok if k[1] == 0.1), key=lambda k: stats(ok[k])[0], default=None)  # the table's lambda
@@ -288,7 +289,6 @@ def sweep_part(g):
     vs_lam0 = heavy and lam0 and heavy[1] > 0 and table_epochs == epochs and compare(ok[heavy], lam0, n_test)
     vs_tenth = best and tenth and best[1] != 0.1 and compare(ok[best], ok[tenth], n_test)
     by = [compare(ok[k], lam0, n_test)["v"] for k in ok] if lam0 and table_epochs == epochs else []  # each cell against λ = 0
-    kd = max((k for k, _, lam in q1b.TABLE if lam == 0.1 and accs(g["students"].get(k) or [])), key=lambda k: stats(accs(g["students"][k]))[0], default=None)
     return {"table": table(
         "kd_sweep", f"Bonus: student test accuracy (%) over T and λ, {epochs} epoch{'s' * (epochs != 1)} per student"
         + (f", mean ± standard deviation over {grid['seeds']} seeds" if grid["seeds"] > 1 else "") +
@@ -386,7 +386,7 @@ def q1_facts(g):
         rows += [row(f"{SHORT[k]}, λ = 0.1 − λ = 0", c) for k, c in zip(kd, vs)]
         f |= {"kd_effect": effect([c["v"] for c in vs]) if kd else None,
               "kd_up": joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] > 0),
-              "kd_down": joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] < 0), "kd_range": joined(f"{c['d']:+.1f}".replace("-", "−") for c in vs)}
+              "kd_down": joined(SHORT[k] for k, c in zip(kd, vs) if c["v"] < 0), "kd_range": joined(signed(c["d"]) for c in vs)}
         if lam1 in acc:
             c = compare(acc[lam1], acc[base], n_test)
             rows.append(row("λ = 1, T = 20 − λ = 0", c))
@@ -395,8 +395,8 @@ def q1_facts(g):
                   "lam1_above": compare(acc[lam1], teacher, n_test)["v"] > 0, "lam1_base_above": compare(acc[base], teacher, n_test)["v"] > 0,
                   "lam1_chance": compare(acc[lam1], [10.0], bound=two_se(0.1, n_test) / math.sqrt(2))["v"] <= 0}  # one sample's noise
     steps = [(a, b, compare(acc[b], acc[a], n_test)) for a, b in [*zip(kd, kd[1:]), *([(kd[0], kd[-1])] if len(kd) > 2 else [])]]
-    rows += [row(f"{SHORT[b]} − {SHORT[a]}", c) for a, b, c in steps]
-    f["temps"] = [{"a": SHORT[a][6:], "b": SHORT[b][6:], "v": c["v"], "d": f"{abs(c['d']):.1f}", "lead": bool(c["v"]) and abs(c["d"]) < 1.25 * c["e"]} for a, b, c in steps]
+    rows += [row(f"{SHORT[b]} − {SHORT[a]}", c) for a, b, c in steps]  # its name: the prose finds its lead by it
+    f["temps"] = [{"a": SHORT[a][6:], "b": SHORT[b][6:], "v": c["v"], "d": f"{abs(c['d']):.1f}", "row": f"{SHORT[b]} − {SHORT[a]}"} for a, b, c in steps]
     f["rankable"] = any(c["v"] for *_, c in steps)
     gaps = {k: [r["result"]["train_acc"] - r["result"]["test_acc"] for r in students[k] if "diverged" not in r["result"]] for k in acc}
     if base in gaps and kd:  # from one seed each: the binomial noise of the test and the training accuracy
@@ -413,7 +413,7 @@ def q1_facts(g):
                     "lam1_fits_less": lam1 in train and compare(train[lam1], train[base], n_train)["v"] < 0,
                     "teacher": f"{tg:+.2f}", "wider_than_teacher": stats(gaps[base])[0] > 0 and vt["v"] > 0}
         dte, dtr = [sum(stats(x[k])[0] - stats(x[base])[0] for k in kd) / len(kd) for x in (acc, train)]  # the KD mean's
-        f["gap"] |= {"d_test": f"{dte:+.1f}".replace("-", "−"), "d_train": f"{dtr:+.1f}".replace("-", "−"), "from_test": dte >= -dtr}  # narrowing, by side
+        f["gap"] |= {"d_test": signed(dte), "d_train": signed(dtr), "from_test": dte >= -dtr}  # narrowing, by side
     agree = {k: accs(students[k], "test_agree") for k in acc}
     if base in acc and all(agree.values()):
         both = kd + [lam1] * (lam1 in agree)
@@ -470,15 +470,14 @@ def q2_facts(g):
                                                  for r in runs[m] for k in keys)
     still = [m for m in runs if m != "fe" and same(m, ("old_test_acc", "old_train_acc"))]  # trains the backbone, yet...
     f["ft_exact"] = "ft" in still  # inert: that, or its old task level with fe and before, not even lower in the mean
-    f["ft_inert"] = "ft/fe" in cmp and (f["ft_exact"] or cmp["ft/fe"]["old"] == 0 == drops["ft"]["v"] and all(
-        stats(accs(runs["ft"], k))[0] >= runs["ft"][0]["result"][k + "_before"] for k in ("old_test_acc", "old_train_acc")))  # not even lower
+    unharmed = lambda m: m in runs and drops[m]["v"] == 0 and all(  # noqa: E731  (within noise of before, not even lower in the mean)
+        stats(accs(runs[m], k))[0] >= runs[m][0]["result"][k + "_before"] for k in ("old_test_acc", "old_train_acc"))
+    f["ft_inert"] = "ft/fe" in cmp and (f["ft_exact"] or cmp["ft/fe"]["old"] == 0 and unharmed("ft"))
     bad = lambda k: cmp.get(k, {}).get("old", 0) < 0  # noqa: E731  (the first keeps less of the old task, beyond noise)
     f["joint_bad"] = bad("joint/lwf") and ("joint/0.0" not in cmp or bad("joint/0.0"))  # below no old-task term too
     f["head_bad"] = f["joint_bad"] and bad("lwf/0.0")  # both old-task terms keep less than none: the old head's path
-    f["ftall_up"] = "ft-all" in runs and drops["ft-all"]["v"] == 0 and all(  # every layer on faces, not even lower in the mean
-        stats(accs(runs["ft-all"], k))[0] >= runs["ft-all"][0]["result"][k + "_before"] for k in ("old_test_acc", "old_train_acc"))
     checked = [m for m, v in (("joint", f["joint_bad"]), ("ft", f["ft_inert"]), ("lwf", f["head_bad"]), (0.0, f["head_bad"]),
-                              ("ft-all", f["ftall_up"])) if v]
+                              ("ft-all", unharmed("ft-all"))) if v]  # every layer on faces, by fine-tuning's rule
     f["checked"] = [WORDS[m] for m in checked + [m for m in still if m not in checked]]  # left out of the summaries
     f["unread"] = [WORDS[m] for m in ["ft"] * f["ft_inert"] + still]  # ...and, checked for what they show elsewhere, of LwF's paragraphs
     rows = [row(what, co, x := any(WORDS[m] in f["checked"] for m in ms)) + (row("", cn, x)[1:] if cn else ["", "", ""]) for ms, what, co, cn in rows]
@@ -493,6 +492,7 @@ def q2_facts(g):
         fe = [at(r, w)["test_acc"] for r in runs.get("fe", []) if at(r, w)]  # the same head, trained the same w epochs
         above = lambda v: bool(v) and compare(v, [100 * chance], bound=two_se(chance, faces_test) / math.sqrt(2))["v"] > 0  # noqa: E731
         f["warm"] = {"w": w, "new": mean_sd(ends) if ends else None, "chance": f"{100 * chance:g}", "at_chance": bool(ends) and not above(ends), "fe_w": mean_sd(fe) if fe else None,
+                     "far": bool(ends) and "fe" in runs and stats(ends)[0] <= stats(new("fe"))[0] / 2,  # half of fe's end or less
                      "fe": above(fe) and bool(ends) and compare(fe, ends, faces_test)["v"] > 0 and mean_sd(fe)}  # above it, beyond noise
     if "ft-all" in runs:
         others = [m for m in ("ft", "lwf", "joint", 0.0) if m in runs and WORDS[m] not in f["checked"]]

@@ -220,7 +220,7 @@ def test_the_report_of_a_full_gpu_like_run_says_what_its_numbers_show(tmp_path):
     assert q1["vs_teacher"] == -1 and q1["kd_effect"] == "up" and q1["noise"]["n"] == 3
     e = ((2 * (2 * 0.25 / 3) ** 0.5) ** 2 + (200 * (2 * 0.865 * 0.135 / 10000) ** 0.5) ** 2) ** 0.5  # seeds and test set
     assert rows_of(q1["table"])["KD 3, T = 20 − KD 2, T = 10"] == ("+0.00", f"{e:.2f}", "within noise")
-    assert q1["temps"][1] == {"a": "T = 10", "b": "T = 20", "v": 0, "d": "0.0", "lead": False}
+    assert q1["temps"][1] == {"a": "T = 10", "b": "T = 20", "v": 0, "d": "0.0", "row": "KD 3, T = 20 − KD 2, T = 10"}
     assert q2["unshown"] == "" and q2["forgets"]["ft"]["v"] == -1 and q2["cmp"]["joint/lwf"]["old"] == 1
     d = report.report_data(report.gather(str(tmp_path)), "", "")
     assert d["intro"]["task"] == "100-subject" and d["q2"]["subjects"] == 100 and d["q2"]["test_per"] == 10
